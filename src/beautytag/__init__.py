@@ -1,0 +1,3 @@
+"""beautytag: recognise cosmetics product attributes from photos."""
+
+__version__ = "0.1.0"

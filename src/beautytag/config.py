@@ -1,0 +1,196 @@
+"""The one configuration object that flows through training, evaluation, prediction and export.
+
+A YAML file has four sections - ``model``, ``attributes`` (the schema), ``data`` and
+``train`` - each validated here with errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from beautytag.schema import Schema, SchemaError, parse_schema
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "auto"  # auto | none | hub | path to a state-dict file
+    attention: str = "cbam"  # none | seed | cbam
+    dropout: float = 0.2
+    image_size: int = 128
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    path: str  # dataset folder (holding labels.csv), relative to data.root
+    filter: dict[str, list[str]] = field(default_factory=dict)  # keep rows whose column is in list
+    split_column: str | None = "split"  # use this column's train/val/test values ...
+    split_by: str | None = None  # ... or hash this column (e.g. brand) into a group split
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/datasets"
+    sources: list[SourceConfig] = field(default_factory=list)
+    augment: bool = True
+    limit: int = 0  # if > 0: at most this many images per source and split (smoke tests)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    freeze_epochs: int = 2  # heads (and attention) only, backbone frozen
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    balance: str = "none"  # none | sampler | weights
+    balance_attribute: str = "category"
+    loss_weighting: str = "fixed"  # fixed | uncertainty
+    patience: int = 5
+    monitor: str = "loss"  # loss | <attribute>.<metric>, e.g. category.macro_f1
+    seed: int = 0
+    workers: int = 0
+    amp: bool = True  # bf16 autocast and channels-last, on a GPU only
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    schema: Schema
+    data: DataConfig
+    train: TrainConfig
+    base_dir: str = "."  # where relative data paths are resolved (the YAML file's folder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": asdict(self.model),
+            "attributes": self.schema.to_dict(),
+            "data": asdict(self.data),
+            "train": asdict(self.train),
+        }
+
+    @property
+    def data_root(self) -> Path:
+        root = Path(os.path.expanduser(self.data.root))
+        return root if root.is_absolute() else Path(self.base_dir) / root
+
+
+CHOICES = {
+    ("model", "attention"): ("none", "seed", "cbam"),
+    ("train", "balance"): ("none", "sampler", "weights"),
+    ("train", "loss_weighting"): ("fixed", "uncertainty"),
+}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build a dataclass from a mapping, refusing unknown keys and wrong types."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{where}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise SchemaError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if _default(f) is None
+        and n not in raw
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise SchemaError(f"{where}: missing keys {missing}")
+    kwargs = {}
+    for key, value in raw.items():
+        default = _default(fields[key])
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SchemaError(f"{where}.{key}: must be true or false, got {value!r}")
+        elif isinstance(default, int | float):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise SchemaError(f"{where}.{key}: must be a number, got {value!r}")
+            value = type(default)(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise SchemaError(f"{where}.{key}: must be a string, got {value!r}")
+        choices = CHOICES.get((where, key))
+        if choices and value not in choices:
+            raise SchemaError(f"{where}.{key}: must be one of {choices}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _build_source(raw: Any, where: str) -> SourceConfig:
+    src = _build(SourceConfig, raw, where)
+    if not isinstance(src.filter, dict):
+        raise SchemaError(f"{where}.filter: must map column -> value(s)")
+    src.filter = {
+        str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in src.filter.items()
+    }
+    if src.split_by is None and src.split_column is None:
+        raise SchemaError(f"{where}: needs 'split_column' or 'split_by'")
+    return src
+
+
+def config_from_dict(
+    raw: dict[str, Any], base_dir: str | Path = ".", where: str = "config"
+) -> Config:
+    """Validate a config mapping; errors are prefixed with `where` (the file name)."""
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{where}: must be a YAML mapping")
+    unknown = set(raw) - {"model", "attributes", "data", "train"}
+    if unknown:
+        raise SchemaError(f"{where}: unknown sections {sorted(unknown)}")
+    try:
+        model = _build(ModelConfig, raw.get("model"), "model")
+        schema = parse_schema(raw.get("attributes"))
+        data_raw = dict(raw.get("data") or {})
+        sources = data_raw.pop("sources", []) or []
+        data = _build(DataConfig, data_raw, "data")
+        data.sources = [_build_source(s, f"data.sources[{i}]") for i, s in enumerate(sources)]
+        train = _build(TrainConfig, raw.get("train"), "train")
+    except SchemaError as e:
+        raise SchemaError(f"{where}: {e}") from None
+    names = {s.name for s in data.sources}
+    for attr in schema.attributes:
+        for src in attr.sources:
+            if data.sources and src not in names:
+                raise SchemaError(
+                    f"{where}: attribute {attr.name!r} reads source {src!r}, "
+                    f"which data.sources does not define ({sorted(names)})"
+                )
+    return Config(model=model, schema=schema, data=data, train=train, base_dir=str(base_dir))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SchemaError(f"{path}: invalid YAML: {e}") from None
+    return config_from_dict(raw, base_dir=path.resolve().parent, where=str(path))

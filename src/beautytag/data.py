@@ -1,0 +1,227 @@
+"""Datasets: imagefolder sources (``labels.csv`` + images) combined with per-attribute masks.
+
+Every source row becomes a :class:`Sample` holding, for each attribute of the schema,
+a target and a flag saying whether it is labelled. Images are decoded once, letterboxed
+to the model's input size (:func:`beautytag.images.letterbox`, the shared preprocessing)
+and kept in memory as uint8; training augmentations work on that and never touch hue
+or saturation, since colour is a label.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from beautytag.config import Config, SourceConfig
+from beautytag.images import ImageError, letterbox, load_image, to_tensor
+from beautytag.schema import Attribute, Schema, SchemaError
+from beautytag.weak_labels import RULES
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    path: Path
+    source: str
+    split: str
+    group: str = ""  # what the split was made by (e.g. the brand), for reports
+    labels: dict[str, object] = field(default_factory=dict)  # attr -> class / tags / lab
+
+
+def group_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of a group key (e.g. a brand): the same key always lands together."""
+    h = int(hashlib.md5(key.strip().lower().encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if h < test_fraction:
+        return "test"
+    return "val" if h < test_fraction + val_fraction else "train"
+
+
+def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object | None:
+    """One attribute's label for one CSV row: a class name, a list of tags, a Lab triple
+    or None (not labelled)."""
+    spec = attr.sources.get(source)
+    if spec is None:
+        return None
+    if attr.kind == "shade":
+        cells = [row.get(c, "").strip() for c in spec.columns or []]
+        if any(c == "" for c in cells):
+            return None
+        try:
+            lab = [float(c) for c in cells]
+        except ValueError:
+            return None
+        return lab if all(math.isfinite(v) for v in lab) else None
+    if spec.rule is not None:
+        text = " ".join(row.get(c, "") for c in (spec.columns or [spec.column]))
+        value = RULES[spec.rule](text)
+    else:
+        value = row.get(spec.column or "", "").strip() or None
+    if value is None:
+        return None
+    if attr.kind == "multi":
+        tags = value if isinstance(value, list) else [t.strip() for t in str(value).split(",")]
+        tags = [spec.map.get(t, t) for t in tags if t]
+        return [t for t in tags if t in attr.classes]
+    value = spec.map.get(str(value), str(value))
+    if value in attr.classes:
+        return value
+    return spec.other  # None unless an 'other' class collects unknown values
+
+
+def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
+    """All rows of one source that pass its filter, with their labels and split."""
+    folder = root / src.path
+    csv_path = folder / "labels.csv"
+    if not csv_path.is_file():
+        raise SchemaError(f"source {src.name!r}: {csv_path} not found")
+    samples = []
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "file_name" not in (reader.fieldnames or []):
+            raise SchemaError(f"{csv_path}: no 'file_name' column")
+        for row in reader:
+            if any(row.get(col, "") not in vals for col, vals in src.filter.items()):
+                continue
+            if src.split_by:
+                group = row.get(src.split_by, "")
+                split = group_split(group, src.val_fraction, src.test_fraction)
+            else:
+                group, split = "", row.get(src.split_column or "", "").strip()
+            labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
+            samples.append(Sample(folder / row["file_name"], src.name, split, group, labels))
+    return samples
+
+
+def read_samples(
+    cfg: Config, splits: Sequence[str] = SPLITS, sources: Sequence[str] | None = None
+) -> list[Sample]:
+    """The samples of the chosen splits (and sources) of every configured source."""
+    out: list[Sample] = []
+    for src in cfg.data.sources:
+        if sources is not None and src.name not in sources:
+            continue
+        rows = read_source(src, cfg.schema, cfg.data_root)
+        for split in splits:
+            part = [s for s in rows if s.split == split]
+            if 0 < cfg.data.limit < len(part):  # evenly spaced, so the class mix is kept
+                part = [part[i * len(part) // cfg.data.limit] for i in range(cfg.data.limit)]
+            out += part
+    return out
+
+
+def encode(schema: Schema, labels: dict[str, object]) -> tuple[dict, dict]:
+    """Label values -> (targets, masks) tensors for one sample."""
+    targets, masks = {}, {}
+    for a in schema.attributes:
+        v = labels.get(a.name)
+        masks[a.name] = torch.tensor(v is not None)
+        if a.kind == "single":
+            targets[a.name] = torch.tensor(a.classes.index(v) if v is not None else 0)
+        elif a.kind == "multi":
+            t = torch.zeros(len(a.classes))
+            for tag in v or []:
+                t[a.classes.index(tag)] = 1.0
+            targets[a.name] = t
+        else:
+            targets[a.name] = torch.tensor(v if v is not None else [0.0, 0.0, 0.0])
+    return targets, masks
+
+
+def load_letterboxed(
+    samples: Sequence[Sample], size: int, workers: int = 2, report: bool = True
+) -> tuple[list[Sample], np.ndarray, list[str]]:
+    """Decode and letterbox every image once. Bad images are reported and dropped."""
+
+    def work(s: Sample) -> np.ndarray | str:
+        try:
+            return np.asarray(letterbox(load_image(s.path), size), dtype=np.uint8)
+        except ImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(work, samples))
+    kept = [s for s, r in zip(samples, results, strict=True) if not isinstance(r, str)]
+    errors = [r for r in results if isinstance(r, str)]
+    if report:
+        for e in errors:
+            print(f"skipped {e}", file=sys.stderr)
+    arrays = [r for r in results if not isinstance(r, str)]
+    stack = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return kept, stack, errors
+
+
+def train_transform() -> v2.Transform:
+    """Geometric augmentations only: flips and small affine moves on a white background."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=8, translate=(0.06, 0.06), scale=(0.85, 1.1), fill=255),
+        ]
+    )
+
+
+class BeautyDataset(Dataset):
+    """Samples with their letterboxed pixels in memory; returns (image, targets, masks)."""
+
+    def __init__(
+        self, samples: Sequence[Sample], cfg: Config, train: bool = False, report: bool = True
+    ):
+        self.cfg = cfg
+        self.samples, self.pixels, self.errors = load_letterboxed(
+            samples, cfg.model.image_size, report=report
+        )
+        self.transform = train_transform() if (train and cfg.data.augment) else None
+        self.encoded = [encode(cfg.schema, s.labels) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)  # uint8 CHW
+        if self.transform is not None:
+            img = self.transform(img)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        x = to_tensor(pil, self.cfg.model.mean, self.cfg.model.std)
+        targets, masks = self.encoded[i]
+        return x, targets, masks
+
+    def label_counts(self, attr: Attribute) -> Counter:
+        return Counter(
+            s.labels[attr.name] for s in self.samples if s.labels.get(attr.name) is not None
+        )
+
+    def sample_weights(self, attr: Attribute) -> torch.Tensor:
+        """Per-sample weights that balance the classes of a single-label attribute."""
+        counts = self.label_counts(attr)
+        w = [
+            1.0 / counts[s.labels[attr.name]] if s.labels.get(attr.name) is not None else 0.0
+            for s in self.samples
+        ]
+        t = torch.tensor(w, dtype=torch.double)
+        mean = t[t > 0].mean() if (t > 0).any() else torch.tensor(1.0, dtype=torch.double)
+        return torch.where(t > 0, t, mean)
+
+
+def summarise(samples: Sequence[Sample], schema: Schema) -> dict[str, dict[str, int]]:
+    """How many samples each split has, and how many are labelled per attribute."""
+    out: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        part = [s for s in samples if s.split == split]
+        out[split] = {"images": len(part)} | {
+            a.name: sum(s.labels.get(a.name) is not None for s in part) for a in schema.attributes
+        }
+    return out

@@ -1,0 +1,155 @@
+"""Evaluation: run a model over a labelled dataset and measure every attribute.
+
+* ``single`` - accuracy, macro-F1, top-k accuracy, a confusion matrix,
+* ``multi``  - mAP, micro/macro F1 at 0.5,
+* ``shade``  - CIEDE2000 (median, mean, share under 5).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from beautytag import metrics
+from beautytag.config import Config
+from beautytag.data import BeautyDataset, read_samples
+from beautytag.model import BeautyTagNet, load_checkpoint
+
+
+@torch.inference_mode()
+def run_dataset(
+    model: BeautyTagNet,
+    ds: BeautyDataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    flip_tta: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Model outputs (probabilities for classes, Lab for shades), targets and masks."""
+    model.eval()
+    outs: dict[str, list] = {a.name: [] for a in model.schema.attributes}
+    tgts: dict[str, list] = {a.name: [] for a in model.schema.attributes}
+    msks: dict[str, list] = {a.name: [] for a in model.schema.attributes}
+    for x, targets, masks in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        y = model(x.to(device))
+        if flip_tta:
+            y2 = model(torch.flip(x, dims=[3]).to(device))
+        for a in model.schema.attributes:
+            o = activate(a.kind, y[a.name])
+            if flip_tta:
+                o = (o + activate(a.kind, y2[a.name])) / 2
+            outs[a.name].append(o.float().cpu())
+            tgts[a.name].append(targets[a.name])
+            msks[a.name].append(masks[a.name])
+    cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
+    return cat(outs), cat(tgts), cat(msks)
+
+
+def activate(kind: str, y: torch.Tensor) -> torch.Tensor:
+    """Raw head output -> softmax (single), sigmoid (multi) or Lab as is (shade)."""
+    if kind == "single":
+        return torch.softmax(y.float(), -1)
+    if kind == "multi":
+        return torch.sigmoid(y.float())
+    return y
+
+
+def compute_metrics(
+    cfg: Config,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """Every attribute's metrics on its labelled samples."""
+    result: dict[str, dict[str, Any]] = {}
+    for a in cfg.schema.attributes:
+        m = masks[a.name].astype(bool)
+        o, t = outputs[a.name][m], targets[a.name][m]
+        r: dict[str, Any] = {"n": int(m.sum())}
+        if r["n"] == 0:
+            result[a.name] = r
+            continue
+        if a.kind == "single":
+            pred = o.argmax(-1)
+            r |= {
+                "accuracy": metrics.accuracy(t, pred),
+                "macro_f1": metrics.macro_f1(t, pred, len(a.classes)),
+                "top3_accuracy": metrics.topk_accuracy(t, o, 3),
+            }
+        elif a.kind == "multi":
+            r |= {"mAP": metrics.multilabel_map(t, o)} | metrics.multilabel_f1(t, o)
+        else:
+            r |= metrics.shade_stats(t, o)
+        result[a.name] = r
+    return result
+
+
+def evaluate(
+    checkpoint: str | Path,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    config: Config | None = None,
+    sources: list[str] | None = None,
+    flip_tta: bool = False,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split of its config's data (or of `config`'s data).
+    Writes report.json, report.md and confusion-matrix PNGs when `out_dir` is given."""
+    model, ckpt_cfg, _ = load_checkpoint(checkpoint)
+    cfg = config or ckpt_cfg
+    samples = read_samples(cfg, splits=[split], sources=sources)
+    if not samples:
+        raise ValueError(f"no samples in split {split!r} of the configured sources")
+    ds = BeautyDataset(samples, cfg)
+    outputs, targets, masks = run_dataset(model, ds, batch_size=batch_size, flip_tta=flip_tta)
+    result = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "images": len(ds),
+        "skipped": ds.errors,
+        "metrics": compute_metrics(cfg, outputs, targets, masks),
+    }
+    if out_dir is not None:
+        write_report(result, cfg, outputs, targets, masks, Path(out_dir))
+    return result
+
+
+def write_report(
+    result: dict[str, Any],
+    cfg: Config,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    out: Path,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Evaluation of `{result['checkpoint']}` on split `{result['split']}`",
+        "",
+        f"{result['images']} images, {len(result['skipped'])} skipped.",
+        "",
+        "| attribute | n | metric | value |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, r in result["metrics"].items():
+        for k, v in r.items():
+            if k != "n":
+                lines.append(f"| {name} | {r['n']} | {k} | {v:.4f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    for a in cfg.schema.attributes:
+        m = masks[a.name].astype(bool)
+        if a.kind == "single" and m.any():
+            cm = metrics.confusion_matrix(
+                targets[a.name][m], outputs[a.name][m].argmax(-1), len(a.classes)
+            )
+            metrics.save_confusion_png(
+                cm,
+                a.classes,
+                out / f"confusion_{a.name}.png",
+                title=f"{a.name} ({result['split']})",
+            )

