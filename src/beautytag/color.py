@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 #: D65 reference white (2 degree observer), XYZ scaled so that Y = 1.
 D65_WHITE = np.array([0.95047, 1.0, 1.08883])
@@ -136,3 +137,19 @@ def delta_e2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     tc = dcp / s_c
     th = d_hp / s_h
     return np.sqrt(tl**2 + tc**2 + th**2 + r_t * tc * th)
+
+
+def srgb_to_linear_torch(rgb: torch.Tensor) -> torch.Tensor:
+    """Differentiable sRGB gamma decoding (any shape)."""
+    rgb = rgb.clamp(0.0, 1.0)
+    return torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
+
+
+def linear_rgb_to_lab_torch(lin: torch.Tensor) -> torch.Tensor:
+    """Differentiable linear sRGB (..., 3) -> CIELAB (D65), the same formulas as
+    :func:`srgb_to_lab`; used inside the model so that it exports to ONNX."""
+    m = torch.tensor(_RGB_TO_XYZ / D65_WHITE[:, None], dtype=lin.dtype, device=lin.device)
+    t = lin @ m.T
+    f = torch.where(t > _EPS, t.clamp_min(_EPS).pow(1.0 / 3.0), (_KAPPA * t + 16.0) / 116.0)
+    return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                        200.0 * (f[..., 1] - f[..., 2])], dim=-1)

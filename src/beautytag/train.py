@@ -136,6 +136,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
 
     model = BeautyTagNet(cfg).to(device)
     use_amp = device.type == "cuda" and cfg.train.amp
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
     criterion = MultiTaskLoss(

@@ -1,0 +1,413 @@
+"""Accuracy benchmark: does each part of the design help? Measured, with the same data,
+split, budget and seeds for every configuration.
+
+Table A - cosmetics (Personal Care subset of fashion-products-small, split == test),
+          attributes category and color: baseline, single-task, multi-task, attention
+          variants, uncertainty weighting, ResNet-50, and improvements.
+Table B - the whole 44k catalogue as one multi-task model (six attributes).
+Table C - shade colour on beauty-shades (split by brand): median / mean CIEDE2000.
+
+Every finished run is stored in the results JSON and skipped on the next start, so the
+tables can be built over several sittings (or quickly on a GPU). Usage:
+
+    python benchmarks/accuracy.py --quick            # smoke run, minutes on a CPU
+    python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
+    python benchmarks/accuracy.py --speed            # inference images/s on this machine
+    python benchmarks/accuracy.py --report           # only rewrite the markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from beautytag.color import srgb_to_lab
+from beautytag.config import Config, config_from_dict
+from beautytag.data import BeautyDataset, load_letterboxed, read_samples
+from beautytag.evaluate import evaluate
+from beautytag.metrics import accuracy, macro_f1, shade_stats
+from beautytag.model import BeautyTagNet
+from beautytag.train import pick_device, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+SEEDS = (0, 1, 2)
+
+
+def git_revision() -> str:
+    if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
+        return os.environ["BEAUTYTAG_REVISION"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def default_raw() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+
+
+# ---------------------------------------------------------------- configurations
+
+def table_a_raw(data: Path, attrs: tuple[str, ...] = ("category", "color"), **changes) -> dict:
+    """The default config cut down to Table A's task: the catalogue only, given attributes."""
+    raw = default_raw()
+    raw["attributes"] = [a for a in raw["attributes"] if a["name"] in attrs]
+    for a in raw["attributes"]:
+        a["sources"] = {k: v for k, v in a["sources"].items() if k == "fashion"}
+    raw["data"]["root"] = str(data)
+    raw["data"]["sources"] = [s for s in raw["data"]["sources"] if s["name"] == "fashion"]
+    return apply(raw, changes)
+
+
+def full_raw(data: Path, **changes) -> dict:
+    """The shipped model's config (all attributes, both sources)."""
+    raw = default_raw()
+    raw["data"]["root"] = str(data)
+    return apply(raw, changes)
+
+
+def apply(raw: dict, changes: dict) -> dict:
+    """changes like {"model.attention": "seed"} set nested keys."""
+    raw = copy.deepcopy(raw)
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        raw[section][field] = value
+    return raw
+
+
+def catalogue_raw(data: Path, min_count: int = 20, **changes) -> dict:
+    """Table B: six catalogue attributes, classes rarer than `min_count` merged into Other."""
+    rows = list(csv.DictReader((data / "fashion-products-small" / "labels.csv").open()))
+    attrs = []
+    for col in ("masterCategory", "subCategory", "articleType", "gender", "baseColour", "usage"):
+        counts = Counter(r[col] for r in rows if r[col] and r["split"] == "train")
+        classes = sorted(c for c, n in counts.items() if n >= min_count)
+        if len(classes) < len(counts):
+            classes.append("Other")
+        attrs.append({"name": col, "kind": "single", "classes": classes,
+                      "sources": {"fashion": {"column": col, "other": "Other"
+                                              if "Other" in classes else None}}})
+    for a in attrs:
+        if a["sources"]["fashion"]["other"] is None:
+            del a["sources"]["fashion"]["other"]
+    raw = default_raw()
+    raw["attributes"] = attrs
+    raw["data"] = {"root": str(data), "sources": [
+        {"name": "fashion", "path": "fashion-products-small", "split_column": "split"}]}
+    raw["train"]["balance_attribute"] = "articleType"
+    return apply(raw, changes)
+
+
+def table_a(data: Path) -> dict[str, dict]:
+    """name -> raw config (or a marker for the non-trained baseline / TTA rows)."""
+    best_att = "cbam"
+    return {
+        "A1 frozen features + logistic regression": {"baseline": "logreg"},
+        "A2 single-task, category": table_a_raw(data, ("category",), **{"model.attention": "none"}),
+        "A2 single-task, color": table_a_raw(data, ("color",), **{"model.attention": "none"}),
+        "A3 multi-task, no attention": table_a_raw(data, **{"model.attention": "none"}),
+        "A4 multi-task + seed attention": table_a_raw(data, **{"model.attention": "seed"}),
+        "A5 multi-task + cbam attention": table_a_raw(data, **{"model.attention": "cbam"}),
+        "A6 multi-task + cbam + uncertainty weighting": table_a_raw(
+            data, **{"model.attention": best_att, "train.loss_weighting": "uncertainty"}),
+        "A7 ResNet-50, random init (no offline ImageNet weights)": table_a_raw(
+            data, **{"model.backbone": "resnet50", "model.weights": "none",
+                     "model.attention": best_att}),
+        "A8 cbam @ 192 px": table_a_raw(data, **{"model.image_size": 192}),
+        "A8 cbam + class-weighted loss": table_a_raw(data, **{"train.balance": "weights"}),
+        "A8 cbam, 2x epochs": table_a_raw(data, **{"train.epochs": 30, "train.patience": 8}),
+        "A8 lite2 + cbam @ 192 px": table_a_raw(
+            data, **{"model.backbone": "tf_efficientnet_lite2", "model.image_size": 192}),
+        "A8 cbam + test-time flip": {"tta_of": "A5 multi-task + cbam attention"},
+    }
+
+
+def table_c(data: Path) -> dict[str, dict]:
+    return {
+        "C1 predict the training mean colour": {"baseline": "mean"},
+        "C2 k-means dominant colour of product pixels": {"baseline": "kmeans"},
+        "C3 shipped-model config (multi-task, cbam)": full_raw(data),
+        "C4 shipped-model config @ 192 px": full_raw(data, **{"model.image_size": 192}),
+        "C5 shipped-model config @ 192 px, no attention": full_raw(
+            data, **{"model.image_size": 192, "model.attention": "none"}),
+    }
+
+
+def table_b(data: Path) -> dict[str, dict]:
+    return {"B1 multi-task cbam, whole catalogue": catalogue_raw(
+        data, **{"model.image_size": 96, "train.epochs": 8, "train.patience": 3})}
+
+
+# ---------------------------------------------------------------- runners
+
+def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
+    out = {}
+    for name, r in result.items():
+        for k in ("accuracy", "macro_f1", "median_de2000", "mean_de2000", "share_under_5", "mAP"):
+            if k in r:
+                out[f"{name}.{k}"] = r[k]
+    return out
+
+
+def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int
+                ) -> dict[str, Any]:
+    raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir),
+                      "train.workers": workers})
+    if quick:
+        raw = apply(raw, {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48})
+    cfg = config_from_dict(raw)
+    t0 = time.time()
+    paths = train(cfg, progress=False)
+    seconds = time.time() - t0
+    result = evaluate(paths["best"], split="test", config=cfg)
+    return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": seconds,
+            "test_images": result["images"], "checkpoint": paths["best"]}
+
+
+def embed_split(model: BeautyTagNet, cfg: Config, split: str) -> tuple[np.ndarray, BeautyDataset]:
+    ds = BeautyDataset(read_samples(cfg, splits=[split]), cfg, report=False)
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(ds), 64):
+            x = torch.stack([ds[j][0] for j in range(i, min(len(ds), i + 64))])
+            feats.append(model.embed(x).numpy())
+    return np.concatenate(feats), ds
+
+
+def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
+    """Frozen ImageNet features + logistic regression, one per attribute."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    raw = table_a_raw(data, **{"model.attention": "none"})
+    if quick:
+        raw = apply(raw, {"data.limit": 48})
+    cfg = config_from_dict(raw)
+    model = BeautyTagNet(cfg).eval()
+    t0 = time.time()
+    xtr, dtr = embed_split(model, cfg, "train")
+    xte, dte = embed_split(model, cfg, "test")
+    scaler = StandardScaler().fit(xtr)
+    metrics: dict[str, float] = {}
+    for a in cfg.schema.attributes:
+        ytr = [s.labels[a.name] for s in dtr.samples]
+        keep = [i for i, y in enumerate(ytr) if y is not None]
+        clf = LogisticRegression(max_iter=3000, C=0.5)
+        clf.fit(scaler.transform(xtr[keep]), [a.classes.index(ytr[i]) for i in keep])
+        yte = [s.labels[a.name] for s in dte.samples]
+        kt = [i for i, y in enumerate(yte) if y is not None]
+        pred = clf.predict(scaler.transform(xte[kt]))
+        true = np.array([a.classes.index(yte[i]) for i in kt])
+        metrics[f"{a.name}.accuracy"] = accuracy(true, pred)
+        metrics[f"{a.name}.macro_f1"] = macro_f1(true, pred, len(a.classes))
+    return {"metrics": metrics, "train_seconds": time.time() - t0}
+
+
+def run_tta(store: dict, source_name: str, seed: int, data: Path, quick: bool
+            ) -> dict[str, Any] | None:
+    src = store["runs"].get(f"{source_name}|seed{seed}")
+    if not src or not Path(src.get("checkpoint", "")).is_file():
+        return None
+    cfg = config_from_dict(table_a_raw(data, **({"data.limit": 48} if quick else {})))
+    result = evaluate(src["checkpoint"], split="test", config=cfg, flip_tta=True)
+    return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
+
+
+def shade_samples(data: Path) -> tuple[list, list]:
+    cfg = config_from_dict(full_raw(data))
+    samples = read_samples(cfg, sources=["shades"])
+    train_s = [s for s in samples if s.split in ("train", "val") and s.labels["shade"]]
+    test_s = [s for s in samples if s.split == "test" and s.labels["shade"]]
+    return train_s, test_s
+
+
+def dominant_lab(pixels: np.ndarray, k: int = 3) -> np.ndarray:
+    """Lab centre of the largest k-means cluster among non-background pixels."""
+    from sklearn.cluster import KMeans
+
+    lab = srgb_to_lab(pixels.reshape(-1, 3) / 255.0)
+    chroma = np.hypot(lab[:, 1], lab[:, 2])
+    fg = lab[~((lab[:, 0] > 92) & (chroma < 6))]  # drop the white background
+    if len(fg) < k:
+        fg = lab
+    km = KMeans(n_clusters=k, n_init=3, random_state=0).fit(fg)
+    return km.cluster_centers_[np.bincount(km.labels_).argmax()]
+
+
+def run_shade_baseline(kind: str, data: Path) -> dict[str, Any]:
+    train_s, test_s = shade_samples(data)
+    truth = np.array([s.labels["shade"] for s in test_s])
+    t0 = time.time()
+    if kind == "mean":
+        pred = np.tile(np.mean([s.labels["shade"] for s in train_s], axis=0), (len(truth), 1))
+    else:
+        cfg = config_from_dict(full_raw(data))
+        kept, pixels, _ = load_letterboxed(test_s, cfg.model.image_size, report=False)
+        truth = np.array([s.labels["shade"] for s in kept])
+        pred = np.array([dominant_lab(p) for p in pixels])
+    stats = shade_stats(truth, pred)
+    return {"metrics": {f"shade.{k}": v for k, v in stats.items() if k != "n"},
+            "train_seconds": time.time() - t0, "test_images": int(stats["n"])}
+
+
+# ---------------------------------------------------------------- speed on this machine
+
+def measure_speed(raw: dict, batch: int = 32, repeats: int = 5) -> float:
+    cfg = config_from_dict(apply(raw, {"model.weights": "none"}))
+    model = BeautyTagNet(cfg, pretrained=False).eval()
+    x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def write_report(store: dict, path_md: Path) -> None:
+    groups: dict[str, list[dict]] = {}
+    for run in store["runs"].values():
+        groups.setdefault(run["name"], []).append(run)
+    lines = ["# beautytag accuracy benchmark", "",
+             "Measured by `benchmarks/accuracy.py`; every number below comes from "
+             "`benchmarks/results/accuracy.json` (per-run metrics, device, git revision). "
+             "Mean ± standard deviation over seeds; `n` = number of seeds.", ""]
+    tables = {
+        "A": ("Table A - cosmetics (Personal Care, split == test)",
+              ["category.accuracy", "category.macro_f1", "color.accuracy", "color.macro_f1"]),
+        "B": ("Table B - whole catalogue (split == test)",
+              ["masterCategory.accuracy", "subCategory.accuracy", "articleType.accuracy",
+               "gender.accuracy", "baseColour.accuracy", "usage.accuracy"]),
+        "C": ("Table C - shade colour on beauty-shades (test brands)",
+              ["shade.median_de2000", "shade.mean_de2000", "shade.share_under_5"]),
+    }
+    for key, (title, cols) in tables.items():
+        names = sorted(n for n in groups if n.startswith(key))
+        if not names:
+            continue
+        lines += [f"## {title}", "",
+                  "| configuration | n | " + " | ".join(cols)
+                  + " | train s | device | img/s (CPU, this machine) | revision |",
+                  "|" + " --- |" * (len(cols) + 6)]
+        for n in names:
+            runs = groups[n]
+            speed = store.get("speed", {}).get(n)
+            cells = [n, str(len(runs))]
+            cells += [fmt([r["metrics"][c] for r in runs if c in r["metrics"]]) for c in cols]
+            cells += [fmt([r["train_seconds"] for r in runs], 0),
+                      ", ".join(sorted({r["device"] for r in runs})),
+                      f"{speed:.0f}" if speed else "-",
+                      ", ".join(sorted({r["revision"] for r in runs}))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if store.get("conclusion"):
+        lines += ["## Conclusion", "", store["conclusion"], ""]
+    path_md.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--tables", nargs="+", default=["A", "C"], choices=["A", "B", "C"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--only", nargs="*", default=[], help="run names containing any of these")
+    p.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs: a smoke run")
+    p.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results)")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--workers", type=int, default=0, help="data-loader workers")
+    p.add_argument("--speed", action="store_true", help="measure inference img/s here")
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="start no new run after this many seconds (0: no limit)")
+    args = p.parse_args(argv)
+
+    name = "accuracy-quick" if args.quick else "accuracy"
+    path = args.results or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    if not (args.data / "fashion-products-small").is_dir():
+        print(f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
+              "repository; pass --data)", file=sys.stderr)
+        return 0
+    builders = {"A": table_a, "B": table_b, "C": table_c}
+    plan = {n: c for t in args.tables for n, c in builders[t](args.data).items()
+            if not args.only or any(o in n for o in args.only)}
+    device = str(pick_device())
+    if device == "cuda":
+        device = torch.cuda.get_device_name(0)
+    if args.speed:
+        store.setdefault("speed", {})
+        for n, raw in plan.items():
+            if "model" in raw:
+                store["speed"][n] = measure_speed(raw)
+                print(f"{n}: {store['speed'][n]:.1f} img/s", flush=True)
+        store["speed_machine"] = f"{platform.processor() or platform.machine()}, " \
+                                 f"{torch.get_num_threads()} threads"
+    elif not args.report:
+        started = time.time()
+        for n, raw in plan.items():
+            once = "baseline" in raw and raw["baseline"] in ("mean", "kmeans", "logreg")
+            for seed in ([0] if once else args.seeds):
+                key = f"{n}|seed{seed}"
+                if key in store["runs"]:
+                    continue
+                if args.time_budget and time.time() - started > args.time_budget:
+                    print(f"time budget spent: {key} and later runs left for next time")
+                    break
+                print(f"== {key}", flush=True)
+                if "baseline" in raw and raw["baseline"] == "logreg":
+                    run = run_logreg(args.data, args.quick)
+                elif "baseline" in raw:
+                    run = run_shade_baseline(raw["baseline"], args.data)
+                elif "tta_of" in raw:
+                    run = run_tta(store, raw["tta_of"], seed, args.data, args.quick)
+                    if run is None:
+                        continue
+                else:
+                    slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
+                    run = run_trained(raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick,
+                                      args.workers)
+                run |= {"name": n, "seed": seed, "device": device, "revision": git_revision(),
+                        "command": "python benchmarks/accuracy.py " + " ".join(argv or
+                                                                               sys.argv[1:])}
+                store["runs"][key] = run
+                path.write_text(json.dumps(store, indent=2))  # keep every finished run
+                print(json.dumps(run["metrics"]), flush=True)
+    path.write_text(json.dumps(store, indent=2))
+    write_report(store, path.with_suffix(".md"))
+    print(f"results: {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
