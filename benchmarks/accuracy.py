@@ -40,6 +40,7 @@ from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, load_letterboxed, read_samples
 from beautytag.evaluate import evaluate
+from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
 from beautytag.model import BeautyTagNet
 from beautytag.train import pick_device, train
@@ -54,8 +55,13 @@ def git_revision() -> str:
     if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
         return os.environ["BEAUTYTAG_REVISION"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -65,6 +71,7 @@ def default_raw() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- configurations
+
 
 def table_a_raw(data: Path, attrs: tuple[str, ...] = ("category", "color"), **changes) -> dict:
     """The default config cut down to Table A's task: the catalogue only, given attributes."""
@@ -102,16 +109,25 @@ def catalogue_raw(data: Path, min_count: int = 20, **changes) -> dict:
         classes = sorted(c for c, n in counts.items() if n >= min_count)
         if len(classes) < len(counts):
             classes.append("Other")
-        attrs.append({"name": col, "kind": "single", "classes": classes,
-                      "sources": {"fashion": {"column": col, "other": "Other"
-                                              if "Other" in classes else None}}})
+        attrs.append(
+            {
+                "name": col,
+                "kind": "single",
+                "classes": classes,
+                "sources": {
+                    "fashion": {"column": col, "other": "Other" if "Other" in classes else None}
+                },
+            }
+        )
     for a in attrs:
         if a["sources"]["fashion"]["other"] is None:
             del a["sources"]["fashion"]["other"]
     raw = default_raw()
     raw["attributes"] = attrs
-    raw["data"] = {"root": str(data), "sources": [
-        {"name": "fashion", "path": "fashion-products-small", "split_column": "split"}]}
+    raw["data"] = {
+        "root": str(data),
+        "sources": [{"name": "fashion", "path": "fashion-products-small", "split_column": "split"}],
+    }
     raw["train"]["balance_attribute"] = "articleType"
     return apply(raw, changes)
 
@@ -127,15 +143,18 @@ def table_a(data: Path) -> dict[str, dict]:
         "A4 multi-task + seed attention": table_a_raw(data, **{"model.attention": "seed"}),
         "A5 multi-task + cbam attention": table_a_raw(data, **{"model.attention": "cbam"}),
         "A6 multi-task + cbam + uncertainty weighting": table_a_raw(
-            data, **{"model.attention": best_att, "train.loss_weighting": "uncertainty"}),
+            data, **{"model.attention": best_att, "train.loss_weighting": "uncertainty"}
+        ),
         "A7 ResNet-50, random init (no offline ImageNet weights)": table_a_raw(
-            data, **{"model.backbone": "resnet50", "model.weights": "none",
-                     "model.attention": best_att}),
+            data,
+            **{"model.backbone": "resnet50", "model.weights": "none", "model.attention": best_att},
+        ),
         "A8 cbam @ 192 px": table_a_raw(data, **{"model.image_size": 192}),
         "A8 cbam + class-weighted loss": table_a_raw(data, **{"train.balance": "weights"}),
         "A8 cbam, 2x epochs": table_a_raw(data, **{"train.epochs": 30, "train.patience": 8}),
         "A8 lite2 + cbam @ 192 px": table_a_raw(
-            data, **{"model.backbone": "tf_efficientnet_lite2", "model.image_size": 192}),
+            data, **{"model.backbone": "tf_efficientnet_lite2", "model.image_size": 192}
+        ),
         "A8 cbam + test-time flip": {"tta_of": "A5 multi-task + cbam attention"},
     }
 
@@ -147,16 +166,21 @@ def table_c(data: Path) -> dict[str, dict]:
         "C3 shipped-model config (multi-task, cbam)": full_raw(data),
         "C4 shipped-model config @ 192 px": full_raw(data, **{"model.image_size": 192}),
         "C5 shipped-model config @ 192 px, no attention": full_raw(
-            data, **{"model.image_size": 192, "model.attention": "none"}),
+            data, **{"model.image_size": 192, "model.attention": "none"}
+        ),
     }
 
 
 def table_b(data: Path) -> dict[str, dict]:
-    return {"B1 multi-task cbam, whole catalogue": catalogue_raw(
-        data, **{"model.image_size": 96, "train.epochs": 8, "train.patience": 3})}
+    return {
+        "B1 multi-task cbam, whole catalogue": catalogue_raw(
+            data, **{"model.image_size": 96, "train.epochs": 8, "train.patience": 3}
+        )
+    }
 
 
 # ---------------------------------------------------------------- runners
+
 
 def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     out = {}
@@ -167,19 +191,24 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int
-                ) -> dict[str, Any]:
-    raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir),
-                      "train.workers": workers})
+def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:
+    raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir), "train.workers": workers})
     if quick:
         raw = apply(raw, {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48})
     cfg = config_from_dict(raw)
     t0 = time.time()
     paths = train(cfg, progress=False)
     seconds = time.time() - t0
-    result = evaluate(paths["best"], split="test", config=cfg)
-    return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": seconds,
-            "test_images": result["images"], "checkpoint": paths["best"]}
+    device = str(pick_device())
+    result = evaluate(paths["best"], split="test", config=cfg, device=device)
+    val = evaluate(paths["best"], split="val", config=cfg, device=device)
+    return {
+        "metrics": summarise_metrics(result["metrics"]),
+        "train_seconds": seconds,
+        "val_metrics": summarise_metrics(val["metrics"]),
+        "test_images": result["images"],
+        "checkpoint": paths["best"],
+    }
 
 
 def embed_split(model: BeautyTagNet, cfg: Config, split: str) -> tuple[np.ndarray, BeautyDataset]:
@@ -188,7 +217,7 @@ def embed_split(model: BeautyTagNet, cfg: Config, split: str) -> tuple[np.ndarra
     with torch.inference_mode():
         for i in range(0, len(ds), 64):
             x = torch.stack([ds[j][0] for j in range(i, min(len(ds), i + 64))])
-            feats.append(model.embed(x).numpy())
+            feats.append(model.embed(normalize(x, cfg.model.mean, cfg.model.std)).numpy())
     return np.concatenate(feats), ds
 
 
@@ -221,8 +250,9 @@ def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
     return {"metrics": metrics, "train_seconds": time.time() - t0}
 
 
-def run_tta(store: dict, source_name: str, seed: int, data: Path, quick: bool
-            ) -> dict[str, Any] | None:
+def run_tta(
+    store: dict, source_name: str, seed: int, data: Path, quick: bool
+) -> dict[str, Any] | None:
     src = store["runs"].get(f"{source_name}|seed{seed}")
     if not src or not Path(src.get("checkpoint", "")).is_file():
         return None
@@ -264,11 +294,15 @@ def run_shade_baseline(kind: str, data: Path) -> dict[str, Any]:
         truth = np.array([s.labels["shade"] for s in kept])
         pred = np.array([dominant_lab(p) for p in pixels])
     stats = shade_stats(truth, pred)
-    return {"metrics": {f"shade.{k}": v for k, v in stats.items() if k != "n"},
-            "train_seconds": time.time() - t0, "test_images": int(stats["n"])}
+    return {
+        "metrics": {f"shade.{k}": v for k, v in stats.items() if k != "n"},
+        "train_seconds": time.time() - t0,
+        "test_images": int(stats["n"]),
+    }
 
 
 # ---------------------------------------------------------------- speed on this machine
+
 
 def measure_speed(raw: dict, batch: int = 32, repeats: int = 5) -> float:
     cfg = config_from_dict(apply(raw, {"model.weights": "none"}))
@@ -284,6 +318,7 @@ def measure_speed(raw: dict, batch: int = 32, repeats: int = 5) -> float:
 
 # ---------------------------------------------------------------- report
 
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
@@ -296,36 +331,58 @@ def write_report(store: dict, path_md: Path) -> None:
     groups: dict[str, list[dict]] = {}
     for run in store["runs"].values():
         groups.setdefault(run["name"], []).append(run)
-    lines = ["# beautytag accuracy benchmark", "",
-             "Measured by `benchmarks/accuracy.py`; every number below comes from "
-             "`benchmarks/results/accuracy.json` (per-run metrics, device, git revision). "
-             "Mean ± standard deviation over seeds; `n` = number of seeds.", ""]
+    lines = [
+        "# beautytag accuracy benchmark",
+        "",
+        "Measured by `benchmarks/accuracy.py`; every number below comes from "
+        "`benchmarks/results/accuracy.json` (per-run metrics, device, git revision). "
+        "Mean ± standard deviation over seeds; `n` = number of seeds.",
+        "",
+    ]
     tables = {
-        "A": ("Table A - cosmetics (Personal Care, split == test)",
-              ["category.accuracy", "category.macro_f1", "color.accuracy", "color.macro_f1"]),
-        "B": ("Table B - whole catalogue (split == test)",
-              ["masterCategory.accuracy", "subCategory.accuracy", "articleType.accuracy",
-               "gender.accuracy", "baseColour.accuracy", "usage.accuracy"]),
-        "C": ("Table C - shade colour on beauty-shades (test brands)",
-              ["shade.median_de2000", "shade.mean_de2000", "shade.share_under_5"]),
+        "A": (
+            "Table A - cosmetics (Personal Care, split == test)",
+            ["category.accuracy", "category.macro_f1", "color.accuracy", "color.macro_f1"],
+        ),
+        "B": (
+            "Table B - whole catalogue (split == test)",
+            [
+                "masterCategory.accuracy",
+                "subCategory.accuracy",
+                "articleType.accuracy",
+                "gender.accuracy",
+                "baseColour.accuracy",
+                "usage.accuracy",
+            ],
+        ),
+        "C": (
+            "Table C - shade colour on beauty-shades (test brands)",
+            ["shade.median_de2000", "shade.mean_de2000", "shade.share_under_5"],
+        ),
     }
     for key, (title, cols) in tables.items():
         names = sorted(n for n in groups if n.startswith(key))
         if not names:
             continue
-        lines += [f"## {title}", "",
-                  "| configuration | n | " + " | ".join(cols)
-                  + " | train s | device | img/s (CPU, this machine) | revision |",
-                  "|" + " --- |" * (len(cols) + 6)]
+        lines += [
+            f"## {title}",
+            "",
+            "| configuration | n | "
+            + " | ".join(cols)
+            + " | train s | device | img/s (CPU, this machine) | revision |",
+            "|" + " --- |" * (len(cols) + 6),
+        ]
         for n in names:
             runs = groups[n]
             speed = store.get("speed", {}).get(n)
             cells = [n, str(len(runs))]
             cells += [fmt([r["metrics"][c] for r in runs if c in r["metrics"]]) for c in cols]
-            cells += [fmt([r["train_seconds"] for r in runs], 0),
-                      ", ".join(sorted({r["device"] for r in runs})),
-                      f"{speed:.0f}" if speed else "-",
-                      ", ".join(sorted({r["revision"] for r in runs}))]
+            cells += [
+                fmt([r["train_seconds"] for r in runs], 0),
+                ", ".join(sorted({r["device"] for r in runs})),
+                f"{speed:.0f}" if speed else "-",
+                ", ".join(sorted({r["revision"] for r in runs})),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if store.get("conclusion"):
@@ -334,6 +391,7 @@ def write_report(store: dict, path_md: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -347,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="data-loader workers")
     p.add_argument("--speed", action="store_true", help="measure inference img/s here")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown")
-    p.add_argument("--time-budget", type=float, default=0,
-                   help="start no new run after this many seconds (0: no limit)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="start no new run after this many seconds (0: no limit)",
+    )
     args = p.parse_args(argv)
 
     name = "accuracy-quick" if args.quick else "accuracy"
@@ -356,12 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not (args.data / "fashion-products-small").is_dir():
-        print(f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
-              "repository; pass --data)", file=sys.stderr)
+        print(
+            f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
+            "repository; pass --data)",
+            file=sys.stderr,
+        )
         return 0
     builders = {"A": table_a, "B": table_b, "C": table_c}
-    plan = {n: c for t in args.tables for n, c in builders[t](args.data).items()
-            if not args.only or any(o in n for o in args.only)}
+    plan = {
+        n: c
+        for t in args.tables
+        for n, c in builders[t](args.data).items()
+        if not args.only or any(o in n for o in args.only)
+    }
     device = str(pick_device())
     if device == "cuda":
         device = torch.cuda.get_device_name(0)
@@ -371,13 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             if "model" in raw:
                 store["speed"][n] = measure_speed(raw)
                 print(f"{n}: {store['speed'][n]:.1f} img/s", flush=True)
-        store["speed_machine"] = f"{platform.processor() or platform.machine()}, " \
-                                 f"{torch.get_num_threads()} threads"
+        store["speed_machine"] = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        )
     elif not args.report:
         started = time.time()
         for n, raw in plan.items():
             once = "baseline" in raw and raw["baseline"] in ("mean", "kmeans", "logreg")
-            for seed in ([0] if once else args.seeds):
+            for seed in [0] if once else args.seeds:
                 key = f"{n}|seed{seed}"
                 if key in store["runs"]:
                     continue
@@ -395,11 +465,16 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 else:
                     slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
-                    run = run_trained(raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick,
-                                      args.workers)
-                run |= {"name": n, "seed": seed, "device": device, "revision": git_revision(),
-                        "command": "python benchmarks/accuracy.py " + " ".join(argv or
-                                                                               sys.argv[1:])}
+                    run = run_trained(
+                        raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick, args.workers
+                    )
+                run |= {
+                    "name": n,
+                    "seed": seed,
+                    "device": device,
+                    "revision": git_revision(),
+                    "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
+                }
                 store["runs"][key] = run
                 path.write_text(json.dumps(store, indent=2))  # keep every finished run
                 print(json.dumps(run["metrics"]), flush=True)

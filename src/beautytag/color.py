@@ -151,5 +151,11 @@ def linear_rgb_to_lab_torch(lin: torch.Tensor) -> torch.Tensor:
     m = torch.tensor(_RGB_TO_XYZ / D65_WHITE[:, None], dtype=lin.dtype, device=lin.device)
     t = lin @ m.T
     f = torch.where(t > _EPS, t.clamp_min(_EPS).pow(1.0 / 3.0), (_KAPPA * t + 16.0) / 116.0)
-    return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
-                        200.0 * (f[..., 1] - f[..., 2])], dim=-1)
+    return torch.stack(
+        [
+            116.0 * f[..., 1] - 16.0,
+            500.0 * (f[..., 0] - f[..., 1]),
+            200.0 * (f[..., 1] - f[..., 2]),
+        ],
+        dim=-1,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -21,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from beautytag.config import Config, SourceConfig
-from beautytag.images import ImageError, letterbox, load_image, to_tensor
+from beautytag.images import ImageError, letterbox, load_image
 from beautytag.schema import Attribute, Schema, SchemaError
 from beautytag.weak_labels import RULES
 
@@ -152,7 +152,7 @@ def load_letterboxed(
         except ImageError as e:
             return str(e)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(work, samples))
     kept = [s for s, r in zip(samples, results, strict=True) if not isinstance(r, str)]
     errors = [r for r in results if isinstance(r, str)]
@@ -164,14 +164,31 @@ def load_letterboxed(
     return kept, stack, errors
 
 
-def train_transform() -> v2.Transform:
-    """Geometric augmentations only: flips and small affine moves on a white background."""
-    return v2.Compose(
+def augment_batch(
+    x: torch.Tensor,
+    degrees: float = 8.0,
+    translate: float = 0.06,
+    scale: tuple[float, float] = (0.85, 1.1),
+) -> torch.Tensor:
+    """Random geometric augmentation of a uint8 batch (B, 3, H, W), on its own device:
+    horizontal flips, small rotations, shifts and zooms, white where the image moved away.
+    Colour is never touched (it is a label). Returns float pixels in 0..255."""
+    b, dev = x.shape[0], x.device
+    angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(degrees)
+    zoom = torch.empty(b, device=dev).uniform_(*scale)
+    shift = (torch.rand(2, b, device=dev) * 2 - 1) * 2 * translate  # grid coords span 2
+    flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
         [
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=8, translate=(0.06, 0.06), scale=(0.85, 1.1), fill=255),
-        ]
-    )
+            torch.stack([cos * flip, -sin, shift[0]], -1),
+            torch.stack([sin * flip, cos, shift[1]], -1),
+        ],
+        1,
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # zero padding of (x - 255) is white padding of x
+    return F.grid_sample(x.float() - 255.0, grid, align_corners=False) + 255.0
 
 
 class BeautyDataset(Dataset):
@@ -184,20 +201,16 @@ class BeautyDataset(Dataset):
         self.samples, self.pixels, self.errors = load_letterboxed(
             samples, cfg.model.image_size, report=report
         )
-        self.transform = train_transform() if (train and cfg.data.augment) else None
         self.encoded = [encode(cfg.schema, s.labels) for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)  # uint8 CHW
-        if self.transform is not None:
-            img = self.transform(img)
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        x = to_tensor(pil, self.cfg.model.mean, self.cfg.model.std)
+        """(uint8 CHW letterboxed image, targets, masks); augmentation and normalisation
+        happen per batch, on the training device (see :func:`augment_batch`)."""
         targets, masks = self.encoded[i]
-        return x, targets, masks
+        return torch.from_numpy(self.pixels[i]).permute(2, 0, 1), targets, masks
 
     def label_counts(self, attr: Attribute) -> Counter:
         return Counter(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from beautytag import metrics
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
+from beautytag.images import normalize
 from beautytag.model import BeautyTagNet, load_checkpoint
 
 
@@ -35,9 +37,10 @@ def run_dataset(
     tgts: dict[str, list] = {a.name: [] for a in model.schema.attributes}
     msks: dict[str, list] = {a.name: [] for a in model.schema.attributes}
     for x, targets, masks in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        y = model(x.to(device))
+        x = normalize(x.to(device), ds.cfg.model.mean, ds.cfg.model.std)
+        y = model(x)
         if flip_tta:
-            y2 = model(torch.flip(x, dims=[3]).to(device))
+            y2 = model(torch.flip(x, dims=[3]))
         for a in model.schema.attributes:
             o = activate(a.kind, y[a.name])
             if flip_tta:
@@ -96,16 +99,22 @@ def evaluate(
     sources: list[str] | None = None,
     flip_tta: bool = False,
     batch_size: int = 64,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split of its config's data (or of `config`'s data).
-    Writes report.json, report.md and confusion-matrix PNGs when `out_dir` is given."""
-    model, ckpt_cfg, _ = load_checkpoint(checkpoint)
-    cfg = config or ckpt_cfg
+    """Evaluate a checkpoint on a split of its config's data (or of `config`'s data and label
+    sources; the model's own preprocessing is kept). Writes report.json, report.md and
+    confusion-matrix PNGs when `out_dir` is given."""
+    model, cfg, _ = load_checkpoint(checkpoint, device)
+    if config is not None:
+        check_same_outputs(cfg, config)
+        cfg = dataclasses.replace(
+            cfg, schema=config.schema, data=config.data, base_dir=config.base_dir
+        )
     samples = read_samples(cfg, splits=[split], sources=sources)
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)
-    outputs, targets, masks = run_dataset(model, ds, batch_size=batch_size, flip_tta=flip_tta)
+    outputs, targets, masks = run_dataset(model, ds, batch_size, device, flip_tta)
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -116,6 +125,17 @@ def evaluate(
     if out_dir is not None:
         write_report(result, cfg, outputs, targets, masks, Path(out_dir))
     return result
+
+
+def check_same_outputs(model_cfg: Config, data_cfg: Config) -> None:
+    """A config can only evaluate a model that predicts the same attributes and classes."""
+    ours = [(a.name, a.kind, a.classes) for a in model_cfg.schema.attributes]
+    theirs = [(a.name, a.kind, a.classes) for a in data_cfg.schema.attributes]
+    if ours != theirs:
+        raise ValueError(
+            "the config's attributes differ from the model's "
+            f"({[a[0] for a in theirs]} vs {[a[0] for a in ours]}, or their classes)"
+        )
 
 
 def write_report(

@@ -141,17 +141,26 @@ def letterbox(img: Image.Image, size: int, fill: int = 255) -> Image.Image:
     return canvas
 
 
-def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 HWC RGB image -> float32 CHW tensor normalised as ``(x / 255 - mean) / std``."""
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Pixels in 0..255 (uint8 or float, channels at dim -3) -> float32 ``(x/255 - mean)/std``.
+    Works on one image (3, H, W) or a batch (B, 3, H, W), on any device."""
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 CHW tensor."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    arr = np.array(img, dtype=np.uint8)  # a writable copy
-    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 HWC RGB image -> float32 CHW tensor normalised as ``(x / 255 - mean) / std``."""
+    return normalize(to_uint8(img), mean, std)
 
 
 def preprocess(

@@ -117,7 +117,8 @@ class ColourPoolShadeHead(nn.Module):
         """(B, 1, H, W) weights summing to one over each image."""
         rgb = (image.float() * self.std + self.mean).clamp(0, 1)
         logits = nn.functional.interpolate(
-            self.where(fmap).float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+            self.where(fmap).float(), size=image.shape[-2:], mode="bilinear", align_corners=False
+        )
         whiteness = ((rgb.amin(1, keepdim=True) - 0.85) / 0.15).clamp(0, 1)
         logits = logits - self.background * whiteness
         b, _, h, w = logits.shape
@@ -138,15 +139,20 @@ class BeautyTagNet(nn.Module):
         super().__init__()
         self.schema = cfg.schema
         self.backbone = create_backbone(
-            cfg.model.backbone, cfg.model.weights if pretrained else "none")
+            cfg.model.backbone, cfg.model.weights if pretrained else "none"
+        )
         channels = self.backbone.num_features
         self.attention = create_attention(cfg.model.attention, channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.model.dropout)
-        self.heads = nn.ModuleDict({
-            a.name: ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
-            if a.kind == "shade" else nn.Linear(channels, a.num_outputs)
-            for a in cfg.schema.attributes})
+        self.heads = nn.ModuleDict(
+            {
+                a.name: ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
+                if a.kind == "shade"
+                else nn.Linear(channels, a.num_outputs)
+                for a in cfg.schema.attributes
+            }
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The attended feature map (B, C, h, w)."""
@@ -156,8 +162,12 @@ class BeautyTagNet(nn.Module):
         """Logits for `single`/`multi` attributes, CIELAB for `shade` ones."""
         fmap = self.features(x)
         emb = self.dropout(self.pool(fmap).flatten(1))
-        return {a.name: self.heads[a.name](fmap, emb, x) if a.kind == "shade"
-                else self.heads[a.name](emb) for a in self.schema.attributes}
+        return {
+            a.name: self.heads[a.name](fmap, emb, x)
+            if a.kind == "shade"
+            else self.heads[a.name](emb)
+            for a in self.schema.attributes
+        }
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled embedding (B, C)."""

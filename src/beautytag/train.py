@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from beautytag.config import Config
-from beautytag.data import BeautyDataset, read_samples, summarise
+from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
 from beautytag.evaluate import compute_metrics, run_dataset
+from beautytag.images import normalize
 from beautytag.losses import MultiTaskLoss
 from beautytag.model import BeautyTagNet, save_checkpoint
 
@@ -129,7 +130,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
-    train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg, train=True)
+    train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg)
     val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
     if len(train_ds) == 0:
         raise ValueError("no training images: check data.root and the sources' filters")
@@ -195,6 +196,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         )
         for x, targets, masks in bar:
             x = x.to(device, non_blocking=True)
+            if cfg.data.augment:
+                x = augment_batch(x)
+            x = normalize(x, cfg.model.mean, cfg.model.std)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             targets = {k: v.to(device) for k, v in targets.items()}
