@@ -58,7 +58,7 @@ def load_backbone_file(model: nn.Module, path: str | Path) -> None:
     """Load a state dict file (timm or torchvision naming; classifier keys ignored)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a torch file
         raise WeightsError(f"{path}: cannot read weights: {e}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()

@@ -212,7 +212,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             optimizer.step()
             scheduler.step()
             seen += len(x)
-            total_loss += float(loss) * len(x)
+            total_loss += float(loss.detach()) * len(x)
             bar.set_postfix(
                 loss=f"{total_loss / seen:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}
             )

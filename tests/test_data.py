@@ -1,0 +1,109 @@
+import numpy as np
+import torch
+
+from beautytag.config import config_from_dict
+from beautytag.data import (
+    augment_batch,
+    encode,
+    group_split,
+    label_from_row,
+    read_samples,
+    summarise,
+)
+from beautytag.schema import parse_schema
+
+SCHEMA = parse_schema(
+    [
+        {
+            "name": "category",
+            "kind": "single",
+            "classes": ["Lipstick", "Lip Gloss", "Other"],
+            "sources": {
+                "shop": {"column": "type", "map": {"gloss": "Lip Gloss"}, "other": "Other"},
+                "lab": {"column": "cat"},
+            },
+        },
+        {
+            "name": "finish",
+            "kind": "single",
+            "classes": ["matte", "gloss"],
+            "sources": {"shop": {"column": "title", "rule": "finish"}},
+        },
+        {
+            "name": "tags",
+            "kind": "multi",
+            "classes": ["spf", "waterproof"],
+            "sources": {"shop": {"column": "tags"}},
+        },
+        {"name": "shade", "kind": "shade", "sources": {"lab": {"columns": ["L", "a", "b"]}}},
+    ]
+)
+
+
+def test_labels_from_rows_with_maps_rules_and_missing_cells():
+    row = {"type": "gloss", "title": "Super Matte Lipstick", "tags": "spf, unknown", "L": ""}
+    assert label_from_row(SCHEMA["category"], "shop", row) == "Lip Gloss"
+    assert label_from_row(SCHEMA["category"], "shop", row | {"type": "Mascara"}) == "Other"
+    assert label_from_row(SCHEMA["category"], "shop", row | {"type": ""}) is None  # empty
+    assert label_from_row(SCHEMA["category"], "lab", {"cat": "Mascara"}) is None  # no other
+    assert label_from_row(SCHEMA["finish"], "shop", row) == "matte"
+    assert label_from_row(SCHEMA["finish"], "shop", row | {"title": "Perfume"}) is None
+    assert label_from_row(SCHEMA["tags"], "shop", row) == ["spf"]
+    assert label_from_row(SCHEMA["shade"], "shop", row) is None  # source not mapped
+    assert label_from_row(SCHEMA["shade"], "lab", {"L": "50", "a": "1", "b": ""}) is None
+    assert label_from_row(SCHEMA["shade"], "lab", {"L": "50", "a": "x", "b": "2"}) is None
+    assert label_from_row(SCHEMA["shade"], "lab", {"L": "50", "a": "1", "b": "2"}) == [50, 1, 2]
+
+
+def test_encode_gives_masks_per_attribute():
+    targets, masks = encode(
+        SCHEMA, {"category": "Other", "finish": None, "tags": [], "shade": [50.0, 10.0, -5.0]}
+    )
+    assert int(targets["category"]) == 2 and bool(masks["category"])
+    assert not bool(masks["finish"])
+    assert bool(masks["tags"]) and targets["tags"].sum() == 0  # labelled: no tag
+    assert torch.equal(targets["shade"], torch.tensor([50.0, 10.0, -5.0]))
+
+
+def test_group_split_is_deterministic_and_keeps_groups_together():
+    brands = [f"brand {i}" for i in range(400)]
+    splits = [group_split(b, 0.15, 0.2) for b in brands]
+    assert splits == [group_split(b, 0.15, 0.2) for b in brands]
+    assert group_split(" Brand 7 ", 0.15, 0.2) == group_split("brand 7", 0.15, 0.2)
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert 0.12 < share["test"] < 0.28 and 0.08 < share["val"] < 0.22
+
+
+def test_real_sources_split_by_brand_never_share_a_brand(raw_config, datasets):
+    cfg = config_from_dict(raw_config)
+    samples = read_samples(cfg, sources=["shades"])
+    brands = {sp: {s.group for s in samples if s.split == sp} for sp in ("train", "val", "test")}
+    assert brands["train"] and brands["test"]
+    assert not brands["train"] & brands["test"] and not brands["train"] & brands["val"]
+    counts = summarise(read_samples(cfg), cfg.schema)
+    assert counts["test"]["category"] >= 206  # the Personal Care test split is all there
+    assert 0 < counts["train"]["shade"] < counts["train"]["images"]  # masks really vary
+
+
+def test_data_limit_keeps_a_spread_of_samples(raw_config, datasets):
+    raw_config["data"]["limit"] = 20
+    cfg = config_from_dict(raw_config)
+    samples = read_samples(cfg, splits=["train"], sources=["fashion"])
+    assert len(samples) == 20
+    assert len({s.labels["category"] for s in samples}) > 3
+
+
+def test_augmentation_never_changes_colour():
+    torch.manual_seed(0)
+    x = torch.full((8, 3, 64, 64), 255, dtype=torch.uint8)
+    x[:, 0, 16:48, 16:48], x[:, 1, 16:48, 16:48], x[:, 2, 16:48, 16:48] = 200, 40, 90
+    y = augment_batch(x).round().clamp(0, 255)
+    pixels = y.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    white, product = np.array([255.0, 255, 255]), np.array([200.0, 40, 90])
+    # every pixel is white, the product colour, or (on an edge) a mix of the two: it lies on
+    # the segment between them, so no new hue or saturation appears
+    t = (pixels - white) @ (product - white) / np.sum((product - white) ** 2)
+    residual = np.abs(pixels - (white + t[:, None] * (product - white))).max(axis=1)
+    assert residual.max() < 1.5 and t.min() > -0.01 and t.max() < 1.01
+    assert np.mean(np.all(np.abs(pixels - product) < 1, axis=1)) > 0.1
+    assert not torch.equal(y[0], y[1])  # samples are augmented differently

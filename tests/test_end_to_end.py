@@ -1,0 +1,58 @@
+"""Train -> evaluate -> predict on a small real subset (about a minute on 2 CPU cores)."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from beautytag.cli import main
+from beautytag.config import config_from_dict
+from beautytag.data import read_samples
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, capsys):
+    raw = raw_config
+    raw["attributes"] = [a for a in raw["attributes"] if a["name"] in ("category", "finish")]
+    for a in raw["attributes"]:
+        a["sources"] = {"fashion": a["sources"]["fashion"]}
+    raw["data"]["sources"] = raw["data"]["sources"][:1]
+    raw["data"]["limit"] = 128
+    raw["model"]["image_size"] = 96
+    raw["train"] |= {
+        "epochs": 3,
+        "freeze_epochs": 1,
+        "batch_size": 32,
+        "lr": 0.003,
+        "out_dir": str(tmp_path / "run"),
+    }
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(json.dumps(raw))  # JSON is YAML
+
+    assert main(["train", str(cfg_path), "--quiet"]) == 0
+    best = tmp_path / "run" / "best.pt"
+    assert best.is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(log) == 3 and log[0]["frozen"] and not log[-1]["frozen"]
+
+    # resume continues from last.pt instead of starting again
+    assert main(["train", str(cfg_path), "--quiet", "--resume", "--epochs", "4"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+
+    capsys.readouterr()
+    assert main(["evaluate", str(best), "--split", "test", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    test = read_samples(config_from_dict(raw), splits=["test"])
+    chance = Counter(s.labels["category"] for s in test).most_common(1)[0][1] / len(test)
+    accuracy = report["metrics"]["category"]["accuracy"]
+    assert accuracy > chance + 0.25, (accuracy, chance)
+    assert (tmp_path / "ev" / "confusion_category.png").is_file()
+    assert "| category |" in (tmp_path / "ev" / "report.md").read_text()
+
+    capsys.readouterr()
+    photos = [str(s.path) for s in test[:5]]
+    assert main(["predict", "--model", str(best), *photos]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["file"] for r in lines] == photos
+    assert all(r["error"] is None and r["attributes"]["category"]["label"] for r in lines)

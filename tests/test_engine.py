@@ -1,0 +1,137 @@
+import copy
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from beautytag.cli import main
+from beautytag.config import config_from_dict
+from beautytag.engine import Engine, default_model_path, expand_paths
+from beautytag.model import BeautyTagNet, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised model at 64 px (fast); the output format is what is tested."""
+    from .conftest import DATASETS, default_raw
+
+    raw = copy.deepcopy(default_raw())
+    raw["data"]["root"] = str(DATASETS)
+    raw["model"]["image_size"] = 64
+    cfg = config_from_dict(raw)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    return path
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """Good photos and every kind of bad file, side by side."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.new("RGB", (60, 80), (200, 30, 60)).save(d / "a_good.jpg")
+    Image.new("RGBA", (50, 50), (0, 0, 255, 128)).save(d / "b_png_named.jpg", format="PNG")
+    Image.new("CMYK", (40, 40), (0, 200, 100, 0)).save(d / "c_cmyk.jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 200, 10)).save(buf, format="JPEG")
+    (d / "d_truncated.jpg").write_bytes(buf.getvalue()[:500])
+    (d / "e_text.jpg").write_text("this is not an image")
+    (d / "f_empty.png").write_bytes(b"")
+    Image.new("L", (30, 30), 128).save(d / "g_grey.webp", format="WEBP")
+    (d / "notes.txt").write_text("ignored: not an image suffix")
+    return d
+
+
+def test_batch_prediction_reports_bad_files_and_keeps_the_rest(tiny_model, photo_folder):
+    engine = Engine(tiny_model, batch_size=3)
+    files = expand_paths([photo_folder])
+    assert [f.name for f in files] == [
+        "a_good.jpg",
+        "b_png_named.jpg",
+        "c_cmyk.jpg",
+        "d_truncated.jpg",
+        "e_text.jpg",
+        "f_empty.png",
+        "g_grey.webp",
+    ]
+    results = list(engine.predict_files([photo_folder, photo_folder / "missing.jpg"]))
+    assert [r["file"].split("/")[-1] for r in results] == [f.name for f in files] + ["missing.jpg"]
+    errors = {r["file"].split("/")[-1]: r["error"] for r in results}
+    assert errors["a_good.jpg"] is None and errors["b_png_named.jpg"] is None
+    assert errors["c_cmyk.jpg"] is None and errors["g_grey.webp"] is None
+    assert "truncated" in errors["d_truncated.jpg"]
+    assert "not an image" in errors["e_text.jpg"] and "not an image" in errors["f_empty.png"]
+    assert errors["missing.jpg"] == "file not found"
+    good = results[0]["attributes"]
+    assert set(good) == {"category", "color", "shade", "finish", "function"}
+    cat = good["category"]
+    assert cat["label"] == cat["top"][0][0] and len(cat["top"]) == 3
+    assert 0 <= cat["score"] <= 1 and cat["top"][0][1] >= cat["top"][1][1]
+    assert good["shade"]["hex"].startswith("#") and len(good["shade"]["lab"]) == 3
+    assert set(good["function"]["scores"]) == {
+        "sun_protection",
+        "waterproof",
+        "long_lasting",
+        "moisturising",
+        "anti_ageing",
+        "brightening",
+    }
+    assert all(r["attributes"] is None for r in results if r["error"])
+
+
+def test_same_image_same_answer_whatever_the_batch(tiny_model, photo_folder):
+    a = list(Engine(tiny_model, batch_size=1).predict_files([photo_folder]))
+    b = list(Engine(tiny_model, batch_size=16).predict_files([photo_folder]))
+    for x, y in zip(a, b, strict=True):
+        if x["attributes"]:
+            assert x["attributes"]["category"]["label"] == y["attributes"]["category"]["label"]
+            assert x["attributes"]["shade"]["lab"] == pytest.approx(
+                y["attributes"]["shade"]["lab"], abs=0.05
+            )
+
+
+def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
+    assert main(["predict", "--model", str(tiny_model), str(photo_folder)]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 7 and sum(r["error"] is not None for r in lines) == 3
+    assert "7 images (3 skipped with errors)" in err and "images/s" in err
+    csv_path = tmp_path / "out.csv"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tiny_model),
+                "--format",
+                "csv",
+                "-o",
+                str(csv_path),
+                str(photo_folder / "a_good.jpg"),
+                str(photo_folder / "e_text.jpg"),
+            ]
+        )
+        == 0
+    )
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("file,error,category,category_score,color")
+    assert len(rows) == 3 and "not an image" in rows[2]
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nope.pt"), "x.jpg"]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {attention: magic}\nattributes: []\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "Traceback" not in err
+
+
+def test_shipped_default_model_predicts_offline(photo_folder):
+    path = default_model_path()
+    assert path.is_file(), "the default model must ship inside the package"
+    assert path.stat().st_size < 20 * 1024 * 1024
+    result = next(Engine().predict_files([photo_folder / "a_good.jpg"]))
+    assert result["error"] is None and result["attributes"]["category"]["label"]

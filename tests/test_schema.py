@@ -1,0 +1,87 @@
+import copy
+
+import pytest
+
+from beautytag.config import config_from_dict, load_config
+from beautytag.schema import SchemaError, parse_schema
+
+from .conftest import ROOT
+
+
+def attr(**kw):
+    base = {
+        "name": "category",
+        "kind": "single",
+        "classes": ["a", "b"],
+        "sources": {"s": {"column": "c"}},
+    }
+    return base | kw
+
+
+def test_default_config_is_valid():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.schema.names == ["category", "color", "shade", "finish", "function"]
+    assert cfg.schema["shade"].num_outputs == 3
+    assert cfg.schema["function"].kind == "multi"
+    assert cfg.data_root.name == "datasets"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (attr(kind="triple"), "'kind' must be one of"),
+        (attr(classes=["a"]), "at least two"),
+        (attr(classes=["a", "a"]), "duplicate classes"),
+        (attr(name="not an identifier"), "identifier"),
+        (attr(weight=-1), "'weight'"),
+        (attr(colour="x"), "unknown keys"),
+        (attr(sources={"s": {"column": "c", "map": {"x": "zzz"}}}), "not a class"),
+        (attr(sources={"s": {"column": "c", "other": "zzz"}}), "not a class"),
+        (attr(sources={"s": {"column": "c", "rule": "magic"}}), "unknown rule"),
+        (attr(sources={"s": {}}), "needs a 'column'"),
+        ({"name": "shade", "kind": "shade", "sources": {"s": {"columns": ["L", "a"]}}}, "three"),
+        ({"name": "shade", "kind": "shade", "classes": ["x", "y"]}, "no classes"),
+    ],
+)
+def test_schema_errors_name_the_attribute_and_problem(bad, message):
+    with pytest.raises(SchemaError, match=message):
+        parse_schema([bad])
+
+
+def test_duplicate_attribute_and_empty_schema():
+    with pytest.raises(SchemaError, match="defined twice"):
+        parse_schema([attr(), attr()])
+    with pytest.raises(SchemaError, match="non-empty list"):
+        parse_schema([])
+
+
+def test_config_errors(raw_config, tmp_path):
+    bad = copy.deepcopy(raw_config)
+    bad["train"]["epochs"] = "ten"
+    with pytest.raises(SchemaError, match="train.epochs: must be a number"):
+        config_from_dict(bad, where="x.yaml")
+    bad = copy.deepcopy(raw_config)
+    bad["model"]["attention"] = "transformer"
+    with pytest.raises(SchemaError, match="model.attention: must be one of"):
+        config_from_dict(bad)
+    bad = copy.deepcopy(raw_config)
+    bad["train"]["learning_rate"] = 1
+    with pytest.raises(SchemaError, match="unknown keys"):
+        config_from_dict(bad)
+    bad = copy.deepcopy(raw_config)
+    bad["data"]["sources"] = bad["data"]["sources"][:1]
+    with pytest.raises(SchemaError, match="reads source 'shades'"):
+        config_from_dict(bad)
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed")
+    with pytest.raises(SchemaError, match="broken.yaml: invalid YAML"):
+        load_config(path)
+    with pytest.raises(SchemaError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_schema_round_trips_through_dict(raw_config):
+    cfg = config_from_dict(raw_config)
+    again = config_from_dict(cfg.to_dict())
+    assert again.schema == cfg.schema
+    assert again.model == cfg.model
