@@ -1,0 +1,60 @@
+"""Measure a trained checkpoint for the model card and pack it (fp16) as the shipped default.
+
+    python scripts/ship_model.py runs/default/best.pt [--out src/beautytag/weights/default.pt]
+
+Writes benchmarks/results/default_model.json and .md: test (and validation) metrics of the
+Personal Care catalogue (category, color, finish, function) and of beauty-shades (shade,
+category, finish), each on its own split; numbers are measured on the packed fp16 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from beautytag.config import load_config
+from beautytag.evaluate import evaluate
+from beautytag.model import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default=str(ROOT / "src" / "beautytag" / "weights" / "default.pt"))
+    p.add_argument("--note", default="", help="how it was trained (goes into the card JSON)")
+    args = p.parse_args()
+    model, cfg, ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
+    data_cfg = load_config(ROOT / "configs" / "default.yaml")
+    result: dict = {"checkpoint": args.checkpoint, "packed": str(out.relative_to(ROOT)),
+                    "size_mb": round(out.stat().st_size / 2**20, 2), "note": args.note,
+                    "epoch": ckpt.get("epoch"), "command": " ".join(["python", *sys.argv])}
+    for split in ("test", "val"):
+        for source in ("fashion", "shades"):
+            r = evaluate(out, split=split, config=data_cfg, sources=[source])
+            result[f"{source}/{split}"] = {"images": r["images"], **{
+                a: m for a, m in r["metrics"].items() if m.get("n")}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "default_model.json").write_text(json.dumps(result, indent=2))
+    lines = ["| data / split | attribute | n | metrics |", "| --- | --- | --- | --- |"]
+    for key, r in result.items():
+        if "/" not in key or not isinstance(r, dict):
+            continue
+        for attr, m in r.items():
+            if attr == "images":
+                continue
+            vals = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
+            lines.append(f"| {key} | {attr} | {m['n']} | {vals} |")
+    (RESULTS / "default_model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
