@@ -81,6 +81,7 @@ def table_a_raw(data: Path, attrs: tuple[str, ...] = ("category", "color"), **ch
         a["sources"] = {k: v for k, v in a["sources"].items() if k == "fashion"}
     raw["data"]["root"] = str(data)
     raw["data"]["sources"] = [s for s in raw["data"]["sources"] if s["name"] == "fashion"]
+    raw["model"] |= {"image_size": 128, "attention": "cbam"}  # Table A's common base
     return apply(raw, changes)
 
 
@@ -163,9 +164,10 @@ def table_c(data: Path) -> dict[str, dict]:
     return {
         "C1 predict the training mean colour": {"baseline": "mean"},
         "C2 k-means dominant colour of product pixels": {"baseline": "kmeans"},
-        "C3 shipped-model config (multi-task, cbam)": full_raw(data),
-        "C4 shipped-model config @ 192 px": full_raw(data, **{"model.image_size": 192}),
-        "C5 shipped-model config @ 192 px, no attention": full_raw(
+        "C3 full multi-task config, cbam @ 128 px": full_raw(
+            data, **{"model.image_size": 128, "model.attention": "cbam"}),
+        "C4 full multi-task config, cbam @ 192 px": full_raw(data, **{"model.attention": "cbam"}),
+        "C5 full multi-task config, no attention @ 192 px (shipped)": full_raw(
             data, **{"model.image_size": 192, "model.attention": "none"}
         ),
     }
@@ -328,9 +330,9 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def write_report(store: dict, path_md: Path) -> None:
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[dict]] = {}  # one row per configuration and code revision
     for run in store["runs"].values():
-        groups.setdefault(run["name"], []).append(run)
+        groups.setdefault(f"{run['name']} [{run['revision']}]", []).append(run)
     lines = [
         "# beautytag accuracy benchmark",
         "",
@@ -374,7 +376,7 @@ def write_report(store: dict, path_md: Path) -> None:
         ]
         for n in names:
             runs = groups[n]
-            speed = store.get("speed", {}).get(n)
+            speed = store.get("speed", {}).get(runs[0]["name"])
             cells = [n, str(len(runs))]
             cells += [fmt([r["metrics"][c] for r in runs if c in r["metrics"]]) for c in cols]
             cells += [
