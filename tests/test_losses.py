@@ -54,7 +54,7 @@ def test_uncertainty_weighting_is_learned_and_clamped():
     outputs, targets, masks = batch()
     loss_fn = MultiTaskLoss(SCHEMA, weighting="uncertainty")
     total, parts = loss_fn(outputs, targets, masks)
-    assert float(total) == pytest.approx(sum(parts.values()), rel=1e-5)  # s = 0 at start
+    assert total.item() == pytest.approx(sum(parts.values()), rel=1e-5)  # s = 0 at start
     total.backward()
     assert all(p.grad is not None for p in loss_fn.log_vars.values())
     with torch.no_grad():

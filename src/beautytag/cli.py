@@ -131,6 +131,81 @@ def csv_fields(engine) -> list[str]:
     return fields
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from beautytag.serve import serve
+
+    key = args.api_key or os.environ.get("BEAUTYTAG_API_KEY") or None
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        timeout_s=args.timeout,
+        workers=args.workers,
+        api_key=key,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from beautytag.export import (
+        accuracy_cost,
+        default_photos,
+        export_onnx,
+        export_torchscript,
+        parity_check,
+        quantize_onnx,
+        synthetic_photos,
+    )
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise FileNotFoundError(f"{model}: model file not found")
+    if args.quantize and args.format != "onnx":
+        raise ValueError("--quantize needs --format onnx")
+    suffix = ".onnx" if args.format == "onnx" else ".ts"
+    out = Path(args.out) if args.out else model.with_suffix(suffix)
+    photos, source = default_photos(args.photos, n=96)
+    if args.photos and not photos:
+        raise ValueError(f"no photos found in {args.photos}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not photos:
+            print("no real photos found: parity runs on synthetic images", file=sys.stderr)
+            photos = synthetic_photos(tmp, 32)
+        check, calibration = photos[:32], photos[32:] or photos  # default: disjoint sets
+        if args.photos:
+            check, calibration = photos, photos[:64]
+        if args.format == "onnx":
+            export_onnx(model, out, opset=args.opset)
+        else:
+            export_torchscript(model, out)
+        report: dict = {"model": str(out), "format": args.format, "bytes": out.stat().st_size}
+        report["parity"] = parity_check(model, out, check) | {"photo_source": source}
+        print(f"exported {out}", file=sys.stderr)
+        if args.quantize:
+            q = out.with_name(f"{out.stem}-int8-{args.quantize}.onnx")
+            quantize_onnx(out, q, args.quantize, calibration)
+            parity = parity_check(model, q, check) | {"photo_source": source}
+            report["quantized"] = {"model": str(q), "mode": args.quantize}
+            report["quantized"] |= {"bytes": q.stat().st_size, "parity": parity}
+            print(f"quantised {q}", file=sys.stderr)
+            if args.accuracy_split != "none":
+                try:
+                    report["accuracy"] = accuracy_cost(model, [out, q], args.accuracy_split)
+                except (FileNotFoundError, ValueError) as e:
+                    report["accuracy"] = {"skipped": f"no labelled data ({e})"}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beautytag", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"beautytag {__version__}")
@@ -156,13 +231,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="attributes of photos (files or folders)")
     r.add_argument("paths", nargs="*")
-    r.add_argument("--model", help="a checkpoint (default: the shipped model)")
+    r.add_argument("--model", help="a checkpoint (.pt) or an exported model (.onnx, .ts); "
+                   "default: the shipped model")
     r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     r.add_argument("--output", "-o", help="write here instead of standard output")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--threshold", type=float, default=0.5, help="for multi-label tags")
     r.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")
+    v.add_argument("--model", help="a checkpoint (default: the shipped model)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=16, help="images per model call")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait")
+    v.add_argument("--queue-size", type=int, default=64, help="waiting images; more -> 503")
+    v.add_argument("--timeout", type=float, default=10.0, help="seconds per request; -> 504")
+    v.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    v.add_argument("--api-key", help="require this X-API-Key (default: $BEAUTYTAG_API_KEY)")
+    v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")
+    x.add_argument("model", help="a checkpoint (.pt)")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", help="output file (default: MODEL with .onnx or .ts)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    x.add_argument("--quantize", choices=["dynamic", "static"], help="also write an int8 ONNX")
+    x.add_argument(
+        "--photos", nargs="+", help="photos or folders for the parity check and calibration"
+    )
+    x.add_argument(
+        "--accuracy-split",
+        choices=["val", "test", "none"],
+        default="test",
+        help="with --quantize: measure the accuracy cost on this split of the model's data",
+    )
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -3,7 +3,9 @@ files or bytes in, one JSON-ready result per image out, batched, bad images repo
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +16,17 @@ from typing import Any
 import torch
 
 from beautytag.color import lab_to_hex
+from beautytag.config import Config, config_from_dict
 from beautytag.evaluate import activate
 from beautytag.images import ImageError, load_image, preprocess
-from beautytag.model import load_checkpoint
+from beautytag.model import BeautyTagNet, load_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_MODEL = "default.pt"
+BACKENDS = ("auto", "torch", "onnxruntime")
+METADATA_KEY = "beautytag"  # ONNX metadata_props key holding the export JSON
+TORCHSCRIPT_EXTRA = "beautytag.json"  # the same JSON inside a TorchScript file
+TORCHSCRIPT_SUFFIXES = {".ts", ".torchscript", ".jit"}
 
 
 def default_model_path() -> Path:
@@ -40,9 +47,113 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _config_from_meta(raw: str | bytes, path: Path) -> Config:
+    try:
+        meta = json.loads(raw)
+        return config_from_dict(meta["config"], where=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable beautytag metadata ({e})") from None
+
+
+class TorchBackend:
+    """A checkpoint (.pt) run by PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        self.model: BeautyTagNet
+        self.model, self.cfg, _ = load_checkpoint(path, device)
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preprocessed batch -> activated outputs per attribute (float32, on the CPU)."""
+        y = self.model(x.to(self.device))
+        return {
+            a.name: activate(a.kind, y[a.name]).float().cpu() for a in self.cfg.schema.attributes
+        }
+
+
+class TorchScriptBackend:
+    """A file from ``beautytag export --format torchscript`` run by PyTorch."""
+
+    name = "torchscript"
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        extra = {TORCHSCRIPT_EXTRA: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except Exception as e:  # noqa: BLE001 - not a TorchScript archive
+            raise ValueError(f"{path}: not a TorchScript model ({e})") from None
+        if not extra[TORCHSCRIPT_EXTRA]:
+            raise ValueError(f"{path}: no {TORCHSCRIPT_EXTRA} (not exported by beautytag export)")
+        self.cfg = _config_from_meta(extra[TORCHSCRIPT_EXTRA], path)
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.module(x.to(self.device))
+        return {n: v.float().cpu() for n, v in zip(self.cfg.schema.names, y, strict=True)}
+
+
+class OnnxBackend:
+    """A file from ``beautytag export --format onnx`` run by onnxruntime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            raise ValueError(f"{path}: not a usable ONNX model ({e})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ValueError(f"{path}: no beautytag metadata (not exported by beautytag export)")
+        self.cfg = _config_from_meta(meta[METADATA_KEY], path)
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        if sorted(self.outputs) != sorted(self.cfg.schema.names):
+            raise ValueError(f"{path}: outputs {self.outputs} do not match the schema")
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        ys = self.session.run(None, {self.input: x.detach().float().cpu().contiguous().numpy()})
+        return {n: torch.from_numpy(y) for n, y in zip(self.outputs, ys, strict=True)}
+
+
+Backend = TorchBackend | TorchScriptBackend | OnnxBackend
+
+
+def load_backend(path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> Backend:
+    """The runtime for a model file: ``.onnx`` -> onnxruntime, ``.ts``/``.torchscript`` ->
+    TorchScript, else a checkpoint run by PyTorch. ``backend`` may force torch or
+    onnxruntime; each returns activated per-attribute outputs for a preprocessed batch."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    suffix = path.suffix.lower()
+    if backend == "onnxruntime" or (backend == "auto" and suffix == ".onnx"):
+        if device != "cpu":
+            raise ValueError("the onnxruntime backend runs on the CPU only")
+        return OnnxBackend(path)
+    if suffix == ".onnx":
+        raise ValueError(f"{path}: an ONNX model needs backend onnxruntime (or auto)")
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return TorchScriptBackend(path, device)
+    return TorchBackend(path, device)
+
+
 class Engine:
     """A loaded model plus its preprocessing; call :meth:`predict_files` or
-    :meth:`predict_images`."""
+    :meth:`predict_items`. The model may be a checkpoint (PyTorch) or an exported file
+    (ONNX via onnxruntime, TorchScript); see :func:`load_backend`."""
 
     def __init__(
         self,
@@ -51,9 +162,12 @@ class Engine:
         batch_size: int = 32,
         top_k: int = 3,
         threshold: float = 0.5,
+        backend: str = "auto",
     ):
         self.model_path = Path(model_path) if model_path else default_model_path()
-        self.model, self.cfg, _ = load_checkpoint(self.model_path, device)
+        self.backend = load_backend(self.model_path, backend, device)
+        self.model = getattr(self.backend, "model", None)  # the nn.Module, torch backend only
+        self.cfg = self.backend.cfg
         self.device = device
         self.batch_size = batch_size
         self.top_k = top_k
@@ -64,11 +178,9 @@ class Engine:
         m = self.cfg.model
         return preprocess(img, m.image_size, m.mean, m.std)
 
-    @torch.inference_mode()
     def predict_tensors(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """A batch of preprocessed images -> one attributes dict per image."""
-        y = self.model(x.to(self.device))
-        probs = {a.name: activate(a.kind, y[a.name]).float().cpu() for a in self.schema.attributes}
+        probs = self.backend(x)
         return [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
 
     def describe(self, out: dict[str, torch.Tensor]) -> dict[str, Any]:

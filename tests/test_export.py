@@ -1,0 +1,217 @@
+"""Export to ONNX / TorchScript, int8 quantisation, parity checks and the engine's backends."""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from beautytag.cli import main
+from beautytag.config import config_from_dict
+from beautytag.engine import Engine, expand_paths
+from beautytag.export import (
+    ExportWrapper,
+    accuracy_cost,
+    export_onnx,
+    export_torchscript,
+    onnx_metadata,
+    parity_check,
+    quantize_onnx,
+    synthetic_photos,
+)
+from beautytag.images import load_image, preprocess
+from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
+
+from .conftest import DATASETS, default_raw
+
+REAL_PHOTOS = DATASETS / "beauty-shades" / "images"
+
+
+def schema_tuples(cfg):
+    return [(a.name, a.kind, a.classes) for a in cfg.schema.attributes]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised model at 64 px; data.limit keeps the accuracy test small."""
+    raw = copy.deepcopy(default_raw())
+    raw["data"]["root"] = str(DATASETS)
+    raw["data"]["limit"] = 12
+    raw["model"]["image_size"] = 64
+    cfg = config_from_dict(raw)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_model, tmp_path_factory):
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthetic_photos(tmp_path_factory.mktemp("synthetic"), n=12)
+
+
+def batch(model_path, photos):
+    _, cfg, _ = load_checkpoint(model_path)
+    m = cfg.model
+    return torch.stack([preprocess(load_image(p), m.image_size, m.mean, m.std) for p in photos])
+
+
+def test_onnx_outputs_are_a_tuple_in_schema_order_with_a_dynamic_batch(
+    tiny_model, onnx_path, synthetic
+):
+    import onnxruntime as ort
+
+    model, cfg, _ = load_checkpoint(tiny_model)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == cfg.schema.names
+    wrapper = ExportWrapper(model)
+    for n in (1, 5):
+        x = batch(tiny_model, synthetic[:n])
+        outs = session.run(None, {"image": x.numpy()})
+        with torch.no_grad():
+            ref = wrapper(x)
+        assert isinstance(ref, tuple) and len(outs) == len(ref) == len(cfg.schema.attributes)
+        for a, o, r in zip(cfg.schema.attributes, outs, ref, strict=True):
+            assert o.shape == (n, a.num_outputs)
+            np.testing.assert_allclose(o, r.numpy(), atol=1e-3)
+            if a.kind == "single":
+                np.testing.assert_allclose(o.sum(-1), 1.0, atol=1e-5)  # already softmaxed
+            elif a.kind == "multi":
+                assert ((o >= 0) & (o <= 1)).all()  # already sigmoided
+
+
+def test_metadata_makes_the_file_self_describing(tiny_model, onnx_path):
+    _, cfg, _ = load_checkpoint(tiny_model)
+    meta = onnx_metadata(onnx_path)
+    assert meta["format"] == "beautytag-onnx-1"
+    assert schema_tuples(config_from_dict(meta["config"])) == schema_tuples(cfg)
+    assert [(o["name"], o["kind"], o["classes"]) for o in meta["outputs"]] == schema_tuples(cfg)
+    inp = meta["input"]
+    assert inp["name"] == "image" and inp["size"] == 64 and inp["letterbox_fill"] == 255
+    assert inp["mean"] == cfg.model.mean and inp["std"] == cfg.model.std
+
+
+def test_parity_on_synthetic_photos(tiny_model, onnx_path, synthetic):
+    r = parity_check(tiny_model, onnx_path, synthetic)
+    assert r["photos"] == 12 and r["backend"] == "onnxruntime"
+    assert r["max_abs_diff"] < 1e-3 and r["labels_identical"] and r["label_agreement"] == 1.0
+
+
+@pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason=f"real photos not found at {REAL_PHOTOS}")
+def test_parity_on_real_photos(tiny_model, onnx_path):
+    r = parity_check(tiny_model, onnx_path, expand_paths([REAL_PHOTOS])[:16])
+    assert r["photos"] == 16
+    assert r["max_abs_diff"] < 1e-3 and r["labels_identical"]
+
+
+def test_torchscript_export_parity(tiny_model, synthetic, tmp_path):
+    path = export_torchscript(tiny_model, tmp_path / "tiny.ts")
+    extra = {"beautytag.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["beautytag.json"])["format"] == "beautytag-torchscript-1"
+    r = parity_check(tiny_model, path, synthetic)
+    assert r["backend"] == "torchscript"
+    assert r["max_abs_diff"] < 1e-3 and r["labels_identical"]
+
+
+def test_dynamic_quantisation_is_smaller_still_runs_and_reports_agreement(
+    tiny_model, onnx_path, synthetic, tmp_path
+):
+    q = quantize_onnx(onnx_path, tmp_path / "tiny-int8.onnx", "dynamic")
+    assert q.stat().st_size < 0.5 * onnx_path.stat().st_size
+    meta = onnx_metadata(q)
+    assert meta["quantization"]["mode"] == "dynamic" and meta["outputs"][0]["name"] == "category"
+    r = parity_check(tiny_model, q, synthetic)
+    assert r["photos"] == 12 and 0.0 <= r["label_agreement"] <= 1.0
+    assert np.isfinite(r["max_abs_diff"])
+
+
+def test_static_quantisation_calibrates_on_photos(tiny_model, onnx_path, synthetic, tmp_path):
+    q = quantize_onnx(onnx_path, tmp_path / "tiny-int8-static.onnx", "static", synthetic[:6])
+    assert q.stat().st_size < 0.5 * onnx_path.stat().st_size
+    assert onnx_metadata(q)["quantization"] == {"mode": "static", "calibration_photos": 6}
+    assert 0.0 <= parity_check(tiny_model, q, synthetic)["label_agreement"] <= 1.0
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_onnx(onnx_path, tmp_path / "x.onnx", "static", [])
+
+
+def test_engine_onnx_backend_matches_torch(tiny_model, onnx_path, synthetic, tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    files = [*synthetic, tmp_path / "bad.jpg"]
+    ref = list(Engine(tiny_model, batch_size=4).predict_files(files))
+    ort_engine = Engine(onnx_path, batch_size=4, backend="onnxruntime")
+    assert ort_engine.backend.name == "onnxruntime" and ort_engine.model is None
+    out = list(Engine(onnx_path, batch_size=5).predict_files(files))  # auto: by suffix
+    assert out == list(ort_engine.predict_files(files))
+    assert [r["file"] for r in out] == [r["file"] for r in ref]
+    assert out[-1]["error"] == ref[-1]["error"] and out[-1]["attributes"] is None
+    for a, b in zip(ref[:-1], out[:-1], strict=True):
+        assert set(a["attributes"]) == set(b["attributes"])
+        for name in ("category", "color", "finish"):
+            assert a["attributes"][name]["label"] == b["attributes"][name]["label"]
+        assert [t for t, _ in a["attributes"]["function"]["labels"]] == [
+            t for t, _ in b["attributes"]["function"]["labels"]
+        ]
+        assert a["attributes"]["shade"]["lab"] == pytest.approx(
+            b["attributes"]["shade"]["lab"], abs=0.02
+        )
+
+
+def test_engine_refuses_mismatched_backends(tiny_model, onnx_path, tmp_path):
+    with pytest.raises(ValueError, match="onnxruntime"):
+        Engine(onnx_path, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        Engine(onnx_path, backend="tensorrt")
+    with pytest.raises(ValueError, match="ONNX"):
+        Engine(tiny_model, backend="onnxruntime")  # a checkpoint is not an ONNX file
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="fake.onnx"):
+        Engine(fake)
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "fashion-products-small").is_dir(), reason=f"datasets not found at {DATASETS}"
+)
+def test_accuracy_cost_of_quantisation_on_the_test_split(tiny_model, onnx_path, tmp_path):
+    q = quantize_onnx(onnx_path, tmp_path / "tiny-int8.onnx", "dynamic")
+    r = accuracy_cost(tiny_model, [onnx_path, q], "test")
+    assert r["split"] == "test" and r["images"] > 0
+    fp32, int8 = r[str(onnx_path)], r[str(q)]
+    assert set(fp32["metrics"]) == set(r["torch"]) == set(int8["change"])
+    assert abs(fp32["change"]["category"]["accuracy"]) < 1e-6  # fp32 ONNX == PyTorch
+    assert -1.0 <= int8["change"]["category"]["accuracy"] <= 1.0
+
+
+def test_cli_export_prints_parity_then_predict_uses_the_onnx_file(
+    tiny_model, synthetic, tmp_path, capsys
+):
+    out = tmp_path / "cli.onnx"
+    argv = ["export", str(tiny_model), "--out", str(out), "--photos", str(synthetic[0].parent)]
+    assert main([*argv, "--quantize", "dynamic", "--accuracy-split", "none"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == str(out) and report["parity"]["labels_identical"]
+    assert report["parity"]["max_abs_diff"] < 1e-3 and report["parity"]["photos"] == 12
+    q = report["quantized"]
+    assert q["bytes"] < report["bytes"] and 0 <= q["parity"]["label_agreement"] <= 1
+    assert main(["predict", "--model", str(out), str(synthetic[0])]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["error"] is None and set(result["attributes"]) == set(
+        config_from_dict(onnx_metadata(out)["config"]).schema.names
+    )
+    ts = tmp_path / "cli.ts"
+    argv = ["export", str(tiny_model), "--format", "torchscript", "--out", str(ts)]
+    assert main([*argv, "--photos", str(synthetic[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["parity"]["labels_identical"]
+    assert main([*argv, "--quantize", "dynamic"]) == 2  # int8 is ONNX only
+    assert "onnx" in capsys.readouterr().err

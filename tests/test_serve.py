@@ -1,0 +1,329 @@
+"""The HTTP service: shapes, every error status, micro-batching, metrics, explanations."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from beautytag.cli import build_parser
+from beautytag.config import config_from_dict
+from beautytag.engine import Engine
+from beautytag.model import BeautyTagNet, save_checkpoint
+from beautytag.serve import ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised model at 64 px (fast); the output format is what is tested."""
+    from .conftest import DATASETS, default_raw
+
+    raw = copy.deepcopy(default_raw())
+    raw["data"]["root"] = str(DATASETS)
+    raw["model"]["image_size"] = 64
+    cfg = config_from_dict(raw)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> Engine:
+    return Engine(tiny_model)
+
+
+def jpeg(color=(200, 30, 60), size=(60, 80), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class Wrapped:
+    """An engine that records batch sizes and can be slowed down or held at a gate."""
+
+    def __init__(self, engine: Engine, delay: float = 0.0, gate: threading.Event | None = None):
+        self._engine = engine
+        self.delay = delay
+        self.gate = gate
+        self.sizes: list[int] = []
+        self.called = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def predict_tensors(self, x):
+        self.sizes.append(len(x))
+        self.called.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.delay)
+        return self._engine.predict_tensors(x)
+
+
+@pytest.fixture
+def make_client(engine) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(eng: Any = None, **settings: Any) -> TestClient:
+        client = TestClient(create_app(eng or engine, ServeSettings(**settings)))
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (name, data, "application/octet-stream")) for name, data in items]
+
+
+def test_healthz_and_page(client, engine):
+    h = client.get("/healthz")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert h.json()["image_size"] == 64 and h.json()["explain"] is True
+    assert [a["name"] for a in h.json()["attributes"]] == engine.schema.names
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "v1/predict" in page.text and "v1/explain" in page.text and "<script>" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # offline: no CDN
+
+
+def test_predict_one_file_matches_the_engine(client, engine):
+    data = jpeg()
+    r = client.post("/v1/predict", files=files(("a.jpg", data)))
+    assert r.status_code == 200
+    expected = next(engine.predict_items([("a.jpg", data)]))
+    assert r.json() == {"results": [expected]}
+    assert expected["error"] is None and set(expected["attributes"]) == set(engine.schema.names)
+
+
+def test_predict_raw_body(client, engine):
+    data = jpeg((10, 120, 200), fmt="PNG")
+    r = client.post("/v1/predict", content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    assert r.json() == {"results": [next(engine.predict_items([("<body>", data)]))]}
+    r = client.post("/v1/predict?filename=x.png", content=data)
+    assert r.json()["results"][0]["file"] == "x.png"
+
+
+def test_predict_several_files_keeps_order_and_reports_bad_ones(client, engine):
+    items = [("a.jpg", jpeg((200, 0, 0))), ("b.png", jpeg((0, 200, 0), fmt="PNG"))]
+    items += [("c.jpg", jpeg((0, 0, 200)))]
+    r = client.post("/v1/predict", files=files(*items))
+    assert r.status_code == 200
+    assert r.json() == {"results": list(engine.predict_items(items))}
+
+    mixed = [items[0], ("bad.jpg", b"not an image at all"), ("cut.jpg", jpeg()[:300])]
+    r = client.post("/v1/predict", files=files(*mixed))
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["file"] for x in res] == ["a.jpg", "bad.jpg", "cut.jpg"]
+    assert res[0]["error"] is None and res[0]["attributes"]
+    assert "not an image" in res[1]["error"] and res[1]["attributes"] is None
+    assert "truncated" in res[2]["error"] and res[2]["attributes"] is None
+
+
+def test_bad_images_are_4xx_with_the_reason(client):
+    r = client.post("/v1/predict", files=files(("notes.jpg", b"hello")))
+    assert r.status_code == 415 and r.json()["detail"].startswith("notes.jpg: not an image")
+    r = client.post("/v1/predict", files=files(("cut.jpg", jpeg(size=(300, 300))[:500])))
+    assert r.status_code == 422 and "cut.jpg: truncated" in r.json()["detail"]
+    r = client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n garbage")
+    assert r.status_code in (415, 422) and r.json()["detail"].startswith("<body>: ")
+    r = client.post("/v1/predict", files=files(("a", b"x"), ("b", b"")))
+    assert r.status_code == 415 and "a: " in r.json()["detail"] and "b: " in r.json()["detail"]
+    # the service is still fine
+    assert client.post("/v1/predict", files=files(("ok.jpg", jpeg()))).status_code == 200
+
+
+def test_no_file_is_400(client):
+    assert client.post("/v1/predict").status_code == 400
+    r = client.post("/v1/predict", files={"picture": ("a.jpg", jpeg(), "image/jpeg")})
+    assert r.status_code == 400 and "file" in r.json()["detail"]
+    r = client.post("/v1/predict", data={"file": "just text"}, files={"x": ("x", b"", "a/b")})
+    assert r.status_code == 400
+
+
+def test_api_key(make_client):
+    c = make_client(api_key="s3cret")
+    img = files(("a.jpg", jpeg()))
+    assert c.post("/v1/predict", files=img).status_code == 401
+    r = c.post("/v1/predict", files=img, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert c.post("/v1/predict", files=img, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/metrics").status_code == 401
+    assert c.post("/v1/explain", content=jpeg()).status_code == 401
+    assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+
+
+def test_body_too_large_is_413(make_client):
+    c = make_client(max_request_bytes=2000)
+    big = jpeg(size=(200, 200)) + b"\0" * 3000
+    r = c.post("/v1/predict", files=files(("big.jpg", big)))  # has Content-Length
+    assert r.status_code == 413 and "larger than 2000 bytes" in r.json()["detail"]
+    r = c.post("/v1/predict", content=big)
+    assert r.status_code == 413
+
+    def chunks():  # no Content-Length: caught while reading
+        for i in range(0, len(big), 500):
+            yield big[i : i + 500]
+
+    r = c.post("/v1/predict", content=chunks(), headers={"content-type": "image/jpeg"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and "larger than 2000 bytes" in r.json()["detail"]
+    assert c.post("/v1/predict", content=jpeg(size=(20, 20))).status_code == 200
+
+
+def test_too_many_pixels_is_413(make_client):
+    c = make_client(max_pixels=1000)
+    r = c.post("/v1/predict", files=files(("huge.png", jpeg(size=(40, 40), fmt="PNG"))))
+    assert r.status_code == 413 and r.json()["detail"].startswith("huge.png: too many pixels")
+    assert c.post("/v1/predict", content=jpeg(size=(20, 20))).status_code == 200
+
+
+def test_timeout_is_504(make_client, engine):
+    c = make_client(Wrapped(engine, delay=1.0), timeout_s=0.2)
+    t0 = time.perf_counter()
+    r = c.post("/v1/predict", files=files(("a.jpg", jpeg())))
+    assert r.status_code == 504 and "longer than 0.2 s" in r.json()["detail"]
+    assert time.perf_counter() - t0 < 0.9
+
+
+async def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    t0 = time.perf_counter()
+    while not cond():
+        assert time.perf_counter() - t0 < timeout, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_queue_full_is_503_with_retry_after(engine):
+    gate = threading.Event()
+    slow = Wrapped(engine, gate=gate)
+    app = create_app(slow, ServeSettings(queue_size=1, max_batch=1, max_wait_ms=0))
+    data = {"files": files(("a.jpg", jpeg()))}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            first = asyncio.create_task(c.post("/v1/predict", **data))
+            await _wait_for(slow.called.is_set)  # the model holds the first image
+            second = asyncio.create_task(c.post("/v1/predict", **data))
+            await _wait_for(lambda: app.state.batcher.queue.qsize() == 1)  # the queue is full
+            third = await c.post("/v1/predict", **data)
+            two = await c.post("/v1/predict", files=files(("a", jpeg()), ("b", jpeg())))
+            gate.set()
+            results = await asyncio.gather(first, second)
+            await app.state.batcher.stop()
+            return third, two, results
+
+    third, two, (first, second) = asyncio.run(scenario())
+    assert third.status_code == 503 and third.headers["retry-after"] == "1"
+    assert "queue full" in third.json()["detail"]
+    assert two.status_code == 503
+    assert first.status_code == 200 and second.status_code == 200
+
+
+def test_concurrent_requests_are_batched(engine):
+    rec = Wrapped(engine)
+    app = create_app(rec, ServeSettings(max_wait_ms=50, max_batch=16))
+    images = [jpeg((30 * i, 100, 200 - 20 * i)) for i in range(8)]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            rs = await asyncio.gather(
+                *(c.post("/v1/predict", files=files((f"{i}.jpg", d))) for i, d in enumerate(images))
+            )
+            metrics = (await c.get("/metrics")).text
+            await app.state.batcher.stop()
+            return rs, metrics
+
+    responses, metrics = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert sum(rec.sizes) == 8 and max(rec.sizes) > 1, rec.sizes
+    # each answer is its own image's, whatever batch it travelled in
+    for i, (r, d) in enumerate(zip(responses, images, strict=True)):
+        expected = next(engine.predict_items([(f"{i}.jpg", d)]))
+        got = r.json()["results"][0]
+        assert got["file"] == expected["file"]
+        assert got["attributes"]["shade"]["hex"] == expected["attributes"]["shade"]["hex"]
+    assert f"beautytag_batch_size_count {float(len(rec.sizes))}" in metrics
+
+
+def test_metrics(client):
+    client.post("/v1/predict", files=files(("a.jpg", jpeg())))
+    client.post("/v1/predict", files=files(("a.jpg", b"nope")))
+    client.get("/no/such/path")
+    m = client.get("/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    text = m.text
+    assert 'beautytag_requests_total{endpoint="/v1/predict",method="POST",status="200"} 1.0' in text
+    assert 'beautytag_requests_total{endpoint="/v1/predict",method="POST",status="415"} 1.0' in text
+    assert 'endpoint="other",method="GET",status="404"' in text
+    assert 'beautytag_request_duration_seconds_bucket{endpoint="/v1/predict"' in text
+    assert 'beautytag_batch_size_bucket{le="1.0"} 1.0' in text
+    assert "beautytag_batch_size_count 1.0" in text
+    assert 'beautytag_images_total{outcome="error"} 1.0' in text
+    assert "beautytag_queue_depth 0.0" in text
+
+
+@pytest.mark.parametrize("attribute", ["category", "function", "shade"])
+def test_explain_returns_a_png(client, engine, attribute):
+    r = client.post(
+        f"/v1/explain?attribute={attribute}", files=files(("a.jpg", jpeg(size=(90, 40))))
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "PNG" and img.size == (64, 64) and img.mode == "RGB"
+    assert r.headers["x-beautytag-attribute"] == attribute
+    label = r.headers["x-beautytag-label"]
+    a = engine.schema[attribute]
+    assert label in a.classes if a.kind != "shade" else label.startswith("#")
+    r = client.post(f"/v1/explain?attribute={attribute}&size=200", content=jpeg())
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (200, 200)
+
+
+def test_explain_errors(make_client, engine):
+    c = make_client()
+    assert c.post("/v1/explain?attribute=nope", content=jpeg()).status_code == 422
+    assert c.post("/v1/explain?attribute=category", content=b"text").status_code == 415
+    assert c.post("/v1/explain?attribute=category").status_code == 400
+    two = files(("a", jpeg()), ("b", jpeg()))
+    assert c.post("/v1/explain?attribute=category", files=two).status_code == 400
+    no_torch = Wrapped(engine)
+    no_torch.model = None  # e.g. an onnxruntime engine
+    r = make_client(no_torch).post("/v1/explain?attribute=category", content=jpeg())
+    assert r.status_code == 501
+
+
+def test_openapi_lists_the_endpoints(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/explain", "/healthz", "/metrics"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body and "image/*" in body
+    assert {"413", "503", "504"} <= set(spec["paths"]["/v1/predict"]["post"]["responses"])
+
+
+def test_cli_serve_options(monkeypatch):
+    args = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "4"])
+    assert args.host == "127.0.0.1" and args.max_batch == 4 and args.api_key is None
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("beautytag.serve.serve", lambda model, **kw: seen.update(kw))
+    monkeypatch.setenv("BEAUTYTAG_API_KEY", "k")
+    assert args.func(args) == 0
+    assert seen["api_key"] == "k" and seen["port"] == 0 and seen["max_batch"] == 4
