@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -277,19 +276,3 @@ def summary_line(record: dict[str, Any]) -> str:
                 parts.append(f"{name} {k} {r[k]:.3f}")
     parts.append(f"{record['images_per_s']:.0f} img/s" + ("  *" if record["best"] else ""))
     return " | ".join(parts)
-
-
-def label_report(cfg: Config) -> dict[str, dict[str, Counter]]:
-    """How often each class occurs per split (for model cards and sanity checks)."""
-    samples = read_samples(cfg)
-    return {
-        a.name: {
-            sp: Counter(
-                str(s.labels[a.name])
-                for s in samples
-                if s.split == sp and s.labels[a.name] is not None
-            )
-            for sp in ("train", "val", "test")
-        }
-        for a in cfg.schema.attributes
-    }
