@@ -418,6 +418,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     batcher = MicroBatcher(engine, settings, metrics)
     decoder = ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="beautytag-decode")
     explaining = 0
+    inflight = 0  # /v1/predict images admitted and not yet answered
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -515,25 +516,35 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     ) -> Results:
         """``{"results": [{"file", "attributes", "error"}, ...]}`` in request order; a bad file
         among good ones fills its ``error`` (status 200); all bad is a 4xx."""
+        nonlocal inflight
         try:
             async with asyncio.timeout(settings.timeout_s):
                 files = await read_images(request, filename)
                 if not files:
                     raise no_file()
-                if batcher.room() < len(files):
+                # admission: images in flight (decoding, queued or in the model) are bounded by
+                # queue_size + max_batch, so overload is answered with 503 at once instead of
+                # piling up decode work and memory
+                limit = settings.queue_size + settings.max_batch
+                if inflight + len(files) > limit or batcher.room() < len(files):
                     raise queue_full()
-                decoded = await decode_all(files)
-                for d in decoded:
-                    if isinstance(d, BaseException) and not isinstance(d, ImageError):
-                        raise d
-                errors = [d for d in decoded if isinstance(d, ImageError)]
-                if len(errors) == len(decoded):
-                    raise all_bad(errors)
-                good = [d[1] for d in decoded if isinstance(d, tuple)]
+                inflight += len(files)
                 try:
-                    preds = iter(await batcher.predict(good))
-                except QueueFull:
-                    raise queue_full() from None
+                    decoded = [d[1] if isinstance(d, tuple) else d  # keep only the tensors
+                               for d in await decode_all(files)]
+                    for d in decoded:
+                        if isinstance(d, BaseException) and not isinstance(d, ImageError):
+                            raise d
+                    errors = [d for d in decoded if isinstance(d, ImageError)]
+                    if len(errors) == len(decoded):
+                        raise all_bad(errors)
+                    good = [d for d in decoded if isinstance(d, torch.Tensor)]
+                    try:
+                        preds = iter(await batcher.predict(good))
+                    except QueueFull:
+                        raise queue_full() from None
+                finally:
+                    inflight -= len(files)
         except TimeoutError:
             raise timed_out() from None
         metrics.images.labels("ok").inc(len(good))
