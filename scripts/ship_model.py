@@ -10,6 +10,7 @@ category, finish), each on its own split; numbers are measured on the packed fp1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ def main() -> int:
     p.add_argument("--note", default="", help="how it was trained (goes into the card JSON)")
     args = p.parse_args()
     model, cfg, ckpt = load_checkpoint(args.checkpoint)
+    data_cfg = load_config(ROOT / "configs" / "default.yaml")
+    # ship the repository's data section, its root as seen from the repository's root
+    cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
     out = Path(args.out)
     save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
-    data_cfg = load_config(ROOT / "configs" / "default.yaml")
     result: dict = {"checkpoint": args.checkpoint, "packed": str(out.relative_to(ROOT)),
                     "size_mb": round(out.stat().st_size / 2**20, 2), "note": args.note,
                     "epoch": ckpt.get("epoch"), "command": " ".join(["python", *sys.argv])}
