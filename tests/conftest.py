@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,23 @@ def datasets() -> Path:
             "the repository to run this test)"
         )
     return DATASETS
+
+
+def make_tiny_model(path: Path, **data) -> Path:
+    """A randomly initialised default-schema model at 64 px (fast): for tests of formats and
+    plumbing, not accuracy. `data` overrides keys of the config's data section."""
+    from beautytag.config import config_from_dict
+    from beautytag.model import BeautyTagNet, save_checkpoint
+
+    raw = copy.deepcopy(default_raw())
+    raw["data"] |= {"root": str(DATASETS), **data}
+    raw["model"]["image_size"] = 64
+    cfg = config_from_dict(raw)
+    torch.manual_seed(0)
+    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")

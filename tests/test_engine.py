@@ -1,4 +1,3 @@
-import copy
 import io
 import json
 
@@ -6,23 +5,7 @@ import pytest
 from PIL import Image
 
 from beautytag.cli import main
-from beautytag.config import config_from_dict
 from beautytag.engine import Engine, default_model_path, expand_paths
-from beautytag.model import BeautyTagNet, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised model at 64 px (fast); the output format is what is tested."""
-    from .conftest import DATASETS, default_raw
-
-    raw = copy.deepcopy(default_raw())
-    raw["data"]["root"] = str(DATASETS)
-    raw["model"]["image_size"] = 64
-    cfg = config_from_dict(raw)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
-    return path
 
 
 @pytest.fixture

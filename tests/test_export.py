@@ -1,6 +1,5 @@
 """Export to ONNX / TorchScript, int8 quantisation, parity checks and the engine's backends."""
 
-import copy
 import json
 import warnings
 
@@ -22,9 +21,9 @@ from beautytag.export import (
     synthetic_photos,
 )
 from beautytag.images import load_image, preprocess
-from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
+from beautytag.model import load_checkpoint
 
-from .conftest import DATASETS, default_raw
+from .conftest import DATASETS, make_tiny_model
 
 REAL_PHOTOS = DATASETS / "beauty-shades" / "images"
 
@@ -35,16 +34,8 @@ def schema_tuples(cfg):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A randomly initialised model at 64 px; data.limit keeps the accuracy test small."""
-    raw = copy.deepcopy(default_raw())
-    raw["data"]["root"] = str(DATASETS)
-    raw["data"]["limit"] = 12
-    raw["model"]["image_size"] = 64
-    cfg = config_from_dict(raw)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
-    return path
+    """data.limit keeps the accuracy-cost test small."""
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt", limit=12)
 
 
 @pytest.fixture(scope="module")

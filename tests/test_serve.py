@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import threading
 import time
@@ -16,24 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from beautytag.cli import build_parser
-from beautytag.config import config_from_dict
 from beautytag.engine import Engine
-from beautytag.model import BeautyTagNet, save_checkpoint
 from beautytag.serve import ServeSettings, create_app
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised model at 64 px (fast); the output format is what is tested."""
-    from .conftest import DATASETS, default_raw
-
-    raw = copy.deepcopy(default_raw())
-    raw["data"]["root"] = str(DATASETS)
-    raw["model"]["image_size"] = 64
-    cfg = config_from_dict(raw)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
-    return path
 
 
 @pytest.fixture(scope="module")
