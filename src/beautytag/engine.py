@@ -21,7 +21,9 @@ from beautytag.evaluate import activate
 from beautytag.images import ImageError, load_image, preprocess
 from beautytag.model import BeautyTagNet, load_checkpoint
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# what a folder walk picks up (the format itself is read from the content, whatever the name)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".web", ".bmp", ".gif",
+                  ".tif", ".tiff"}
 DEFAULT_MODEL = "default.pt"
 BACKENDS = ("auto", "torch", "onnxruntime")
 METADATA_KEY = "beautytag"  # ONNX metadata_props key holding the export JSON
