@@ -35,7 +35,7 @@ from beautytag.engine import (
     expand_paths,
     load_backend,
 )
-from beautytag.evaluate import activate, compute_metrics
+from beautytag.evaluate import activate, check_same_outputs, compute_metrics
 from beautytag.images import ImageError, load_image, normalize, preprocess
 from beautytag.model import BeautyTagNet, load_checkpoint
 
@@ -354,10 +354,13 @@ def compare_outputs(
 
 
 def _check_same_schema(a: Config, b: Config, where: str) -> None:
-    ours = [(x.name, x.kind, x.classes) for x in a.schema.attributes]
-    theirs = [(x.name, x.kind, x.classes) for x in b.schema.attributes]
-    if ours != theirs or a.model.image_size != b.model.image_size:
-        raise ValueError(f"{where}: predicts other attributes than the checkpoint")
+    try:
+        check_same_outputs(a, b)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if a.model.image_size != b.model.image_size:
+        raise ValueError(f"{where}: input size {b.model.image_size}, the checkpoint's is "
+                         f"{a.model.image_size}")
 
 
 def parity_check(
