@@ -61,6 +61,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def csv_fields(schema) -> list[str]:
+    """The CSV header: file, error, then each attribute's columns (as :func:`csv_row` fills)."""
+    fields = ["file", "error"]
+    for a in schema.attributes:
+        fields += {
+            "single": [a.name, f"{a.name}_score"],
+            "multi": [a.name],
+            "shade": [a.name, f"{a.name}_lab"],
+        }[a.kind]
+    return fields
+
+
 def csv_row(result: dict) -> dict[str, str]:
     row = {"file": result["file"], "error": result["error"] or ""}
     for name, v in (result["attributes"] or {}).items():
@@ -74,7 +86,7 @@ def csv_row(result: dict) -> dict[str, str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.engine import Engine, expand_paths
+    from beautytag.engine import Engine
 
     paths = args.paths
     if not paths:
@@ -91,12 +103,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = Engine(
         args.model, batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold
     )
-    files = expand_paths(paths)
     out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     writer = None
     t0, n, bad = time.perf_counter(), 0, 0
     try:
-        for result in engine.predict_files(files):
+        for result in engine.predict_files(paths):
             n += 1
             bad += result["error"] is not None
             if args.format == "jsonl":
@@ -104,8 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 row = csv_row(result)
                 if writer is None:
-                    fields = ["file", "error"] + [k for k in csv_fields(engine) if k != "file"]
-                    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+                    writer = csv.DictWriter(out, fieldnames=csv_fields(engine.schema))
                     writer.writeheader()
                 writer.writerow(row)
             out.flush()
@@ -118,17 +128,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def csv_fields(engine) -> list[str]:
-    fields = []
-    for a in engine.schema.attributes:
-        fields += {
-            "single": [a.name, f"{a.name}_score"],
-            "multi": [a.name],
-            "shade": [a.name, f"{a.name}_lab"],
-        }[a.kind]
-    return fields
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -231,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="attributes of photos (files or folders)")
     r.add_argument("paths", nargs="*")
-    r.add_argument("--model", help="a checkpoint (.pt) or an exported model (.onnx, .ts); "
-                   "default: the shipped model")
+    r.add_argument(
+        "--model",
+        help="a checkpoint (.pt) or an exported model (.onnx, .ts); default: the shipped model",
+    )
     r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     r.add_argument("--output", "-o", help="write here instead of standard output")
     r.add_argument("--batch-size", type=int, default=32)

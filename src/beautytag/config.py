@@ -113,8 +113,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = set(raw) - set(fields)
     if unknown:
         raise SchemaError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    required = [n for n, f in fields.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in raw]
     if missing:
         raise SchemaError(f"{where}: missing keys {missing}")

@@ -22,8 +22,19 @@ from beautytag.images import ImageError, load_image, preprocess
 from beautytag.model import BeautyTagNet, load_checkpoint
 
 # what a folder walk picks up (the format itself is read from the content, whatever the name)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".web", ".bmp", ".gif",
-                  ".tif", ".tiff"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".web",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+}
 DEFAULT_MODEL = "default.pt"
 BACKENDS = ("auto", "torch", "onnxruntime")
 METADATA_KEY = "beautytag"  # ONNX metadata_props key holding the export JSON
@@ -209,32 +220,31 @@ class Engine:
                 result[a.name] = {"lab": lab, "hex": lab_to_hex(lab)}
         return result
 
-    def _load(self, item: str | os.PathLike | bytes, name: str) -> torch.Tensor:
-        return self.preprocess(load_image(item, name=name))
-
     def predict_items(
         self, items: Sequence[tuple[str, str | os.PathLike | bytes]], workers: int = 2
     ) -> Iterator[dict[str, Any]]:
         """(name, path-or-bytes) pairs -> results in order. Decoding runs in a thread pool
         while the model works on the previous batch; a bad image yields its error only."""
 
-        def load(pair):
-            name, item = pair
-            try:
-                return self._load(item, name)
-            except ImageError as e:
-                return e
+        def load_chunk(chunk):
+            out = []
+            for name, item in chunk:
+                try:
+                    out.append(self.preprocess(load_image(item, name=name)))
+                except ImageError as e:
+                    out.append(e)
+            return out
 
         workers = max(1, workers)
         chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         with ThreadPoolExecutor(workers) as pool:
             futures: deque = deque()
             for chunk in chunks[:workers]:  # bounded prefetch: memory stays flat
-                futures.append(pool.submit(lambda c: list(map(load, c)), chunk))
+                futures.append(pool.submit(load_chunk, chunk))
             for i, chunk in enumerate(chunks):
                 loaded = futures.popleft().result()
                 if i + workers < len(chunks):
-                    futures.append(pool.submit(lambda c: list(map(load, c)), chunks[i + workers]))
+                    futures.append(pool.submit(load_chunk, chunks[i + workers]))
                 good = [t for t in loaded if isinstance(t, torch.Tensor)]
                 preds = iter(self.predict_tensors(torch.stack(good))) if good else iter(())
                 for (name, _), t in zip(chunk, loaded, strict=True):

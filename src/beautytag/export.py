@@ -359,8 +359,9 @@ def _check_same_schema(a: Config, b: Config, where: str) -> None:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if a.model.image_size != b.model.image_size:
-        raise ValueError(f"{where}: input size {b.model.image_size}, the checkpoint's is "
-                         f"{a.model.image_size}")
+        raise ValueError(
+            f"{where}: input size {b.model.image_size}, the checkpoint's is {a.model.image_size}"
+        )
 
 
 def parity_check(

@@ -530,8 +530,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     raise queue_full()
                 inflight += len(files)
                 try:
-                    decoded = [d[1] if isinstance(d, tuple) else d  # keep only the tensors
-                               for d in await decode_all(files)]
+                    decoded = [
+                        d[1] if isinstance(d, tuple) else d  # keep only the tensors
+                        for d in await decode_all(files)
+                    ]
                     for d in decoded:
                         if isinstance(d, BaseException) and not isinstance(d, ImageError):
                             raise d
