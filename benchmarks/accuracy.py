@@ -165,7 +165,8 @@ def table_c(data: Path) -> dict[str, dict]:
         "C1 predict the training mean colour": {"baseline": "mean"},
         "C2 k-means dominant colour of product pixels": {"baseline": "kmeans"},
         "C3 full multi-task config, cbam @ 128 px": full_raw(
-            data, **{"model.image_size": 128, "model.attention": "cbam"}),
+            data, **{"model.image_size": 128, "model.attention": "cbam"}
+        ),
         "C4 full multi-task config, cbam @ 192 px": full_raw(data, **{"model.attention": "cbam"}),
         "C5 full multi-task config, no attention @ 192 px (shipped)": full_raw(
             data, **{"model.image_size": 192, "model.attention": "none"}

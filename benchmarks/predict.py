@@ -34,8 +34,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims a huge size (a decompression bomb) with almost no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def broken_files(folder: Path) -> list[Path]:
@@ -59,8 +63,11 @@ def photo_list(n: int, tmp: Path) -> list[Path]:
     bad = broken_files(tmp / "broken")
     shades = sorted((DATA / "beauty-shades" / "images").iterdir())
     rows = list(csv.DictReader((DATA / "fashion-products-small" / "labels.csv").open()))
-    catalogue = [DATA / "fashion-products-small" / r["file_name"] for r in rows
-                 if r["masterCategory"] == "Personal Care"]
+    catalogue = [
+        DATA / "fashion-products-small" / r["file_name"]
+        for r in rows
+        if r["masterCategory"] == "Personal Care"
+    ]
     return (bad + shades + catalogue)[:n]
 
 
@@ -84,26 +91,35 @@ def main() -> int:
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     errors = [r for r in lines if r["error"]]
     result = {
-        "files": len(files), "answers": len(lines), "errors": len(errors),
+        "files": len(files),
+        "answers": len(lines),
+        "errors": len(errors),
         "error_examples": {Path(r["file"]).name: r["error"] for r in errors[:10]},
-        "exit_code": proc.returncode, "traceback": "Traceback" in proc.stderr,
-        "wall_seconds": round(seconds, 1), "images_per_second": round(len(files) / seconds, 1),
+        "exit_code": proc.returncode,
+        "traceback": "Traceback" in proc.stderr,
+        "wall_seconds": round(seconds, 1),
+        "images_per_second": round(len(files) / seconds, 1),
         "cli_summary": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "command": "python benchmarks/predict.py " + " ".join(sys.argv[1:]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict.json").write_text(json.dumps(result, indent=2))
-    md = ["# `beautytag predict` on real photos", "",
-          f"Command: `{result['command']}` (measured on {result['machine']}; wall time "
-          "includes starting Python and loading the model).", "",
-          "| files | answers | errors reported | exit code | traceback | wall s | images/s |",
-          "| --- | --- | --- | --- | --- | --- | --- |",
-          f"| {result['files']} | {result['answers']} | {result['errors']} | "
-          f"{result['exit_code']} | {result['traceback']} | {result['wall_seconds']} | "
-          f"{result['images_per_second']} |", "",
-          "Errors reported: " + "; ".join(f"`{k}`: {v}" for k, v in
-                                         result["error_examples"].items()), ""]
+    md = [
+        "# `beautytag predict` on real photos",
+        "",
+        f"Command: `{result['command']}` (measured on {result['machine']}; wall time "
+        "includes starting Python and loading the model).",
+        "",
+        "| files | answers | errors reported | exit code | traceback | wall s | images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {result['files']} | {result['answers']} | {result['errors']} | "
+        f"{result['exit_code']} | {result['traceback']} | {result['wall_seconds']} | "
+        f"{result['images_per_second']} |",
+        "",
+        "Errors reported: " + "; ".join(f"`{k}`: {v}" for k, v in result["error_examples"].items()),
+        "",
+    ]
     (RESULTS / "predict.md").write_text("\n".join(md))
     print(json.dumps(result, indent=2))
     ok = proc.returncode == 0 and not result["traceback"] and len(lines) == len(files)

@@ -35,14 +35,21 @@ def main() -> int:
     cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
     out = Path(args.out)
     save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
-    result: dict = {"checkpoint": args.checkpoint, "packed": str(out.relative_to(ROOT)),
-                    "size_mb": round(out.stat().st_size / 2**20, 2), "note": args.note,
-                    "epoch": ckpt.get("epoch"), "command": " ".join(["python", *sys.argv])}
+    result: dict = {
+        "checkpoint": args.checkpoint,
+        "packed": str(out.relative_to(ROOT)),
+        "size_mb": round(out.stat().st_size / 2**20, 2),
+        "note": args.note,
+        "epoch": ckpt.get("epoch"),
+        "command": " ".join(["python", *sys.argv]),
+    }
     for split in ("test", "val"):
         for source in ("fashion", "shades"):
             r = evaluate(out, split=split, config=data_cfg, sources=[source])
-            result[f"{source}/{split}"] = {"images": r["images"], **{
-                a: m for a, m in r["metrics"].items() if m.get("n")}}
+            result[f"{source}/{split}"] = {
+                "images": r["images"],
+                **{a: m for a, m in r["metrics"].items() if m.get("n")},
+            }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "default_model.json").write_text(json.dumps(result, indent=2))
     lines = ["| data / split | attribute | n | metrics |", "| --- | --- | --- | --- |"]

@@ -21,8 +21,10 @@ def main() -> None:
     rows = [r for r in csv.DictReader(CATALOGUE.open()) if r["masterCategory"] == "Personal Care"]
     finish = [r["id"] for r in rows if finish_from_text(r["title"])]
     function = [r["id"] for r in rows if function_from_text(r["title"])]
-    print(f"{len(rows)} titles; finish rule fires on {len(finish)}, "
-          f"function rule names a benefit on {len(function)}")
+    print(
+        f"{len(rows)} titles; finish rule fires on {len(finish)}, "
+        f"function rule names a benefit on {len(function)}"
+    )
     random.seed(1)  # the audited sample: 30 of each
     sample = {"finish": random.sample(finish, 30), "function": random.sample(function, 30)}
     audit = list(csv.DictReader(AUDIT.open()))
