@@ -19,9 +19,11 @@ from beautytag.images import (
     MAX_PIXELS,
     ImageError,
     letterbox,
+    normalize,
     load_image,
     preprocess,
     to_tensor,
+    to_uint8,
 )
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -409,6 +411,15 @@ def test_to_tensor_layout_is_chw() -> None:
     assert t[0, 1, 3] == 1.0 and t.sum() == 1.0
 
 
+def test_to_tensor_equals_batched_normalize() -> None:
+    """Prediction normalises one photo in numpy, training a uint8 batch in torch: same bits."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8))
+    for mean, std in ((MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))):
+        batch = normalize(to_uint8(img)[None], mean, std)
+        assert torch.equal(to_tensor(img, mean, std), batch[0])
+
+
 def test_to_tensor_rejects_bad_stats() -> None:
     with pytest.raises(ValueError):
         to_tensor(Image.new("RGB", (2, 2)), (0.5,), (0.5,))
@@ -451,3 +462,27 @@ def test_loads_beauty_shades_dataset() -> None:
         ok += 1
     assert ok + len(bad) == len(files)
     assert ok >= 300, f"only {ok} of {len(files)} loaded; failures: {bad[:5]}"
+
+
+def test_min_size_decodes_large_jpeg_at_reduced_scale(tmp_path: Path) -> None:
+    """DCT-scaled decoding: smaller image, every side still >= min_size, same colours."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)  # smooth blocks of colour
+    big = Image.fromarray(base).resize((1200, 900), Image.Resampling.NEAREST)
+    p = tmp_path / "big.jpg"
+    big.save(p, quality=95)
+    full, small = load_image(p), load_image(p, min_size=128)
+    assert full.size == (1200, 900)
+    assert small.size == (300, 225)  # 1/4: 1/8 would make the short side 113 < 128
+    assert min(load_image(p, min_size=300).size) >= 300
+    a = np.asarray(letterbox(full, 64), dtype=float)
+    b = np.asarray(letterbox(small, 64), dtype=float)
+    assert np.abs(a - b).mean() < 4  # same picture after the model's letterbox
+
+
+def test_min_size_leaves_png_and_small_jpeg_alone(tmp_path: Path) -> None:
+    img = Image.new("RGB", (400, 300), (10, 200, 30))
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "a.jpg")
+    assert load_image(tmp_path / "a.png", min_size=64).size == (400, 300)
+    assert load_image(tmp_path / "a.jpg", min_size=250).size == (400, 300)  # 1/2 would be 150

@@ -148,7 +148,7 @@ def load_letterboxed(
 
     def work(s: Sample) -> np.ndarray | str:
         try:
-            return np.asarray(letterbox(load_image(s.path), size), dtype=np.uint8)
+            return np.asarray(letterbox(load_image(s.path, min_size=size), size), dtype=np.uint8)
         except ImageError as e:
             return str(e)
 

@@ -195,9 +195,8 @@ class _Calibration:
     def __iter__(self):
         for p in self.images:
             try:
-                x = preprocess(
-                    load_image(p), self.meta["size"], self.meta["mean"], self.meta["std"]
-                )
+                img, size = load_image(p, min_size=self.meta["size"]), self.meta["size"]
+                x = preprocess(img, size, self.meta["mean"], self.meta["std"])
             except ImageError:
                 continue
             yield {self.meta["name"]: x[None].numpy()}
@@ -376,7 +375,7 @@ def parity_check(
     xs = []
     for p in photos:
         try:
-            xs.append(preprocess(load_image(p), m.image_size, m.mean, m.std))
+            xs.append(preprocess(load_image(p, min_size=m.image_size), m.image_size, m.mean, m.std))
         except ImageError:
             continue
     if not xs:

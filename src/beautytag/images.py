@@ -76,13 +76,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(
-    source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    min_size: int | None = None,
 ) -> Image.Image:
     """Open a file path or raw bytes as an RGB PIL image.
 
     The format is detected from the content, EXIF orientation is applied, transparency is
-    composited onto white and animated images give their first frame. Any problem raises
-    :class:`ImageError` naming the file (`name`, else the path, else ``"<bytes>"``).
+    composited onto white and animated images give their first frame. With `min_size`, a
+    JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whose
+    sides are all still >= `min_size`: a 2000 px photo for a 128 px model decodes ~10x
+    faster. Any problem raises :class:`ImageError` naming the file (`name`, else the path,
+    else ``"<bytes>"``).
     """
     data, label = _read(source, name)
     if not data:
@@ -104,6 +111,8 @@ def load_image(
     if max(width, height) > MAX_SIDE:
         raise ImageError(label, f"absurd dimensions ({width} x {height})")
 
+    if min_size:
+        img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
     try:
         img.load()  # decode now (first frame of animations) so errors surface here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -159,12 +168,22 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 HWC RGB image -> float32 CHW tensor normalised as ``(x / 255 - mean) / std``."""
-    return normalize(to_uint8(img), mean, std)
+    """RGB image -> float32 CHW tensor normalised as ``(x / 255 - mean) / std``.
+
+    Same float32 arithmetic as :func:`normalize`, in numpy: one photo is too small for
+    torch's thread pool, whose hand-offs cost more than the work in decoding threads."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def preprocess(
     img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """Letterbox to `size` then normalise: the single preprocessing function."""
+    """Letterbox to `size` then normalise: the single preprocessing function (the image
+    comes from ``load_image(source, min_size=size)``)."""
     return to_tensor(letterbox(img, size), mean, std)

@@ -59,7 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from beautytag import __version__
 from beautytag.color import lab_to_hex
 from beautytag.engine import Engine
-from beautytag.images import ImageError, letterbox, load_image
+from beautytag.images import ImageError, letterbox
 from beautytag.model import BeautyTagNet
 
 log = logging.getLogger("beautytag.serve")
@@ -439,8 +439,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     def decode(data: bytes, name: str) -> tuple[Image.Image, torch.Tensor]:
         try:
-            img = load_image(data, name=name, max_pixels=int(settings.max_pixels))
-            return img, engine.preprocess(img)
+            return engine.load(data, name, int(settings.max_pixels))
         except ImageError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever else a file can do, it is its fault
