@@ -42,7 +42,6 @@ import torch
 from beautytag.config import config_from_dict
 from beautytag.engine import Engine, default_model_path
 from beautytag.export import export_onnx, quantize_onnx
-from beautytag.images import load_image
 from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +54,11 @@ TARGET_SPEEDUP = 3.0  # ONNX Runtime fp32 vs ResNet-50 eager
 TARGET_P99_MS = 100.0  # at concurrency 8
 RSS_GROWTH_LIMIT_MB = 256.0  # overload peak minus the resident memory before it
 MB = 1024 * 1024
+PHOTO_SETS = {
+    "catalogue": "Personal Care catalogue photos, 60 x 80 JPEGs",
+    "mixed": "catalogue photos alternating with beauty-shades photos of 600-4700 px, mostly "
+    "progressive JPEGs plus PNGs and WebPs",
+}
 
 
 # ---------------------------------------------------------------- machine and photos
@@ -88,8 +92,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def photo_files() -> list[Path]:
-    """Personal Care catalogue photos and beauty-shades photos, interleaved."""
+def photo_sets() -> dict[str, list[Path]]:
+    """The photos clients send: ``catalogue`` (Personal Care catalogue photos, 60 x 80 JPEGs)
+    and ``mixed`` (those interleaved with beauty-shades photos: 600-4700 px, mostly
+    progressive JPEGs, some PNGs and WebPs)."""
     rows = csv.DictReader((DATA / "fashion-products-small" / "labels.csv").open())
     catalogue = [
         DATA / "fashion-products-small" / r["file_name"]
@@ -98,7 +104,10 @@ def photo_files() -> list[Path]:
     ][:PHOTOS_PER_SOURCE]
     shades = sorted((DATA / "beauty-shades" / "images").iterdir())[:PHOTOS_PER_SOURCE]
     mixed = [p for pair in itertools.zip_longest(catalogue, shades) for p in pair if p]
-    return [p for p in mixed if p.is_file()]
+    return {
+        "catalogue": [p for p in catalogue if p.is_file()],
+        "mixed": [p for p in mixed if p.is_file()],
+    }
 
 
 # ---------------------------------------------------------------- 1. engine throughput
@@ -147,12 +156,28 @@ def engine_cases(model: Path, tmp: Path, photos: list[Path], quick: bool) -> dic
     }
 
 
+def decode_times(engine: Engine, paths: list[Path]) -> dict[str, float]:
+    """Milliseconds to decode and preprocess each photo (one thread), as the service does."""
+    times = []
+    for p in paths:
+        data = p.read_bytes()
+        t0 = time.perf_counter()
+        engine.load(data, p.name)
+        times.append(1000 * (time.perf_counter() - t0))
+    return {
+        "mean": round(float(np.mean(times)), 1),
+        "p50": round(float(np.percentile(times, 50)), 1),
+        "p99": round(float(np.percentile(times, 99)), 1),
+        "max": round(float(np.max(times)), 1),
+    }
+
+
 def bench_engines(cases: dict[str, Path], photos: list[Path], budget_s: float) -> dict:
     """Throughput of every case at batch 16 and 1, and ratios to PyTorch eager."""
     results: dict[str, Any] = {}
     for name, path in cases.items():
         engine = Engine(path, backend="torch" if path.suffix == ".pt" else "auto")
-        xs = torch.stack([engine.preprocess(load_image(p)) for p in photos[:16]])
+        xs = torch.stack([engine.load(p)[1] for p in photos[:16]])
         results[name] = {
             "runtime": engine.backend.name,
             "file_mb": round(path.stat().st_size / MB, 1),
@@ -186,6 +211,12 @@ def memory_mb(pid: int) -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -296,8 +327,12 @@ async def load_level(
     done = asyncio.Event()
     url = f"{server.url}/v1/predict"
 
+    cpu: dict[str, float] = {}
+
     async def worker() -> None:
         while (sent := time.perf_counter()) < end:
+            if sent >= start and not cpu:  # the CPU both sides use inside the window
+                cpu.update(client=time.process_time(), server=cpu_seconds(server.proc.pid))
             name, data = photos[next(counter) % len(photos)]
             try:
                 r = await client.post(url, files={"file": (name, data, "image/jpeg")})
@@ -318,6 +353,8 @@ async def load_level(
     scrapes = [asyncio.create_task(scrape_at(start)), asyncio.create_task(scrape_at(end))]
     sampler = asyncio.create_task(sample_memory())
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    client_cpu = time.process_time() - cpu.get("client", time.process_time())
+    server_cpu = cpu_seconds(server.proc.pid) - cpu.get("server", cpu_seconds(server.proc.pid))
     done.set()
     await sampler
     before, after = await scrapes[0], await scrapes[1]
@@ -335,6 +372,9 @@ async def load_level(
         "latency_ms_200": dict(zip(("p50", "p95", "p99"), pct, strict=True)),
         "server_rss_mb_peak": max(rss) if rss else None,
         "server_rss_mb_last": rss[-1] if rss else None,
+        # CPU per request sent in the window (the load generator shares the CPUs)
+        "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(sent_in)), 1),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(sent_in)), 1),
     } | server_stats(before, after)
 
 
@@ -414,23 +454,40 @@ def write_markdown(r: dict[str, Any], path: Path) -> None:
             f"{b16['ms_per_call_median']} | {b16['vs_pytorch_eager']}x | {b1['images_per_s']} | "
             f"{b1['ms_per_call_median']} | {b1['vs_pytorch_eager']}x |"
         )
+    lines += [
+        "",
+        "## Decoding (what each request costs before the model)",
+        "",
+        "Milliseconds per photo to decode, letterbox and normalise, one thread, as the service "
+        "does (JPEGs decoded at reduced DCT scale when much larger than the model input).",
+        "",
+        "| photos | n | mean ms | p50 ms | p99 ms | max ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, d in r["decode_ms"].items():
+        lines.append(
+            f"| {k} ({PHOTO_SETS[k]}) | {r['photos'][k]} | {d['mean']} | {d['p50']} | "
+            f"{d['p99']} | {d['max']} |"
+        )
     for name, s in r["service"].items():
         lines += [
             "",
             f"## Service: {name} (`beautytag serve --model {s['file']}`, {s['backend']})",
             "",
-            f"Single-photo multipart requests of real photos from 127.0.0.1, "
+            f"Single-photo multipart requests of real photos ({s['photos']} set: "
+            f"{PHOTO_SETS[s['photos']]}) from 127.0.0.1, "
             f"{r['load_seconds']} s per level after {r['warmup_seconds']} s warm-up; the load "
             "generator runs on the same CPUs. Closed loop: each client sends its next request "
             "when the previous answer arrives, so latency ~ concurrency / throughput (p99 < "
             f"{TARGET_P99_MS:.0f} ms at 8 needs about {8000 / TARGET_P99_MS:.0f} answers/s). "
             "Latency and statuses of requests sent in the window, requests/s of answers "
-            "received in it; avg batch from /metrics (images per model call).",
+            "received in it; avg batch from /metrics (images per model call); CPU ms per "
+            "request of the server process and of the load generator.",
             "",
             "| concurrency | requests/s | 200/s | p50 ms | p95 ms | p99 ms | statuses "
             "| server mean ms | server p99 <= ms | avg batch | model ms/call "
-            "| server RSS peak MB |",
-            "|" + " --- |" * 12,
+            "| server CPU ms/req | client CPU ms/req | server RSS peak MB |",
+            "|" + " --- |" * 14,
         ]
         for lv in [*s["levels"], s["overload"]]:
             lat = lv["latency_ms_200"]
@@ -440,6 +497,7 @@ def write_markdown(r: dict[str, Any], path: Path) -> None:
                 f"{', '.join(f'{k}: {v}' for k, v in sorted(lv['statuses'].items()))} | "
                 f"{lv['server_mean_ms']} | {lv['server_p99_ms_at_most']} | "
                 f"{lv['avg_batch_size']} | {lv['avg_model_ms_per_call']} | "
+                f"{lv.get('server_cpu_ms_per_request')} | {lv.get('client_cpu_ms_per_request')} | "
                 f"{lv['server_rss_mb_peak']} |"
             )
         o = s["overload"]
@@ -505,13 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     duration = 2.0 if args.quick else args.duration
     warmup = 1.0 if args.quick else 2.0
     engine_s = 1.0 if args.quick else 5.0
-    files = photo_files()
-    photos = [(f.name, f.read_bytes()) for f in files]
+    sets = photo_sets()
+    files = sets["mixed"]
     result: dict[str, Any] = {
         "command": "python benchmarks/serve.py " + " ".join(argv or sys.argv[1:]),
         "model": str(model),
         "machine": machine(),
-        "photos": len(photos),
+        "photos": {k: len(v) for k, v in sets.items()},
         "engine_seconds_per_case": engine_s,
         "load_seconds": duration,
         "warmup_seconds": warmup,
@@ -519,18 +577,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cases = engine_cases(model, Path(tmp), files, args.quick)
         result["engine"] = bench_engines(cases, files, engine_s)
+        engine = Engine(cases["pytorch_eager"])
+        result["decode_ms"] = {k: decode_times(engine, v) for k, v in sets.items()}
         served = ["pytorch_eager", "onnx_fp32"]
         if args.quick:  # only the faster one
             served = [max(served, key=lambda n: result["engine"][n]["batch16"]["images_per_s"])]
         result["service"] = {}
-        for name in served:
+        for name, (set_name, paths) in itertools.product(served, sets.items()):
+            photos = [(f.name, f.read_bytes()) for f in paths]
             server = Server(cases[name], Path(tmp) / f"serve-{name}.log")
             try:
                 health = server.wait_ready()
                 print(f"serving {name} ({health['backend']}) at {server.url}", flush=True)
                 s = asyncio.run(bench_service(server, photos, duration, warmup))
-                info = {"file": cases[name].name, "backend": health["backend"]}
-                result["service"][name] = s | info
+                info = {"file": cases[name].name, "backend": health["backend"], "photos": set_name}
+                result["service"][f"{name}, {set_name} photos"] = s | info
             finally:
                 server.stop()
     m = result["machine"]
