@@ -382,6 +382,8 @@ async def bench_service(
     server: Server, photos: list[tuple[str, bytes]], duration_s: float, warmup_s: float
 ) -> dict[str, Any]:
     """The load levels, then the overload, against one running server."""
+    gc.collect()
+    gc.freeze()  # the load generator's own full collections would stall its clocks
     limits = httpx.Limits(max_connections=OVERLOAD + 4, max_keepalive_connections=OVERLOAD + 4)
     result: dict[str, Any] = {"memory_mb_idle": memory_mb(server.proc.pid), "levels": []}
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
