@@ -167,15 +167,17 @@ def table_c(data: Path) -> dict[str, dict]:
         "C3 full multi-task config, cbam @ 128 px": full_raw(
             data, **{"model.image_size": 128, "model.attention": "cbam"}
         ),
-        "C4 full multi-task config, cbam @ 192 px": full_raw(data, **{"model.attention": "cbam"}),
-        "C5 full multi-task config, no attention @ 192 px (shipped)": full_raw(
+        "C4 full multi-task config, cbam @ 192 px": full_raw(
+            data, **{"model.image_size": 192, "model.attention": "cbam"}
+        ),
+        "C5 full multi-task config, no attention @ 192 px (shipped: accurate)": full_raw(
             data, **{"model.image_size": 192, "model.attention": "none"}
         ),
         # smaller inputs for serving speed (issue 3): 3.3x / 7x fewer FLOPs than 192 px
         "C6 full multi-task config, no attention @ 128 px": full_raw(
             data, **{"model.image_size": 128, "model.attention": "none"}
         ),
-        "C7 full multi-task config, no attention @ 96 px": full_raw(
+        "C7 full multi-task config, no attention @ 96 px (shipped: default)": full_raw(
             data, **{"model.image_size": 96, "model.attention": "none"}
         ),
     }
@@ -299,7 +301,7 @@ def run_shade_baseline(kind: str, data: Path) -> dict[str, Any]:
     if kind == "mean":
         pred = np.tile(np.mean([s.labels["shade"] for s in train_s], axis=0), (len(truth), 1))
     else:
-        cfg = config_from_dict(full_raw(data))
+        cfg = config_from_dict(full_raw(data, **{"model.image_size": 192}))
         kept, pixels, _ = load_letterboxed(test_s, cfg.model.image_size, report=False)
         truth = np.array([s.labels["shade"] for s in kept])
         pred = np.array([dominant_lab(p) for p in pixels])

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from beautytag.config import config_from_dict
-from beautytag.engine import Engine, default_model_path
+from beautytag.engine import Engine, resolve_model
 from beautytag.export import export_onnx, quantize_onnx
 from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
 
@@ -551,7 +551,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", help="checkpoint or shipped model name (default: the default)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
     p.add_argument("--quick", action="store_true", help="2 s per level, one served model")
     args = p.parse_args(argv)
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 0
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     duration = 2.0 if args.quick else args.duration
     warmup = 1.0 if args.quick else 2.0
     engine_s = 1.0 if args.quick else 5.0

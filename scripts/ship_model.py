@@ -1,8 +1,9 @@
 """Measure a trained checkpoint for the model card and pack it (fp16) as the shipped default.
 
-    python scripts/ship_model.py runs/default/best.pt [--out src/beautytag/weights/default.pt]
+    python scripts/ship_model.py runs/default/best.pt [--name default|accurate]
 
-Writes benchmarks/results/default_model.json and .md: test (and validation) metrics of the
+Packs it as src/beautytag/weights/NAME.pt and writes benchmarks/results/NAME_model.json and
+.md: test (and validation) metrics of the
 Personal Care catalogue (category, color, finish, function) and of beauty-shades (shade,
 category, finish), each on its own split; numbers are measured on the packed fp16 model.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from beautytag.config import load_config
+from beautytag.engine import SHIPPED_MODELS
 from beautytag.evaluate import evaluate
 from beautytag.model import load_checkpoint, save_checkpoint
 
@@ -26,14 +28,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
-    p.add_argument("--out", default=str(ROOT / "src" / "beautytag" / "weights" / "default.pt"))
+    p.add_argument("--name", default="default", choices=sorted(SHIPPED_MODELS))
     p.add_argument("--note", default="", help="how it was trained (goes into the card JSON)")
     args = p.parse_args()
     model, cfg, ckpt = load_checkpoint(args.checkpoint)
     data_cfg = load_config(ROOT / "configs" / "default.yaml")
     # ship the repository's data section, its root as seen from the repository's root
     cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
-    out = Path(args.out)
+    out = ROOT / "src" / "beautytag" / "weights" / SHIPPED_MODELS[args.name]
     save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
     result: dict = {
         "checkpoint": args.checkpoint,
@@ -51,7 +53,7 @@ def main() -> int:
                 **{a: m for a, m in r["metrics"].items() if m.get("n")},
             }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "default_model.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}_model.json").write_text(json.dumps(result, indent=2))
     lines = ["| data / split | attribute | n | metrics |", "| --- | --- | --- | --- |"]
     for key, r in result.items():
         if "/" not in key or not isinstance(r, dict):
@@ -61,7 +63,7 @@ def main() -> int:
                 continue
             vals = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
             lines.append(f"| {key} | {attr} | {m['n']} | {vals} |")
-    (RESULTS / "default_model.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

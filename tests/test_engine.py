@@ -1,11 +1,12 @@
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from beautytag.cli import main
-from beautytag.engine import Engine, default_model_path, expand_paths
+from beautytag.engine import SHIPPED_MODELS, Engine, default_model_path, expand_paths, resolve_model
 
 
 @pytest.fixture
@@ -110,6 +111,22 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "Traceback" not in err
+
+
+def test_shipped_models_by_name(photo_folder, tmp_path, monkeypatch):
+    """`--model accurate` finds the packaged file; a real file of that name wins."""
+    assert resolve_model(None) == resolve_model("default") == default_model_path()
+    sizes = {}
+    for name in SHIPPED_MODELS:
+        engine = Engine(name)
+        assert engine.model_path == default_model_path(name) and engine.model_path.is_file()
+        sizes[name] = engine.cfg.model.image_size
+        result = next(engine.predict_files([photo_folder / "a_good.jpg"]))
+        assert result["error"] is None and result["attributes"]["shade"]["hex"].startswith("#")
+    assert sizes["accurate"] > sizes["default"]  # the fast default sees smaller inputs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "accurate").write_bytes(b"")
+    assert resolve_model("accurate") == Path("accurate")
 
 
 def test_shipped_default_model_predicts_offline(photo_folder):

@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.epochs = args.epochs
     if args.limit is not None:
         cfg.data.limit = args.limit
+    if args.image_size is not None:
+        cfg.model.image_size = args.image_size
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0
@@ -44,12 +46,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from beautytag.config import load_config
+    from beautytag.engine import resolve_model
     from beautytag.evaluate import evaluate
 
     cfg = load_config(args.config) if args.config else None
     out = args.out or str(Path(args.model).with_suffix("")) + f"-eval-{args.split}"
     result = evaluate(
-        args.model,
+        resolve_model(args.model),
         split=args.split,
         out_dir=out,
         config=cfg,
@@ -155,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
+    from beautytag.engine import resolve_model
     from beautytag.export import (
         accuracy_cost,
         default_photos,
@@ -165,13 +169,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         synthetic_photos,
     )
 
-    model = Path(args.model)
+    model = resolve_model(args.model)
     if not model.is_file():
         raise FileNotFoundError(f"{model}: model file not found")
     if args.quantize and args.format != "onnx":
         raise ValueError("--quantize needs --format onnx")
     suffix = ".onnx" if args.format == "onnx" else ".ts"
-    out = Path(args.out) if args.out else model.with_suffix(suffix)
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(suffix)
     photos, source = default_photos(args.photos, n=96)
     if args.photos and not photos:
         raise ValueError(f"no photos found in {args.photos}")
@@ -215,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default: the config's train.out_dir)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--limit", type=int, help="at most N images per source and split (smoke)")
+    t.add_argument("--image-size", type=int, help="input side in px (default: the config's)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="measure a model on a labelled split")
-    e.add_argument("model", help="a checkpoint (.pt)")
+    e.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--config", help="evaluate on this config's data instead of the model's")
     e.add_argument("--source", action="append", help="only this data source (repeatable)")
@@ -232,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("paths", nargs="*")
     r.add_argument(
         "--model",
-        help="a checkpoint (.pt) or an exported model (.onnx, .ts); default: the shipped model",
+        help="a checkpoint (.pt), an exported model (.onnx, .ts) or a shipped model's name: "
+        "default (96 px, fast), accurate (192 px)",
     )
     r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     r.add_argument("--output", "-o", help="write here instead of standard output")
@@ -242,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_predict)
 
     v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")
-    v.add_argument("--model", help="a checkpoint (default: the shipped model)")
+    v.add_argument(
+        "--model", help="a checkpoint, an .onnx file or a shipped model: default, accurate"
+    )
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=16, help="images per model call")
@@ -254,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")
-    x.add_argument("model", help="a checkpoint (.pt)")
+    x.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     x.add_argument("--out", help="output file (default: MODEL with .onnx or .ts)")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
