@@ -150,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         timeout_s=args.timeout,
         workers=args.workers,
+        threads=args.threads,
         api_key=key,
     )
     return 0
@@ -258,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--queue-size", type=int, default=64, help="waiting images; more -> 503")
     v.add_argument("--timeout", type=float, default=10.0, help="seconds per request; -> 504")
     v.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    v.add_argument(
+        "--threads",
+        type=int,
+        help="model threads (default: all CPUs but one, left for HTTP and decoding)",
+    )
     v.add_argument("--api-key", help="require this X-API-Key (default: $BEAUTYTAG_API_KEY)")
     v.set_defaults(func=cmd_serve)
 

@@ -160,10 +160,13 @@ class OnnxBackend:
 Backend = TorchBackend | TorchScriptBackend | OnnxBackend
 
 
-def load_backend(path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> Backend:
+def load_backend(
+    path: str | os.PathLike, backend: str = "auto", device: str = "cpu", threads: int | None = None
+) -> Backend:
     """The runtime for a model file: ``.onnx`` -> onnxruntime, ``.ts``/``.torchscript`` ->
     TorchScript, else a checkpoint run by PyTorch. ``backend`` may force torch or
-    onnxruntime; each returns activated per-attribute outputs for a preprocessed batch."""
+    onnxruntime; each returns activated per-attribute outputs for a preprocessed batch.
+    ``threads``: CPU threads for the model (PyTorch's setting is process-wide); default all."""
     path = Path(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -173,9 +176,11 @@ def load_backend(path: str | os.PathLike, backend: str = "auto", device: str = "
     if backend == "onnxruntime" or (backend == "auto" and suffix == ".onnx"):
         if device != "cpu":
             raise ValueError("the onnxruntime backend runs on the CPU only")
-        return OnnxBackend(path)
+        return OnnxBackend(path, threads)
     if suffix == ".onnx":
         raise ValueError(f"{path}: an ONNX model needs backend onnxruntime (or auto)")
+    if threads:
+        torch.set_num_threads(threads)
     if suffix in TORCHSCRIPT_SUFFIXES:
         return TorchScriptBackend(path, device)
     return TorchBackend(path, device)
@@ -194,9 +199,10 @@ class Engine:
         top_k: int = 3,
         threshold: float = 0.5,
         backend: str = "auto",
+        threads: int | None = None,
     ):
         self.model_path = resolve_model(model_path)
-        self.backend = load_backend(self.model_path, backend, device)
+        self.backend = load_backend(self.model_path, backend, device, threads)
         self.model = getattr(self.backend, "model", None)  # the nn.Module, torch backend only
         self.cfg = self.backend.cfg
         self.device = device

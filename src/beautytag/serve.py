@@ -33,6 +33,7 @@ import gc
 import hmac
 import io
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -623,12 +624,18 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
 
 def serve(
-    model_path: str | None, host: str = "127.0.0.1", port: int = 8000, **settings: Any
+    model_path: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int | None = None,
+    **settings: Any,
 ) -> None:
-    """Load the model and run the service with uvicorn until interrupted."""
+    """Load the model and run the service with uvicorn until interrupted. The model gets
+    ``threads`` CPU threads, by default all CPUs but one (left for HTTP and decoding)."""
     import uvicorn
 
-    engine = Engine(model_path, batch_size=settings.get("max_batch", 16))
+    threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    engine = Engine(model_path, batch_size=settings.get("max_batch", 16), threads=threads)
     app = create_app(engine, ServeSettings(**settings))
     size = engine.cfg.model.image_size
     for n in (1, engine.batch_size):  # first calls allocate; keep that out of answers
