@@ -282,6 +282,8 @@ class Server:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--backend",
+            "torch" if model.suffix == ".pt" else "auto",
         ]
         with log.open("wb") as f:  # a file, not a pipe: a full pipe would stall the server
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)

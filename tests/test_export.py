@@ -163,8 +163,10 @@ def test_engine_refuses_mismatched_backends(tiny_model, onnx_path, tmp_path):
         Engine(onnx_path, backend="torch")
     with pytest.raises(ValueError, match="backend"):
         Engine(onnx_path, backend="tensorrt")
-    with pytest.raises(ValueError, match="ONNX"):
-        Engine(tiny_model, backend="onnxruntime")  # a checkpoint is not an ONNX file
+    ts = tmp_path / "model.ts"
+    ts.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="TorchScript"):
+        Engine(ts, backend="onnxruntime")  # (a checkpoint is exported: tests/test_serve.py)
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="fake.onnx"):

@@ -289,7 +289,7 @@ def test_explain_errors(make_client, engine):
     two = files(("a", jpeg()), ("b", jpeg()))
     assert c.post("/v1/explain?attribute=category", files=two).status_code == 400
     no_torch = Wrapped(engine)
-    no_torch.model = None  # e.g. an onnxruntime engine
+    no_torch.model = None  # e.g. an engine running an .onnx file
     r = make_client(no_torch).post("/v1/explain?attribute=category", content=jpeg())
     assert r.status_code == 501
 
@@ -310,3 +310,22 @@ def test_cli_serve_options(monkeypatch):
     monkeypatch.setenv("BEAUTYTAG_API_KEY", "k")
     assert args.func(args) == 0
     assert seen["api_key"] == "k" and seen["port"] == 0 and seen["max_batch"] == 4
+
+
+def test_onnxruntime_engine_from_a_checkpoint_predicts_and_explains(
+    make_client, engine, tiny_model
+):
+    """The service's default: the checkpoint exported at start and run by ONNX Runtime, with
+    the PyTorch model kept for Grad-CAM; answers match the PyTorch engine's."""
+    ort_engine = Engine(tiny_model, backend="onnxruntime")
+    assert ort_engine.backend.name == "onnxruntime" and ort_engine.model is not None
+    c = make_client(ort_engine)
+    assert c.get("/healthz").json()["backend"] == "onnxruntime"
+    data = jpeg((30, 160, 90))
+    got = c.post("/v1/predict", content=data).json()["results"][0]["attributes"]
+    want = next(engine.predict_items([("a.jpg", data)]))["attributes"]
+    assert got["category"]["label"] == want["category"]["label"]
+    assert got["category"]["score"] == pytest.approx(want["category"]["score"], abs=1e-3)
+    assert got["shade"]["lab"] == pytest.approx(want["shade"]["lab"], abs=0.05)
+    r = c.post("/v1/explain?attribute=category", content=data)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"

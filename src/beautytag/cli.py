@@ -151,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         workers=args.workers,
         threads=args.threads,
+        backend=args.backend,
         api_key=key,
     )
     return 0
@@ -259,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--queue-size", type=int, default=64, help="waiting images; more -> 503")
     v.add_argument("--timeout", type=float, default=10.0, help="seconds per request; -> 504")
     v.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    v.add_argument(
+        "--backend",
+        choices=["onnxruntime", "torch", "auto"],
+        default="onnxruntime",
+        help="onnxruntime (default; a checkpoint is exported at start), torch, or auto (by "
+        "file type)",
+    )
     v.add_argument(
         "--threads",
         type=int,

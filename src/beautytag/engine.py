@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -147,10 +148,26 @@ class OnnxBackend:
         if METADATA_KEY not in meta:
             raise ValueError(f"{path}: no beautytag metadata (not exported by beautytag export)")
         self.cfg = _config_from_meta(meta[METADATA_KEY], path)
+        self.model: BeautyTagNet | None = None  # set by from_checkpoint
+        self.tmp: tempfile.TemporaryDirectory | None = None
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         if sorted(self.outputs) != sorted(self.cfg.schema.names):
             raise ValueError(f"{path}: outputs {self.outputs} do not match the schema")
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, threads: int | None = None) -> OnnxBackend:
+        """Export a checkpoint to ONNX in a temporary folder (about 2 s) and run that; the
+        PyTorch model stays loaded as ``model`` for what needs gradients (Grad-CAM)."""
+        from beautytag.export import export_onnx  # export imports this module
+
+        tmp = tempfile.TemporaryDirectory(prefix="beautytag-")
+        onnx_path = Path(tmp.name) / f"{path.stem}.onnx"
+        export_onnx(path, onnx_path)
+        backend = cls(onnx_path, threads)
+        backend.tmp = tmp  # removed with the backend
+        backend.model = load_checkpoint(path)[0]
+        return backend
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         ys = self.session.run(None, {self.input: x.detach().float().cpu().contiguous().numpy()})
@@ -176,6 +193,10 @@ def load_backend(
     if backend == "onnxruntime" or (backend == "auto" and suffix == ".onnx"):
         if device != "cpu":
             raise ValueError("the onnxruntime backend runs on the CPU only")
+        if suffix in TORCHSCRIPT_SUFFIXES:
+            raise ValueError(f"{path}: a TorchScript file runs with backend torch (or auto)")
+        if suffix != ".onnx":  # a checkpoint: exported on the fly
+            return OnnxBackend.from_checkpoint(path, threads)
         return OnnxBackend(path, threads)
     if suffix == ".onnx":
         raise ValueError(f"{path}: an ONNX model needs backend onnxruntime (or auto)")
