@@ -173,7 +173,7 @@ def table_c(data: Path) -> dict[str, dict]:
         "C5 full multi-task config, no attention @ 192 px (shipped: accurate)": full_raw(
             data, **{"model.image_size": 192, "model.attention": "none"}
         ),
-        # smaller inputs for serving speed (issue 3): 3.3x / 7x fewer FLOPs than 192 px
+        # smaller inputs for serving speed (issue 3): 2.25x / 4x fewer pixels than 192 px
         "C6 full multi-task config, no attention @ 128 px": full_raw(
             data, **{"model.image_size": 128, "model.attention": "none"}
         ),

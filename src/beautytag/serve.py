@@ -583,7 +583,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         nonlocal explaining
         model = getattr(engine, "model", None)
         if not isinstance(model, BeautyTagNet):
-            raise HTTPException(501, "explanations need a PyTorch checkpoint (an exported file has no gradients)")
+            raise HTTPException(
+                501, "explanations need a PyTorch checkpoint (an exported file has no gradients)"
+            )
         name = attribute or engine.schema.names[0]
         if name not in engine.schema.names:
             raise HTTPException(
