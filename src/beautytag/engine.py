@@ -40,7 +40,7 @@ IMAGE_SUFFIXES = {
 # models shipped inside the package, by the name `--model` accepts
 SHIPPED_MODELS = {
     "default": "default.pt",  # EfficientNet-Lite0 at 96 px: fast enough for real-time serving
-    "accurate": "accurate.pt",  # the same at 192 px: better shades and categories, 4x the FLOPs
+    "accurate": "accurate.pt",  # the same at 192 px: better shades, 4x the pixels
 }
 BACKENDS = ("auto", "torch", "onnxruntime")
 METADATA_KEY = "beautytag"  # ONNX metadata_props key holding the export JSON
