@@ -20,7 +20,7 @@ from PIL import Image
 from beautytag.color import lab_to_hex
 from beautytag.config import Config, config_from_dict
 from beautytag.evaluate import activate
-from beautytag.images import MAX_PIXELS, ImageError, load_image, preprocess
+from beautytag.images import MAX_PIXELS, ImageError, load_for_model
 from beautytag.model import BeautyTagNet, load_checkpoint
 
 # what a folder walk picks up (the format itself is read from the content, whatever the name)
@@ -232,16 +232,12 @@ class Engine:
         self.threshold = threshold
         self.schema = self.cfg.schema
 
-    def preprocess(self, img) -> torch.Tensor:
-        m = self.cfg.model
-        return preprocess(img, m.image_size, m.mean, m.std)
-
     def load(
         self, item: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
     ) -> tuple[Image.Image, torch.Tensor]:
         """Decode one photo (path or bytes) -> (RGB image, model input); raises ImageError."""
-        img = load_image(item, name=name, max_pixels=max_pixels, min_size=self.cfg.model.image_size)
-        return img, self.preprocess(img)
+        m = self.cfg.model
+        return load_for_model(item, m.image_size, m.mean, m.std, name=name, max_pixels=max_pixels)
 
     def predict_tensors(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """A batch of preprocessed images -> one attributes dict per image."""

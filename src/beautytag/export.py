@@ -36,7 +36,7 @@ from beautytag.engine import (
     load_backend,
 )
 from beautytag.evaluate import activate, check_same_outputs, compute_metrics
-from beautytag.images import ImageError, load_image, normalize, preprocess
+from beautytag.images import ImageError, load_for_model, normalize
 from beautytag.model import BeautyTagNet, load_checkpoint
 
 ONNX_FORMAT = "beautytag-onnx-1"
@@ -195,8 +195,7 @@ class _Calibration:
     def __iter__(self):
         for p in self.images:
             try:
-                img, size = load_image(p, min_size=self.meta["size"]), self.meta["size"]
-                x = preprocess(img, size, self.meta["mean"], self.meta["std"])
+                _, x = load_for_model(p, self.meta["size"], self.meta["mean"], self.meta["std"])
             except ImageError:
                 continue
             yield {self.meta["name"]: x[None].numpy()}
@@ -375,7 +374,7 @@ def parity_check(
     xs = []
     for p in photos:
         try:
-            xs.append(preprocess(load_image(p, min_size=m.image_size), m.image_size, m.mean, m.std))
+            xs.append(load_for_model(p, m.image_size, m.mean, m.std)[1])
         except ImageError:
             continue
     if not xs:

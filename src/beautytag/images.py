@@ -187,3 +187,18 @@ def preprocess(
     """Letterbox to `size` then normalise: the single preprocessing function (the image
     comes from ``load_image(source, min_size=size)``)."""
     return to_tensor(letterbox(img, size), mean, std)
+
+
+def load_for_model(
+    source: str | os.PathLike | bytes,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[Image.Image, torch.Tensor]:
+    """Decode a photo for a model with input `size` -> (RGB image, model input): what
+    prediction, serving, export and calibration feed a model. Raises :class:`ImageError`."""
+    img = load_image(source, name=name, max_pixels=max_pixels, min_size=size)
+    return img, preprocess(img, size, mean, std)
