@@ -138,7 +138,7 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         # idle worker threads sleep instead of spinning: decoding threads and the service's
-        # event loop share the same CPUs (spinning: 63 vs 29 ms of CPU per request, measured)
+        # event loop share the same CPUs, and spinning threads take CPU time from them
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -157,7 +157,7 @@ class OnnxBackend:
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> OnnxBackend:
-        """Export a checkpoint to ONNX in a temporary folder (about 2 s) and run that; the
+        """Export a checkpoint to ONNX in a temporary folder (seconds) and run that; the
         PyTorch model stays loaded as ``model`` for what needs gradients (Grad-CAM)."""
         from beautytag.export import export_onnx  # export imports this module
 

@@ -87,9 +87,9 @@ def load_image(
     The format is detected from the content, EXIF orientation is applied, transparency is
     composited onto white and animated images give their first frame. With `min_size`, a
     JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whose
-    sides are all still >= `min_size` (for a 128 px model the beauty-shades photos, mostly
-    progressive JPEGs of 750-4700 px, took 13 ms instead of 24 on average). Any problem
-    raises :class:`ImageError` naming the file (`name`, else the path, else ``"<bytes>"``).
+    sides are all still >= `min_size`: far less work for a photo much larger than the model
+    input (progressive JPEGs gain least). Any problem raises :class:`ImageError` naming the
+    file (`name`, else the path, else ``"<bytes>"``).
     """
     data, label = _read(source, name)
     if not data:

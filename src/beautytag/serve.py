@@ -636,7 +636,8 @@ def serve(
     """Load the model and run the service with uvicorn until interrupted. The model gets
     ``threads`` CPU threads, by default all CPUs but one (left for HTTP and decoding). With
     backend ``onnxruntime`` (default) a checkpoint is exported to ONNX at start and run by ONNX
-    Runtime, 2.5x PyTorch's throughput here; PyTorch keeps the model for /v1/explain."""
+    Runtime (2.57x PyTorch's throughput, benchmarks/results/serve.md); PyTorch keeps the
+    model for /v1/explain."""
     import uvicorn
 
     threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
@@ -647,8 +648,8 @@ def serve(
     size = engine.cfg.model.image_size
     for n in (1, engine.batch_size):  # first calls allocate; keep that out of answers
         engine.predict_tensors(torch.zeros(n, 3, size, size))
-    # The ~400k objects of torch, timm and FastAPI never die: without freezing them each
-    # full garbage collection walks them all, stalling every request (0.4 s measured here).
+    # The start-up objects of torch, timm and FastAPI (hundreds of thousands) never die:
+    # without freezing them each full garbage collection walks them all, stalling requests.
     gc.collect()
     gc.freeze()
     uvicorn.run(app, host=host, port=port)
