@@ -157,6 +157,8 @@ def table_a(data: Path) -> dict[str, dict]:
             data, **{"model.backbone": "tf_efficientnet_lite2", "model.image_size": 192}
         ),
         "A8 cbam + test-time flip": {"tta_of": "A5 multi-task + cbam attention"},
+        "A8 cbam, backbone pre-trained on the whole catalogue (B1)": table_a_raw(data)
+        | {"backbone_from": B1},
     }
 
 
@@ -180,13 +182,29 @@ def table_c(data: Path) -> dict[str, dict]:
         "C7 full multi-task config, no attention @ 96 px (shipped: default)": full_raw(
             data, **{"model.image_size": 96, "model.attention": "none"}
         ),
+        # candidates for the default (96 px, Lite0: what serves in real time)
+        "C8 full config @ 96 px + class-weighted loss": full_raw(
+            data, **{"model.image_size": 96, "train.balance": "weights"}
+        ),
+        "C9 full config @ 96 px, 2x epochs": full_raw(
+            data, **{"model.image_size": 96, "train.epochs": 30, "train.patience": 8}
+        ),
+        "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1)": full_raw(
+            data, **{"model.image_size": 96}
+        )
+        | {"backbone_from": B1},
     }
+
+
+B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
 
 
 def table_b(data: Path) -> dict[str, dict]:
     return {
-        "B1 multi-task cbam, whole catalogue": catalogue_raw(
-            data, **{"model.image_size": 96, "train.epochs": 8, "train.patience": 3}
+        B1: catalogue_raw(
+            data,
+            **{"model.image_size": 96, "model.attention": "none"},
+            **{"train.epochs": 8, "train.patience": 3, "train.batch_size": 128},
         )
     }
 
@@ -201,6 +219,25 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
             if k in r:
                 out[f"{name}.{k}"] = r[k]
     return out
+
+
+def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
+    """Write the backbone weights of run `name` (seed 0) as a state-dict file for
+    model.weights (domain pre-training); None if that run's checkpoint is not here."""
+    src = store["runs"].get(f"{name}|seed0")
+    if not src or not Path(src.get("checkpoint", "")).is_file():
+        return None
+    state = torch.load(src["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, out
+    )
+    return out
+
+
+def without_marker(raw: dict) -> dict:
+    """The config without the benchmark's own "backbone_from" marker."""
+    return {k: v for k, v in raw.items() if k != "backbone_from"}
 
 
 def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:
@@ -319,7 +356,7 @@ def run_shade_baseline(kind: str, data: Path) -> dict[str, Any]:
 def measure_speed(raw: dict, batch: int = 32, budget_s: float = 4.0) -> float:
     """Inference images/s of the configuration's model in PyTorch eager on this machine:
     batches of random pixels (weights do not change the speed), median over ``budget_s``."""
-    cfg = config_from_dict(apply(raw, {"model.weights": "none"}))
+    cfg = config_from_dict(apply(without_marker(raw), {"model.weights": "none"}))
     model = BeautyTagNet(cfg, pretrained=False).eval()
     x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size)
     times: list[float] = []
@@ -424,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", nargs="+", default=["A", "C"], choices=["A", "B", "C"])
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--only", nargs="*", default=[], help="run names containing any of these")
+    p.add_argument("--skip", nargs="*", default=[], help="leave out run names containing these")
     p.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs: a smoke run")
     p.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
@@ -454,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         n: c
         for t in args.tables
         for n, c in builders[t](args.data).items()
-        if not args.only or any(o in n for o in args.only)
+        if (not args.only or any(o in n for o in args.only)) and not any(o in n for o in args.skip)
     }
     device = str(pick_device())
     if device == "cuda":
@@ -491,8 +529,22 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 else:
                     slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
+                    train_raw = raw
+                    if "backbone_from" in raw:  # domain pre-training: start from that run
+                        weights = backbone_of_run(
+                            store, raw["backbone_from"], args.runs_dir / "backbone-B1.pt"
+                        )
+                        if weights is None:
+                            print(
+                                f"skipped {key}: needs the checkpoint of {raw['backbone_from']}"
+                                " (run --tables B first, on this machine)"
+                            )
+                            continue
+                        train_raw = without_marker(raw) | {
+                            "model": raw["model"] | {"weights": str(weights)}
+                        }
                     run = run_trained(
-                        raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick, args.workers
+                        train_raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick, args.workers
                     )
                 run |= {
                     "name": n,
