@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_raw = raw
                     if "backbone_from" in raw:  # domain pre-training: start from that run
                         weights = backbone_of_run(
-                            store, raw["backbone_from"], args.runs_dir / "backbone-B1.pt"
+                            store, raw["backbone_from"], args.runs_dir / f"{slug}-s{seed}-init.pt"
                         )
                         if weights is None:
                             print(
