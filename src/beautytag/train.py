@@ -107,13 +107,14 @@ def validate(
     metrics = compute_metrics(cfg, outputs, targets, masks)
     loss = 0.0
     for a in cfg.schema.attributes:
-        m = torch.from_numpy(masks[a.name]).bool()
-        o = torch.from_numpy(outputs[a.name])
+        # on the criterion's device: its class weights live there
+        m = torch.from_numpy(masks[a.name]).bool().to(device)
+        o = torch.from_numpy(outputs[a.name]).to(device)
         if a.kind == "single":
             o = torch.log(o.clamp_min(1e-8))  # log-probabilities work as logits here
         elif a.kind == "multi":
             o = torch.logit(o.clamp(1e-6, 1 - 1e-6))
-        t = torch.from_numpy(targets[a.name])
+        t = torch.from_numpy(targets[a.name]).to(device)
         part = criterion.task_loss(a.name, a.kind, o, t, m)
         if part is not None:
             loss += a.weight * float(part)
