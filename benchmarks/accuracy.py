@@ -179,7 +179,7 @@ def table_c(data: Path) -> dict[str, dict]:
         "C6 full multi-task config, no attention @ 128 px": full_raw(
             data, **{"model.image_size": 128, "model.attention": "none"}
         ),
-        "C7 full multi-task config, no attention @ 96 px (shipped: default)": full_raw(
+        "C7 full multi-task config, no attention @ 96 px": full_raw(
             data, **{"model.image_size": 96, "model.attention": "none"}
         ),
         # candidates for the default (96 px, Lite0: what serves in real time)
@@ -189,10 +189,8 @@ def table_c(data: Path) -> dict[str, dict]:
         "C9 full config @ 96 px, 2x epochs": full_raw(
             data, **{"model.image_size": 96, "train.epochs": 30, "train.patience": 8}
         ),
-        "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1)": full_raw(
-            data, **{"model.image_size": 96}
-        )
-        | {"backbone_from": B1},
+        "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1) "
+        "(shipped: default)": full_raw(data, **{"model.image_size": 96}) | {"backbone_from": B1},
     }
 
 
@@ -382,6 +380,12 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def row_order(name: str) -> tuple[int, str]:
+    """C2 before C10: by the row's number, then by name."""
+    number = name[1:].split()[0]
+    return (int(number) if number.isdigit() else 0, name)
+
+
 def write_report(store: dict, path_md: Path) -> None:
     groups: dict[str, list[dict]] = {}  # one row per configuration and code revision
     for run in store["runs"].values():
@@ -423,7 +427,7 @@ def write_report(store: dict, path_md: Path) -> None:
         ),
     }
     for key, (title, cols) in tables.items():
-        names = sorted(n for n in groups if n.startswith(key))
+        names = sorted((n for n in groups if n.startswith(key)), key=row_order)
         if not names:
             continue
         lines += [
@@ -447,6 +451,13 @@ def write_report(store: dict, path_md: Path) -> None:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if store.get("superseded"):
+        lines += [
+            f"Earlier runs of the same rows at older code revisions ({len(store['superseded'])}, "
+            "one seed each) are kept in accuracy.json under `superseded`; the table shows the "
+            "runs of the current code.",
+            "",
+        ]
     if store.get("conclusion"):
         lines += ["## Conclusion", "", store["conclusion"], ""]
     path_md.write_text("\n".join(lines))

@@ -35,6 +35,9 @@ def main() -> int:
     data_cfg = load_config(ROOT / "configs" / "default.yaml")
     # ship the repository's data section, its root as seen from the repository's root
     cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
+    # a weights path of the training machine (domain pre-training) means nothing elsewhere
+    if cfg.model.weights not in ("auto", "none", "hub"):
+        cfg.model = dataclasses.replace(cfg.model, weights="auto")
     out = ROOT / "src" / "beautytag" / "weights" / SHIPPED_MODELS[args.name]
     save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
     result: dict = {
