@@ -450,6 +450,11 @@ def write_report(store: dict, path_md: Path) -> None:
                 ", ".join(sorted({r["revision"] for r in runs})),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        if key == "B":  # the published numbers Table B is compared with (not run here)
+            ref = {"masterCategory": "0.992", "subCategory": "0.973", "gender": "0.921"}
+            cells = ["published multi-output CNN (reference, not run here)", "-"]
+            cells += [ref.get(c.split(".")[0], "-") for c in cols] + ["-"] * 4
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if store.get("superseded"):
         lines += [

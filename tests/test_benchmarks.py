@@ -31,7 +31,7 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
         "--only",
         "A1",
         "A3",
-        "C1",
+        "C1 ",  # not C10
         "--results",
         str(results),
         "--runs-dir",
@@ -55,3 +55,30 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(args) == 0  # every finished run is kept and skipped
     assert "== " not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(datasets, tmp_path):
+    import torch
+
+    bench = load("accuracy")
+    results, runs = tmp_path / "acc.json", tmp_path / "runs"
+    common = ["--quick", "--data", str(datasets), "--seeds", "0"]
+    common += ["--results", str(results), "--runs-dir", str(runs)]
+    # without the whole-catalogue run there is nothing to start from: skipped, not failed
+    assert bench.main([*common, "--tables", "A", "--only", "(B1)"]) == 0
+    assert json.loads(results.read_text())["runs"] == {}
+
+    assert bench.main([*common, "--tables", "B", "A", "--only", "B1"]) == 0
+    store = json.loads(results.read_text())
+    row = "A8 cbam, backbone pre-trained on the whole catalogue (B1)"
+    assert set(store["runs"]) == {f"{bench.B1}|seed0", f"{row}|seed0"}
+    b1 = torch.load(store["runs"][f"{bench.B1}|seed0"]["checkpoint"], weights_only=False)
+    ckpt = torch.load(store["runs"][f"{row}|seed0"]["checkpoint"], weights_only=False)
+    init = torch.load(ckpt["config"]["model"]["weights"], weights_only=True)
+    # the row's backbone started as B1's, tensor for tensor
+    b1_backbone = {
+        k.removeprefix("backbone."): v for k, v in b1["model"].items() if k.startswith("backbone.")
+    }
+    assert init.keys() == b1_backbone.keys()
+    assert all(torch.equal(init[k], b1_backbone[k]) for k in init)
