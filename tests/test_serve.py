@@ -329,3 +329,29 @@ def test_onnxruntime_engine_from_a_checkpoint_predicts_and_explains(
     assert got["shade"]["lab"] == pytest.approx(want["shade"]["lab"], abs=0.05)
     r = c.post("/v1/explain?attribute=category", content=data)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def test_admission_answers_503_when_the_wait_would_outlast_the_timeout(engine):
+    slow = Wrapped(engine, delay=0.3)  # 0.3 s per image: two fit in half of 1.5 s, three do not
+    app = create_app(slow, ServeSettings(timeout_s=1.5, max_wait_ms=0))
+    data = {"files": files(("a.jpg", jpeg()))}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            first = await c.post("/v1/predict", **data)  # the model's speed is learnt here
+            second = asyncio.create_task(c.post("/v1/predict", **data))
+            await _wait_for(lambda: len(slow.sizes) == 2)  # the model holds the second image
+            third = await c.post("/v1/predict", files=files(("a", jpeg()), ("b", jpeg())))
+            fourth = await c.post("/v1/predict", **data)
+            second = await second
+            await app.state.batcher.stop()
+            return first, second, third, fourth
+
+    first, second, third, fourth = asyncio.run(scenario())
+    assert first.status_code == 200 and second.status_code == 200
+    # 1 in flight + 2 new images = about 0.9 s of work ahead > 0.75 s: 503 at once, not 504 later
+    assert third.status_code == 503 and third.headers["retry-after"] == "1"
+    assert "s of images ahead" in third.json()["detail"]
+    assert fourth.status_code == 200  # 1 + 1 images (0.6 s) still fit
+    assert app.state.batcher.seconds_per_image == pytest.approx(0.3, abs=0.1)

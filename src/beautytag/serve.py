@@ -19,7 +19,9 @@ Endpoints (all JSON unless said otherwise):
 Other answers: 400 no file or a malformed form, 401 missing or wrong ``X-API-Key`` (when a key
 is set; ``/``, ``/healthz`` and ``/openapi.json`` stay open), 413 body over the size limit
 (checked from Content-Length and while reading), 503 with ``Retry-After`` when the queue is
-full, 504 when a request takes longer than the timeout.
+full or the images ahead would take more than half the timeout at the model's recent speed
+(so that overload is answered with 503 at once, not 504 later), 504 when a request takes
+longer than the timeout.
 
 Requests are decoded in a thread pool; decoded images go to a bounded queue that one
 background task drains in micro-batches (at most ``max_batch`` images, waiting at most
@@ -146,6 +148,7 @@ class MicroBatcher:
         self.max_wait = max(0.0, settings.max_wait_ms / 1000)
         self.queue_size = max(1, settings.queue_size)
         self.metrics = metrics
+        self.seconds_per_image = 0.0  # model time per image, moving average of recent calls
         self.model_thread: ThreadPoolExecutor | None = None
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None
@@ -236,7 +239,10 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
-            self.metrics.inference.observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.metrics.inference.observe(seconds)
+            rate = 0.3 if self.seconds_per_image else 1.0  # the first call sets it
+            self.seconds_per_image += rate * (seconds / len(items) - self.seconds_per_image)
             for (_, f), p in zip(items, preds, strict=True):
                 if not f.done():
                     f.set_result(p)
@@ -481,6 +487,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     def queue_full() -> HTTPException:
         return HTTPException(503, "server busy: queue full", headers={"Retry-After": "1"})
 
+    def busy(ahead_s: float) -> HTTPException:
+        return HTTPException(
+            503,
+            f"server busy: about {ahead_s:.1f} s of images ahead of this request",
+            headers={"Retry-After": "1"},
+        )
+
     def timed_out() -> HTTPException:
         return HTTPException(504, f"request took longer than {settings.timeout_s} s")
 
@@ -518,17 +531,23 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         """``{"results": [{"file", "attributes", "error"}, ...]}`` in request order; a bad file
         among good ones fills its ``error`` (status 200); all bad is a 4xx."""
         nonlocal inflight
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(settings.timeout_s):
                 files = await read_images(request, filename)
                 if not files:
                     raise no_file()
                 # admission: images in flight (decoding, queued or in the model) are bounded by
-                # queue_size + max_batch, so overload is answered with 503 at once instead of
-                # piling up decode work and memory
+                # queue_size + max_batch, and by what the model can answer in half the time left
+                # to this request, so overload is answered with 503 at once instead of piling
+                # up decode work and memory, or answering 504 later
                 limit = settings.queue_size + settings.max_batch
+                ahead_s = (inflight + len(files)) * batcher.seconds_per_image
+                left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
                     raise queue_full()
+                if ahead_s > left_s / 2:
+                    raise busy(ahead_s)
                 inflight += len(files)
                 try:
                     decoded = [
