@@ -14,6 +14,9 @@ tables can be built over several sittings (or quickly on a GPU). Usage:
     python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
     python benchmarks/accuracy.py --speed            # inference images/s on this machine
     python benchmarks/accuracy.py --report           # only rewrite the markdown table
+
+Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
+they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.
 """
 
 from __future__ import annotations
