@@ -159,14 +159,15 @@ class OnnxBackend:
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> OnnxBackend:
         """Export a checkpoint to ONNX in a temporary folder (seconds) and run that; the
         PyTorch model stays loaded as ``model`` for what needs gradients (Grad-CAM)."""
-        from beautytag.export import export_onnx  # export imports this module
+        from beautytag.export import export_model_onnx  # export imports this module
 
+        model, cfg, _ = load_checkpoint(path)
         tmp = tempfile.TemporaryDirectory(prefix="beautytag-")
         onnx_path = Path(tmp.name) / f"{path.stem}.onnx"
-        export_onnx(path, onnx_path)
+        export_model_onnx(model, cfg, onnx_path)
         backend = cls(onnx_path, threads)
         backend.tmp = tmp  # removed with the backend
-        backend.model = load_checkpoint(path)[0]
+        backend.model = model
         return backend
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

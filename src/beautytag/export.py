@@ -104,9 +104,20 @@ def export_onnx(
 ) -> Path:
     """Export a checkpoint to ONNX with metadata. ``dynamo=None`` tries the legacy
     (TorchScript-based) exporter first and falls back to the ``torch.export`` one."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    return export_model_onnx(model, cfg, out_path, opset, dynamo)
+
+
+def export_model_onnx(
+    model: BeautyTagNet,
+    cfg: Config,
+    out_path: str | Path,
+    opset: int = 17,
+    dynamo: bool | None = None,
+) -> Path:
+    """:func:`export_onnx` for a model already loaded (with its config)."""
     import onnx
 
-    model, cfg, _ = load_checkpoint(checkpoint)
     wrapper, x = ExportWrapper(model), _example(cfg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
