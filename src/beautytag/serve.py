@@ -655,7 +655,7 @@ def serve(
     """Load the model and run the service with uvicorn until interrupted. The model gets
     ``threads`` CPU threads, by default all CPUs but one (left for HTTP and decoding). With
     backend ``onnxruntime`` (default) a checkpoint is exported to ONNX at start and run by ONNX
-    Runtime (2.57x PyTorch's throughput, benchmarks/results/serve.md); PyTorch keeps the
+    Runtime (faster than PyTorch on CPUs: benchmarks/results/serve.md); PyTorch keeps the
     model for /v1/explain."""
     import uvicorn
 
