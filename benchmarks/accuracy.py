@@ -25,10 +25,8 @@ import argparse
 import copy
 import csv
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from benchlib import git_revision, throughput
 
 from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
@@ -52,21 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
-
-
-def git_revision() -> str:
-    if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
-        return os.environ["BEAUTYTAG_REVISION"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def default_raw() -> dict[str, Any]:
@@ -360,16 +344,7 @@ def measure_speed(raw: dict, batch: int = 32, budget_s: float = 4.0) -> float:
     cfg = config_from_dict(apply(without_marker(raw), {"model.weights": "none"}))
     model = BeautyTagNet(cfg, pretrained=False).eval()
     x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size)
-    times: list[float] = []
-    with torch.inference_mode():
-        for _ in range(2):
-            model(x)
-        start = time.perf_counter()
-        while len(times) < 3 or time.perf_counter() - start < budget_s:
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return throughput(model, x, budget_s)["images_per_s_median"]
 
 
 # ---------------------------------------------------------------- report

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib import git_revision
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -175,15 +175,6 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{r['val']['macro_f1']:.3f} | {acc['test']} | {r['test']['macro_f1']:.3f} |"
         )
     path.write_text("\n".join(lines) + "\n")
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import torch
+from benchlib import git_revision, throughput
 
 from beautytag.config import config_from_dict
 from beautytag.engine import Engine, resolve_model
@@ -111,23 +111,6 @@ def photo_sets() -> dict[str, list[Path]]:
 
 
 # ---------------------------------------------------------------- 1. engine throughput
-
-
-def throughput(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -> dict:
-    """images/s of ``fn(x)``: two warm-up calls, then calls until ``budget_s`` (at least 3)."""
-    for _ in range(2):
-        fn(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return {
-        "images_per_s": round(len(x) * len(times) / sum(times), 2),
-        "ms_per_call_median": round(1000 * float(np.median(times)), 2),
-        "calls": len(times),
-    }
 
 
 def resnet50_checkpoint(model_path: Path, out: Path) -> Path:
@@ -475,7 +458,8 @@ def write_markdown(r: dict[str, Any], path: Path) -> None:
     lines = [
         "# beautytag serving benchmark",
         "",
-        f"Command: `{r['command']}`. Machine: {m['cpu']}, nproc {m['nproc']}, torch "
+        f"Command: `{r['command']}` (revision {r.get('revision', 'not recorded')}). "
+        f"Machine: {m['cpu']}, nproc {m['nproc']}, torch "
         f"{m['torch']} ({m['torch_threads']} threads), onnxruntime {m['onnxruntime']}, "
         f"OMP_WAIT_POLICY {m['OMP_WAIT_POLICY']}, load average {m['load_average_at_start']} at "
         f"start and {m['load_average_at_end']} at the end.",
@@ -620,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sets["mixed"]
     result: dict[str, Any] = {
         "command": "python benchmarks/serve.py " + " ".join(argv or sys.argv[1:]),
+        "revision": git_revision(),
         "model": str(model),
         "machine": machine(),
         "photos": {k: len(v) for k, v in sets.items()},

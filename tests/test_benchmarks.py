@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -9,6 +10,8 @@ from .conftest import ROOT
 
 
 def load(name):
+    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their sibling benchlib
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

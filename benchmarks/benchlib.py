@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: the code revision they measured and a timing loop.
+
+The scripts import it as a sibling (``python benchmarks/NAME.py`` puts this folder first on
+``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_revision() -> str:
+    """The checkout's short commit hash ("unknown" outside git)."""
+    if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
+        return os.environ["BEAUTYTAG_REVISION"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.inference_mode()
+def throughput(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -> dict:
+    """images/s of ``fn(x)``: two warm-up calls, then calls until ``budget_s`` (at least 3).
+    ``images_per_s`` is over all calls, ``images_per_s_median`` from the median call."""
+    for _ in range(2):
+        fn(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    median = float(np.median(times))
+    return {
+        "images_per_s": round(len(x) * len(times) / sum(times), 2),
+        "images_per_s_median": round(len(x) / median, 2),
+        "ms_per_call_median": round(1000 * median, 2),
+        "calls": len(times),
+    }
