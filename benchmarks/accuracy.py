@@ -15,6 +15,9 @@ tables can be built over several sittings (or quickly on a GPU). Usage:
     python benchmarks/accuracy.py --speed            # inference images/s on this machine
     python benchmarks/accuracy.py --report           # only rewrite the markdown table
 
+Several processes can share one GPU, each with its own ``--results`` file (and ``--only`` /
+``--seeds`` to split the work); ``--merge THEIR_FILES`` then adds their runs to this store.
+
 Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
 they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.
 """
@@ -446,6 +449,17 @@ def write_report(store: dict, path_md: Path) -> None:
     path_md.write_text("\n".join(lines))
 
 
+def merge_runs(store: dict, runs: dict[str, dict]) -> list[str]:
+    """Add finished runs from another results file to `store`; a run the store already has
+    is kept as it is. Returns the keys added."""
+    added = [key for key in runs if key not in store["runs"]]
+    for key in added:
+        if not isinstance(runs[key], dict) or "metrics" not in runs[key]:
+            raise ValueError(f"run {key!r} has no metrics")
+    store["runs"] |= {key: runs[key] for key in added}
+    return added
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -463,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", action="store_true", help="measure inference img/s here")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown")
     p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="add the finished runs of these results files (parallel processes, other machines)",
+    )
+    p.add_argument(
         "--time-budget",
         type=float,
         default=0,
@@ -474,6 +495,18 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    if args.merge or args.report:
+        for other in args.merge:
+            try:
+                added = merge_runs(store, json.loads(other.read_text())["runs"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                print(f"{other}: not an accuracy results file ({e})", file=sys.stderr)
+                return 2
+            print(f"{other}: {len(added)} runs added")
+        path.write_text(json.dumps(store, indent=2))
+        write_report(store, path.with_suffix(".md"))
+        print(f"results: {path} and {path.with_suffix('.md')}")
+        return 0
     if not (args.data / "fashion-products-small").is_dir():
         print(
             f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
@@ -500,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         store["speed_machine"] = (
             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
-    elif not args.report:
+    else:
         started = time.time()
         revision = git_revision()  # the code the runs start from, not the HEAD at their end
         for n, raw in plan.items():

@@ -85,3 +85,28 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
     }
     assert init.keys() == b1_backbone.keys()
     assert all(torch.equal(init[k], b1_backbone[k]) for k in init)
+
+
+def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
+    bench = load("accuracy")
+    published = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    keys = sorted(published["runs"])[:3]
+    mine, theirs = tmp_path / "acc.json", tmp_path / "w1.json"
+    mine.write_text(json.dumps({"runs": {keys[0]: published["runs"][keys[0]]}}))
+    changed = published["runs"][keys[0]] | {"seed": 99}  # the same run done again elsewhere
+    theirs.write_text(
+        json.dumps({"runs": {keys[0]: changed} | {k: published["runs"][k] for k in keys[1:]}})
+    )
+    assert bench.main(["--results", str(mine), "--merge", str(theirs)]) == 0
+    store = json.loads(mine.read_text())
+    assert sorted(store["runs"]) == keys
+    assert store["runs"][keys[0]]["seed"] != 99  # a run already here is kept
+    table = mine.with_suffix(".md").read_text()
+    assert all(published["runs"][k]["name"] in table for k in keys)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"runs": {"X|seed0": {"name": "X"}}}')
+    capsys.readouterr()
+    assert bench.main(["--results", str(mine), "--merge", str(broken)]) == 2
+    assert "broken.json: not an accuracy results file" in capsys.readouterr().err
+    assert sorted(json.loads(mine.read_text())["runs"]) == keys  # nothing half-merged
