@@ -17,6 +17,7 @@ tables can be built over several sittings (or quickly on a GPU). Usage:
 
 Several processes can share one GPU, each with its own ``--results`` file (and ``--only`` /
 ``--seeds`` to split the work); ``--merge THEIR_FILES`` then adds their runs to this store.
+``benchmarks/accuracy_parallel.sh [DATA]`` does that for the whole benchmark.
 
 Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
 they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.

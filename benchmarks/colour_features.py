@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no datasets at {DATA}", file=sys.stderr)
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
     try:
         f = features(args.model)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole accuracy benchmark (tables A, B, C; seeds 0-2) as parallel processes that share
+# one machine, e.g. a GPU that one process cannot keep busy; then one merged results file.
+#
+#   benchmarks/accuracy_parallel.sh [DATA] [extra accuracy.py options, e.g. --quick]
+#
+# DATA defaults to ../shared/datasets. Work and logs go to $OUT (default runs/parallel); the
+# merged tables to $RESULTS (default benchmarks/results/accuracy.json, or accuracy-quick.json
+# with --quick). Finished runs are never redone: a run already in a process's file in $OUT is
+# skipped when the script is started again, and a run already in $RESULTS is kept as it is
+# (use a new RESULTS file to replace it). Two phases: the rows that start from another run's checkpoint (domain pre-training
+# from B1, test-time flip of A5) wait until that run is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/datasets}
+shift || true
+OUT=${OUT:-runs/parallel}
+quick=""
+for arg in "$@"; do [ "$arg" != --quick ] || quick=-quick; done
+RESULTS=${RESULTS:-benchmarks/results/accuracy$quick.json}
+mkdir -p "$OUT"
+# seven processes at once in phase 1: share the CPUs instead of each taking all of them
+cpus=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus >= 7 ? cpus / 7 : 1))}
+bench() {  # bench NAME ARGS...: one accuracy.py process with its own results file and log
+    local name=$1
+    shift
+    python benchmarks/accuracy.py --data "$DATA" --runs-dir "$OUT/runs" \
+        --results "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 ||
+        { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
+}
+later=("(B1)" "test-time flip")  # rows that need a finished run's checkpoint
+once=("A1 " "C1 " "C2 ")         # not trained: one run, whatever the seed
+
+echo "phase 1: B1 and every row that starts from ImageNet weights"
+pids=()
+bench b1 --tables B --seeds 0 "$@" & pids+=($!)  # one seed: the big run
+for seed in 0 1 2; do
+    skip=("${later[@]}")
+    [ "$seed" = 0 ] || skip+=("${once[@]}")
+    bench "a$seed" --tables A --seeds "$seed" --skip "${skip[@]}" "$@" & pids+=($!)
+    bench "c$seed" --tables C --seeds "$seed" --skip "${skip[@]}" "$@" & pids+=($!)
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+[ "$failed" = 0 ] || exit 1
+
+echo "phase 2: the rows that start from B1's backbone or A5's checkpoints"
+pids=()
+for seed in 0 1 2; do
+    python benchmarks/accuracy.py --results "$OUT/p$seed.json" \
+        --merge "$OUT/b1.json" "$OUT/a$seed.json" >/dev/null
+    bench "p$seed" --tables A C --seeds "$seed" --only "${later[@]}" "$@" & pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+[ "$failed" = 0 ] || exit 1
+
+python benchmarks/accuracy.py --results "$RESULTS" --merge "$OUT"/b1.json "$OUT"/a?.json \
+    "$OUT"/c?.json "$OUT"/p?.json
