@@ -484,15 +484,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         metrics.images.labels("error").inc(len(errors))
         return HTTPException(status_for(errors[0].problem), "; ".join(map(str, errors)))
 
-    def queue_full() -> HTTPException:
-        return HTTPException(503, "server busy: queue full", headers={"Retry-After": "1"})
-
-    def busy(ahead_s: float) -> HTTPException:
-        return HTTPException(
-            503,
-            f"server busy: about {ahead_s:.1f} s of images ahead of this request",
-            headers={"Retry-After": "1"},
-        )
+    def busy(reason: str) -> HTTPException:
+        return HTTPException(503, f"server busy: {reason}", headers={"Retry-After": "1"})
 
     def timed_out() -> HTTPException:
         return HTTPException(504, f"request took longer than {settings.timeout_s} s")
@@ -545,9 +538,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 ahead_s = (inflight + len(files)) * batcher.seconds_per_image
                 left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
-                    raise queue_full()
+                    raise busy("queue full")
                 if ahead_s > left_s / 2:
-                    raise busy(ahead_s)
+                    raise busy(f"about {ahead_s:.1f} s of images ahead of this request")
                 inflight += len(files)
                 try:
                     decoded = [
@@ -564,7 +557,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     try:
                         preds = iter(await batcher.predict(good))
                     except QueueFull:
-                        raise queue_full() from None
+                        raise busy("queue full") from None
                 finally:
                     inflight -= len(files)
         except TimeoutError:
@@ -611,7 +604,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 422, f"unknown attribute {name!r} (one of: {', '.join(engine.schema.names)})"
             )
         if explaining >= settings.queue_size:
-            raise queue_full()
+            raise busy("queue full")
         explaining += 1
         try:
             async with asyncio.timeout(settings.timeout_s):
