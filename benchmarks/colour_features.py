@@ -68,7 +68,7 @@ def pixel_colour_stats(pixels: np.ndarray) -> np.ndarray:
 def features(model_name: str) -> dict[str, dict[str, np.ndarray]]:
     """Per split: embedding, pixel statistics (+ shade head), colour labels, head logits."""
     model, cfg, _ = load_checkpoint(resolve_model(model_name))
-    colour = cfg.schema.attributes[[a.name for a in cfg.schema.attributes].index("color")]
+    colour = cfg.schema["color"]
     out = {}
     for split in SPLITS:
         ds = BeautyDataset(read_samples(cfg, splits=[split], sources=["fashion"]), cfg)
