@@ -182,6 +182,15 @@ def table_c(data: Path) -> dict[str, dict]:
         ),
         "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1) "
         "(shipped: default)": full_raw(data, **{"model.image_size": 96}) | {"backbone_from": B1},
+        # the colour family read off the product's pixels too (model.PixelColourHead)
+        "C11 full config @ 96 px, colour head reads pixel colour": full_raw(
+            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
+        ),
+        "C12 full config @ 96 px, colour head reads pixel colour, backbone pre-trained on the "
+        "whole catalogue (B1)": full_raw(
+            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
+        )
+        | {"backbone_from": B1},
     }
 
 
@@ -451,14 +460,22 @@ def write_report(store: dict, path_md: Path) -> None:
 
 
 def merge_runs(store: dict, runs: dict[str, dict]) -> list[str]:
-    """Add finished runs from another results file to `store`; a run the store already has
-    is kept as it is. Returns the keys added."""
-    added = [key for key in runs if key not in store["runs"]]
-    for key in added:
-        if not isinstance(runs[key], dict) or "metrics" not in runs[key]:
+    """Add finished runs from another results file to `store`. A run the store already has
+    is kept as it is; a run of the same row and seed at another code revision is added as
+    ``key|revision`` (its own row in the table). Returns the keys added."""
+    for key, run in runs.items():
+        if not isinstance(run, dict) or "metrics" not in run:
             raise ValueError(f"run {key!r} has no metrics")
-    store["runs"] |= {key: runs[key] for key in added}
-    return added
+    added = {}
+    for key, run in runs.items():
+        mine = store["runs"].get(key)
+        if mine is not None and mine.get("revision") != run.get("revision"):
+            key = f"{key}|{run.get('revision')}"
+            mine = store["runs"].get(key)
+        if mine is None:
+            added[key] = run
+    store["runs"] |= added
+    return list(added)
 
 
 # ---------------------------------------------------------------- main

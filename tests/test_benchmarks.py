@@ -103,6 +103,15 @@ def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     assert store["runs"][keys[0]]["seed"] != 99  # a run already here is kept
     table = mine.with_suffix(".md").read_text()
     assert all(published["runs"][k]["name"] in table for k in keys)
+    # the same row and seed at another revision is added beside it, as its own row
+    again = published["runs"][keys[1]] | {"revision": "abc1234", "device": "cpu"}
+    theirs.write_text(json.dumps({"runs": {keys[1]: again}}))
+    assert bench.main(["--results", str(mine), "--merge", str(theirs)]) == 0
+    store = json.loads(mine.read_text())
+    assert sorted(store["runs"]) == sorted([*keys, f"{keys[1]}|abc1234"])
+    assert store["runs"][keys[1]] == published["runs"][keys[1]]
+    assert f"{again['name']} [abc1234]" in mine.with_suffix(".md").read_text()
+    keys = sorted(store["runs"])
 
     broken = tmp_path / "broken.json"
     broken.write_text('{"runs": {"X|seed0": {"name": "X"}}}')

@@ -26,6 +26,8 @@ class ModelConfig:
     image_size: int = 128
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # class attributes whose heads also read the product's pixel colour (model.PixelColourHead)
+    pixel_colour: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +173,13 @@ def config_from_dict(
         train = _build(TrainConfig, raw.get("train"), "train")
     except SchemaError as e:
         raise SchemaError(f"{where}: {e}") from None
+    if not isinstance(model.pixel_colour, list):
+        raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
+    for name in model.pixel_colour:
+        if name not in schema.names or schema[name].kind == "shade":
+            raise SchemaError(
+                f"{where}: model.pixel_colour names {name!r}, which is not a class or tag attribute"
+            )
     names = {s.name for s in data.sources}
     for attr in schema.attributes:
         for src in attr.sources:

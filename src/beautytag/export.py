@@ -221,10 +221,11 @@ class _Calibration:
 
 
 def _keep_float_nodes(proto: Any, meta: dict[str, Any]) -> list[str]:
-    """Nodes left in float: the shade heads' colour maths (sRGB -> CIELAB: tiny and
+    """Nodes left in float: the colour heads' colour maths (sRGB -> CIELAB: tiny and
     precision-critical) and depthwise convolutions (few weights, but per-tensor int8 on them
     costs the most accuracy: label agreement 0.75 -> 0.94 when kept in float)."""
-    shade = [o["name"] for o in meta["outputs"] if o["kind"] == "shade"]
+    pixel_colour = meta["config"]["model"].get("pixel_colour", [])
+    shade = [o["name"] for o in meta["outputs"] if o["kind"] == "shade"] + pixel_colour
     scopes = [f"/model/{s}/" for s in shade] + [f"/heads/{s}/" for s in shade]
     depthwise = {
         n.name

@@ -94,6 +94,20 @@ def create_backbone(name: str, weights: str = "auto") -> nn.Module:
     return model
 
 
+def product_weights(
+    logits: torch.Tensor, rgb: torch.Tensor, background: torch.Tensor
+) -> torch.Tensor:
+    """(B, 1, H, W) weights summing to one over each image: a spatial softmax of `logits`
+    (resized to the image) pushed away from white background pixels of `rgb` (0..1)."""
+    logits = nn.functional.interpolate(
+        logits.float(), size=rgb.shape[-2:], mode="bilinear", align_corners=False
+    )
+    whiteness = ((rgb.amin(1, keepdim=True) - 0.85) / 0.15).clamp(0, 1)
+    logits = logits - background * whiteness
+    b, _, h, w = logits.shape
+    return torch.softmax(logits.view(b, -1), -1).view(b, 1, h, w)
+
+
 class ColourPoolShadeHead(nn.Module):
     """Predicts a shade by *reading it off the photo*: a spatial softmax over the image,
     computed from the feature map and pushed away from white background pixels, averages
@@ -116,13 +130,7 @@ class ColourPoolShadeHead(nn.Module):
     def weights(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights summing to one over each image."""
         rgb = (image.float() * self.std + self.mean).clamp(0, 1)
-        logits = nn.functional.interpolate(
-            self.where(fmap).float(), size=image.shape[-2:], mode="bilinear", align_corners=False
-        )
-        whiteness = ((rgb.amin(1, keepdim=True) - 0.85) / 0.15).clamp(0, 1)
-        logits = logits - self.background * whiteness
-        b, _, h, w = logits.shape
-        return torch.softmax(logits.view(b, -1), -1).view(b, 1, h, w)
+        return product_weights(self.where(fmap), rgb, self.background)
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         rgb = (image.float() * self.std + self.mean).clamp(0, 1)
@@ -131,9 +139,59 @@ class ColourPoolShadeHead(nn.Module):
         return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
 
 
+def lab_prototypes() -> torch.Tensor:
+    """(125, 3) CIELAB colours on a 5 x 5 x 5 grid: L* 10..90, a* and b* -40..40."""
+    grid = torch.tensor([[10.0, 30.0, 50.0, 70.0, 90.0], [-40.0, -20.0, 0.0, 20.0, 40.0]])
+    return torch.cartesian_prod(grid[0], grid[1], grid[1])
+
+
+class PixelColourHead(nn.Module):
+    """A class head that reads the product's colour off the photo as well as the embedding:
+    logits = linear(embedding) + linear(log colour histogram). The histogram is a soft
+    assignment of the product pixels (weighted as in :class:`ColourPoolShadeHead`, on the
+    image at half resolution) to fixed CIELAB prototype colours, within about 12 dE of
+    each. The histogram's layer starts at zero, so the head starts as a linear head."""
+
+    def __init__(
+        self, channels: int, num_outputs: int, mean: list[float], std: list[float]
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, num_outputs)
+        self.where = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.where.weight)
+        nn.init.zeros_(self.where.bias)
+        self.background = nn.Parameter(torch.tensor(8.0))
+        self.register_buffer("prototypes", lab_prototypes(), persistent=False)
+        self.norm = nn.BatchNorm1d(len(self.prototypes))
+        self.colour = nn.Linear(len(self.prototypes), num_outputs)
+        nn.init.zeros_(self.colour.weight)
+        nn.init.zeros_(self.colour.bias)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def histogram(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(B, K) share of the product's pixels near each prototype colour (rows sum to 1)."""
+        with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
+            rgb = nn.functional.avg_pool2d((image.float() * self.std + self.mean).clamp(0, 1), 2)
+            w = product_weights(self.where(fmap.float()), rgb, self.background).flatten(2)
+            lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
+            d2 = (
+                (lab * lab).sum(-1, keepdim=True)
+                - 2 * lab @ self.prototypes.T
+                + (self.prototypes * self.prototypes).sum(-1)
+            )  # (B, HW, K) squared distances
+            member = torch.softmax(-d2 / (2 * 12.0**2), dim=-1)
+            return (w @ member).squeeze(1)  # (B, 1, HW) @ (B, HW, K)
+
+    def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        hist = self.norm(torch.log(self.histogram(fmap, image) + 1e-3))
+        return self.linear(emb) + self.colour(hist).to(emb.dtype)
+
+
 class BeautyTagNet(nn.Module):
     """backbone -> attention -> global average pool -> dropout -> one head per attribute
-    (linear for classes and tags, :class:`ColourPoolShadeHead` for shades)."""
+    (linear for classes and tags, :class:`PixelColourHead` for those named in
+    ``model.pixel_colour``, :class:`ColourPoolShadeHead` for shades)."""
 
     def __init__(self, cfg: Config, pretrained: bool = True):
         super().__init__()
@@ -145,14 +203,15 @@ class BeautyTagNet(nn.Module):
         self.attention = create_attention(cfg.model.attention, channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.model.dropout)
-        self.heads = nn.ModuleDict(
-            {
-                a.name: ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
-                if a.kind == "shade"
-                else nn.Linear(channels, a.num_outputs)
-                for a in cfg.schema.attributes
-            }
-        )
+        self.heads = nn.ModuleDict()
+        for a in cfg.schema.attributes:
+            if a.kind == "shade":
+                head = ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
+            elif a.name in cfg.model.pixel_colour:
+                head = PixelColourHead(channels, a.num_outputs, cfg.model.mean, cfg.model.std)
+            else:
+                head = nn.Linear(channels, a.num_outputs)
+            self.heads[a.name] = head
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The attended feature map (B, C, h, w)."""
@@ -162,12 +221,15 @@ class BeautyTagNet(nn.Module):
         """Logits for `single`/`multi` attributes, CIELAB for `shade` ones."""
         fmap = self.features(x)
         emb = self.dropout(self.pool(fmap).flatten(1))
-        return {
-            a.name: self.heads[a.name](fmap, emb, x)
-            if a.kind == "shade"
-            else self.heads[a.name](emb)
-            for a in self.schema.attributes
-        }
+        return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}
+
+    def head(
+        self, name: str, fmap: torch.Tensor, emb: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """One attribute's output from the feature map, the pooled embedding and the input
+        (linear heads read the embedding only; the colour heads read the pixels too)."""
+        head = self.heads[name]
+        return head(emb) if isinstance(head, nn.Linear) else head(fmap, emb, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled embedding (B, C)."""

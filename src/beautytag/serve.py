@@ -348,7 +348,7 @@ def gradcam(model: BeautyTagNet, x: torch.Tensor, attribute: str) -> tuple[np.nd
             lab = head(fmap, model.pool(fmap).flatten(1), x.float())[0].detach()
             label = lab_to_hex([float(t) for t in lab])
         else:
-            logits = head(model.pool(fmap).flatten(1))[0]
+            logits = model.head(a.name, fmap, model.pool(fmap).flatten(1), x.float())[0]
             idx = int(logits.argmax())
             (grad,) = torch.autograd.grad(logits[idx], fmap)
             weights = grad.mean(dim=(2, 3), keepdim=True)
