@@ -35,15 +35,15 @@ def datasets() -> Path:
     return DATASETS
 
 
-def make_tiny_model(path: Path, **data) -> Path:
+def make_tiny_model(path: Path, model: dict | None = None, **data) -> Path:
     """A randomly initialised default-schema model at 64 px (fast): for tests of formats and
-    plumbing, not accuracy. `data` overrides keys of the config's data section."""
+    plumbing, not accuracy. `model` and `data` override keys of those config sections."""
     from beautytag.config import config_from_dict
     from beautytag.model import BeautyTagNet, save_checkpoint
 
     raw = copy.deepcopy(default_raw())
     raw["data"] |= {"root": str(DATASETS), **data}
-    raw["model"]["image_size"] = 64
+    raw["model"] |= {"image_size": 64, **(model or {})}
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
     save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)

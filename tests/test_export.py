@@ -96,6 +96,17 @@ def test_parity_on_synthetic_photos(tiny_model, onnx_path, synthetic):
     assert r["max_abs_diff"] < 1e-3 and r["labels_identical"] and r["label_agreement"] == 1.0
 
 
+def test_parity_with_a_pixel_colour_head(synthetic, tmp_path):
+    path = make_tiny_model(tmp_path / "pc.pt", model={"pixel_colour": ["color"]})
+    model, _, _ = load_checkpoint(path)
+    torch.nn.init.normal_(model.heads["color"].colour.weight)  # make the pixels count
+    torch.nn.init.normal_(model.heads["color"].where.weight, std=0.1)
+    ckpt = torch.load(path, weights_only=False) | {"model": model.state_dict()}
+    torch.save(ckpt, path)
+    r = parity_check(path, export_onnx(path, tmp_path / "pc.onnx"), synthetic)
+    assert r["max_abs_diff"] < 1e-3 and r["labels_identical"]
+
+
 @pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason=f"real photos not found at {REAL_PHOTOS}")
 def test_parity_on_real_photos(tiny_model, onnx_path):
     r = parity_check(tiny_model, onnx_path, expand_paths([REAL_PHOTOS])[:16])

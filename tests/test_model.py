@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from torch import nn
 
 from beautytag.color import srgb_to_lab
 from beautytag.config import config_from_dict
 from beautytag.images import normalize
 from beautytag.model import (
     BeautyTagNet,
+    PixelColourHead,
     WeightsError,
     create_backbone,
     load_backbone_file,
@@ -17,6 +19,7 @@ from beautytag.model import (
     save_checkpoint,
     wheel_weights_path,
 )
+from beautytag.schema import SchemaError
 
 
 @pytest.fixture
@@ -74,6 +77,67 @@ def test_shade_head_starts_at_the_colour_of_the_product_pixels(small_cfg):
         lab = model(normalize(img, small_cfg.model.mean, small_cfg.model.std))["shade"][0]
     expected = srgb_to_lab(np.array([180, 30, 60]) / 255.0)
     assert np.allclose(lab.numpy(), expected, atol=3.0)  # white background ignored
+
+
+def product_photos(colours: list[tuple[int, int, int]], size: int = 64) -> torch.Tensor:
+    """uint8 photos: a product rectangle of each colour on a white background."""
+    img = torch.full((len(colours), 3, size, size), 255, dtype=torch.uint8)
+    for i, c in enumerate(colours):
+        img[i, :, 8:56, 20:44] = torch.tensor(c, dtype=torch.uint8).view(3, 1, 1)
+    return img
+
+
+def test_pixel_colour_head_histogram_reads_the_product_colour(small_cfg):
+    small_cfg.model.pixel_colour = ["color"]
+    model = BeautyTagNet(small_cfg, pretrained=False).eval()
+    head = model.heads["color"]
+    assert isinstance(head, PixelColourHead) and isinstance(model.heads["category"], nn.Linear)
+    x = normalize(product_photos([(200, 20, 30), (30, 60, 200)]), [0.5] * 3, [0.5] * 3)
+    with torch.no_grad():
+        fmap = model.features(x)
+        hist = head.histogram(fmap, x)
+        emb = model.pool(fmap).flatten(1)
+        out = model(x)
+    torch.testing.assert_close(hist.sum(1), torch.ones(2))
+    for i, rgb in enumerate([(200, 20, 30), (30, 60, 200)]):  # mass near the product colour
+        lab = torch.tensor(srgb_to_lab(np.array(rgb) / 255.0), dtype=torch.float32)
+        distance = (head.prototypes - lab).norm(dim=1)
+        assert hist[i].argmax() == distance.argmin()
+        assert hist[i, distance < 35].sum() > 0.9, hist[i]
+    # the histogram's layer starts at zero: at first the head is the linear head
+    torch.testing.assert_close(out["color"], head.linear(emb))
+
+
+def test_pixel_colour_head_learns_colour_from_the_pixels_alone(small_cfg):
+    small_cfg.model.pixel_colour = ["color"]
+    torch.manual_seed(0)
+    model = BeautyTagNet(small_cfg, pretrained=False)
+    head = model.heads["color"]
+    colours = [(200, 20, 30), (30, 60, 200), (20, 150, 40), (210, 180, 40)] * 4
+    x = normalize(product_photos(colours), [0.5] * 3, [0.5] * 3)
+    y = torch.arange(4).repeat(4)
+    with torch.no_grad():
+        fmap = model.features(x)
+    emb = torch.zeros(len(x), fmap.shape[1])  # no help from the embedding
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(fmap, emb, x), y).backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        assert (head(fmap, emb, x).argmax(1) == y).all()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(["shade"], "not a class or tag attribute"), (["nope"], "not a class"), ("color", "list")],
+)
+def test_pixel_colour_config_is_checked(raw_config, value, message):
+    raw = copy.deepcopy(raw_config)
+    raw["model"]["pixel_colour"] = value
+    with pytest.raises(SchemaError, match=message):
+        config_from_dict(raw, where="my.yaml")
 
 
 def test_checkpoint_round_trip(small_cfg, tmp_path):

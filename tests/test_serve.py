@@ -11,12 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from beautytag.cli import build_parser
 from beautytag.engine import Engine
-from beautytag.serve import ServeSettings, create_app
+from beautytag.model import load_checkpoint
+from beautytag.serve import ServeSettings, create_app, gradcam
+
+from .conftest import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +359,12 @@ def test_admission_answers_503_when_the_wait_would_outlast_the_timeout(engine):
     assert "s of images ahead" in third.json()["detail"]
     assert fourth.status_code == 200  # 1 + 1 images (0.6 s) still fit
     assert app.state.batcher.seconds_per_image == pytest.approx(0.3, abs=0.1)
+
+
+def test_gradcam_explains_a_pixel_colour_head(tmp_path):
+    model, cfg, _ = load_checkpoint(
+        make_tiny_model(tmp_path / "pc.pt", model={"pixel_colour": ["color"]})
+    )
+    cam, label = gradcam(model, torch.randn(1, 3, 64, 64), "color")
+    assert cam.shape == (64, 64) and 0.0 <= cam.min() and cam.max() <= 1.0
+    assert label in cfg.schema["color"].classes

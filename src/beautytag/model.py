@@ -140,17 +140,18 @@ class ColourPoolShadeHead(nn.Module):
 
 
 def lab_prototypes() -> torch.Tensor:
-    """(125, 3) CIELAB colours on a 5 x 5 x 5 grid: L* 10..90, a* and b* -40..40."""
-    grid = torch.tensor([[10.0, 30.0, 50.0, 70.0, 90.0], [-40.0, -20.0, 0.0, 20.0, 40.0]])
-    return torch.cartesian_prod(grid[0], grid[1], grid[1])
+    """(245, 3) CIELAB colours on a grid: L* 10..90 in steps of 20, a* and b* -75..75 in
+    steps of 25 (saturated reds reach a* 80, blues b* -100: the grid must reach them)."""
+    ab = torch.arange(-75.0, 76.0, 25.0)
+    return torch.cartesian_prod(torch.arange(10.0, 91.0, 20.0), ab, ab)
 
 
 class PixelColourHead(nn.Module):
     """A class head that reads the product's colour off the photo as well as the embedding:
-    logits = linear(embedding) + linear(log colour histogram). The histogram is a soft
-    assignment of the product pixels (weighted as in :class:`ColourPoolShadeHead`, on the
-    image at half resolution) to fixed CIELAB prototype colours, within about 12 dE of
-    each. The histogram's layer starts at zero, so the head starts as a linear head."""
+    logits = linear(embedding) + linear(log colour histogram, scaled to -1..1). The histogram
+    is a soft assignment of the product pixels (weighted as in :class:`ColourPoolShadeHead`,
+    on the image at half resolution) to fixed CIELAB prototype colours 25 apart, within
+    about 12 dE of each. The histogram's layer starts at zero: at first, a linear head."""
 
     def __init__(
         self, channels: int, num_outputs: int, mean: list[float], std: list[float]
@@ -162,7 +163,6 @@ class PixelColourHead(nn.Module):
         nn.init.zeros_(self.where.bias)
         self.background = nn.Parameter(torch.tensor(8.0))
         self.register_buffer("prototypes", lab_prototypes(), persistent=False)
-        self.norm = nn.BatchNorm1d(len(self.prototypes))
         self.colour = nn.Linear(len(self.prototypes), num_outputs)
         nn.init.zeros_(self.colour.weight)
         nn.init.zeros_(self.colour.bias)
@@ -184,7 +184,7 @@ class PixelColourHead(nn.Module):
             return (w @ member).squeeze(1)  # (B, 1, HW) @ (B, HW, K)
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        hist = self.norm(torch.log(self.histogram(fmap, image) + 1e-3))
+        hist = torch.log(self.histogram(fmap, image) + 1e-3) / 3.45 + 1.0  # 0..1 -> -1..1
         return self.linear(emb) + self.colour(hist).to(emb.dtype)
 
 
