@@ -184,8 +184,12 @@ class PixelColourHead(nn.Module):
             return (w @ member).squeeze(1)  # (B, 1, HW) @ (B, HW, K)
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        hist = torch.log(self.histogram(fmap, image) + 1e-3) / 3.45 + 1.0  # 0..1 -> -1..1
-        return self.linear(emb) + self.colour(hist).to(emb.dtype)
+        return self.logits(emb, self.histogram(fmap, image))
+
+    def logits(self, emb: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        """Class logits from the embedding and the histogram."""
+        scaled = torch.log(hist + 1e-3) / 3.45 + 1.0  # shares 0..1 -> -1..1
+        return self.linear(emb) + self.colour(scaled).to(emb.dtype)
 
 
 class BeautyTagNet(nn.Module):
