@@ -224,9 +224,9 @@ def _keep_float_nodes(proto: Any, meta: dict[str, Any]) -> list[str]:
     """Nodes left in float: the colour heads' colour maths (sRGB -> CIELAB: tiny and
     precision-critical) and depthwise convolutions (few weights, but per-tensor int8 on them
     costs the most accuracy: label agreement 0.75 -> 0.94 when kept in float)."""
-    pixel_colour = meta["config"]["model"].get("pixel_colour", [])
-    shade = [o["name"] for o in meta["outputs"] if o["kind"] == "shade"] + pixel_colour
-    scopes = [f"/model/{s}/" for s in shade] + [f"/heads/{s}/" for s in shade]
+    colour = [o["name"] for o in meta["outputs"] if o["kind"] == "shade"]
+    colour += meta["config"]["model"].get("pixel_colour", [])
+    scopes = [f"/model/{s}/" for s in colour] + [f"/heads/{s}/" for s in colour]
     depthwise = {
         n.name
         for n in proto.graph.node
