@@ -8,8 +8,8 @@
 # merged tables to $RESULTS (default benchmarks/results/accuracy.json, or accuracy-quick.json
 # with --quick). Finished runs are never redone: a run already in a process's file in $OUT is
 # skipped when the script is started again, and a run already in $RESULTS is kept as it is
-# (use a new RESULTS file to replace it). Two phases: the rows that start from another run's checkpoint (domain pre-training
-# from B1, test-time flip of A5) wait until that run is done.
+# (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
+# checkpoint (domain pre-training from B1, test-time flip of A5) wait until that run is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}

@@ -94,6 +94,11 @@ def create_backbone(name: str, weights: str = "auto") -> nn.Module:
     return model
 
 
+def image_rgb(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The model's normalised input back to RGB in 0..1 (float32)."""
+    return (image.float() * std + mean).clamp(0, 1)
+
+
 def product_weights(
     logits: torch.Tensor, rgb: torch.Tensor, background: torch.Tensor
 ) -> torch.Tensor:
@@ -129,12 +134,13 @@ class ColourPoolShadeHead(nn.Module):
 
     def weights(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights summing to one over each image."""
-        rgb = (image.float() * self.std + self.mean).clamp(0, 1)
-        return product_weights(self.where(fmap), rgb, self.background)
+        return product_weights(
+            self.where(fmap), image_rgb(image, self.mean, self.std), self.background
+        )
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        rgb = (image.float() * self.std + self.mean).clamp(0, 1)
-        w = self.weights(fmap, image)
+        rgb = image_rgb(image, self.mean, self.std)
+        w = product_weights(self.where(fmap), rgb, self.background)
         lin = (srgb_to_linear_torch(rgb) * w).sum(dim=(2, 3))  # (B, 3)
         return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
 
@@ -172,7 +178,7 @@ class PixelColourHead(nn.Module):
     def histogram(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, K) share of the product's pixels near each prototype colour (rows sum to 1)."""
         with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
-            rgb = nn.functional.avg_pool2d((image.float() * self.std + self.mean).clamp(0, 1), 2)
+            rgb = nn.functional.avg_pool2d(image_rgb(image, self.mean, self.std), 2)
             w = product_weights(self.where(fmap.float()), rgb, self.background).flatten(2)
             lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
             d2 = (

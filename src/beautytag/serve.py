@@ -345,7 +345,7 @@ def gradcam(model: BeautyTagNet, x: torch.Tensor, attribute: str) -> tuple[np.nd
     with torch.enable_grad():
         if a.kind == "shade":
             cam = head.weights(fmap, x.float()).detach()
-            lab = head(fmap, model.pool(fmap).flatten(1), x.float())[0].detach()
+            lab = model.head(a.name, fmap, model.pool(fmap).flatten(1), x.float())[0].detach()
             label = lab_to_hex([float(t) for t in lab])
         else:
             logits = model.head(a.name, fmap, model.pool(fmap).flatten(1), x.float())[0]
