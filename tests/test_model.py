@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from beautytag.color import srgb_to_lab
+from beautytag.color import linear_rgb_to_lab_torch, srgb_to_lab, srgb_to_linear_torch
 from beautytag.config import config_from_dict
 from beautytag.images import normalize
 from beautytag.model import (
@@ -14,8 +14,10 @@ from beautytag.model import (
     PixelColourHead,
     WeightsError,
     create_backbone,
+    lab_prototypes,
     load_backbone_file,
     load_checkpoint,
+    product_weights,
     save_checkpoint,
     wheel_weights_path,
 )
@@ -101,11 +103,27 @@ def test_pixel_colour_head_histogram_reads_the_product_colour(small_cfg):
     torch.testing.assert_close(hist.sum(1), torch.ones(2))
     for i, rgb in enumerate([(200, 20, 30), (30, 60, 200)]):  # mass near the product colour
         lab = torch.tensor(srgb_to_lab(np.array(rgb) / 255.0), dtype=torch.float32)
-        distance = (head.prototypes - lab).norm(dim=1)
+        distance = (lab_prototypes() - lab).norm(dim=1)
         assert hist[i].argmax() == distance.argmin()
         assert hist[i, distance < 35].sum() > 0.9, hist[i]
     # the histogram's layer starts at zero: at first the head is the linear head
     torch.testing.assert_close(out["color"], head.linear(emb))
+
+
+def test_pixel_colour_histogram_is_the_softmax_over_all_prototypes():
+    """The per-axis factorisation gives the same histogram as a softmax over the 245
+    prototype colours' squared distances, computed directly."""
+    torch.manual_seed(0)
+    head = PixelColourHead(8, 3, [0.5] * 3, [0.5] * 3)
+    nn.init.normal_(head.where.weight)
+    x, fmap = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 8, 4, 4)
+    rgb = nn.functional.avg_pool2d(x * 0.5 + 0.5, 2)
+    w = product_weights(head.where(fmap), rgb, head.background).flatten(1)  # (B, HW)
+    lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
+    d2 = ((lab[:, :, None, :] - lab_prototypes()) ** 2).sum(-1)  # (B, HW, 245)
+    direct = torch.einsum("bp,bpk->bk", w, torch.softmax(-d2 / (2 * 12.0**2), -1))
+    with torch.no_grad():
+        torch.testing.assert_close(head.histogram(fmap, x), direct, atol=1e-6, rtol=1e-4)
 
 
 def test_pixel_colour_head_learns_colour_from_the_pixels_alone(small_cfg):

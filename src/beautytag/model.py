@@ -145,11 +145,15 @@ class ColourPoolShadeHead(nn.Module):
         return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
 
 
+# The prototype colours' grid axes: L* 10..90 in steps of 20, a* and b* -75..75 in steps of 25
+# (saturated reds reach a* 80, blues b* -100: the grid must reach them).
+LAB_GRID = (torch.arange(10.0, 91.0, 20.0), torch.arange(-75.0, 76.0, 25.0))
+
+
 def lab_prototypes() -> torch.Tensor:
-    """(245, 3) CIELAB colours on a grid: L* 10..90 in steps of 20, a* and b* -75..75 in
-    steps of 25 (saturated reds reach a* 80, blues b* -100: the grid must reach them)."""
-    ab = torch.arange(-75.0, 76.0, 25.0)
-    return torch.cartesian_prod(torch.arange(10.0, 91.0, 20.0), ab, ab)
+    """(245, 3) CIELAB prototype colours: every (L*, a*, b*) of the grid, b* fastest."""
+    lightness, ab = LAB_GRID
+    return torch.cartesian_prod(lightness, ab, ab)
 
 
 class PixelColourHead(nn.Module):
@@ -168,26 +172,30 @@ class PixelColourHead(nn.Module):
         nn.init.zeros_(self.where.weight)
         nn.init.zeros_(self.where.bias)
         self.background = nn.Parameter(torch.tensor(8.0))
-        self.register_buffer("prototypes", lab_prototypes(), persistent=False)
-        self.colour = nn.Linear(len(self.prototypes), num_outputs)
+        self.register_buffer("grid_l", LAB_GRID[0], persistent=False)
+        self.register_buffer("grid_ab", LAB_GRID[1], persistent=False)
+        self.colour = nn.Linear(len(lab_prototypes()), num_outputs)
         nn.init.zeros_(self.colour.weight)
         nn.init.zeros_(self.colour.bias)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def histogram(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """(B, K) share of the product's pixels near each prototype colour (rows sum to 1)."""
+        """(B, 245) share of the product's pixels near each prototype colour
+        (:func:`lab_prototypes` order; rows sum to 1)."""
         with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
             rgb = nn.functional.avg_pool2d(image_rgb(image, self.mean, self.std), 2)
             w = product_weights(self.where(fmap.float()), rgb, self.background).flatten(2)
             lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
-            d2 = (
-                (lab * lab).sum(-1, keepdim=True)
-                - 2 * lab @ self.prototypes.T
-                + (self.prototypes * self.prototypes).sum(-1)
-            )  # (B, HW, K) squared distances
-            member = torch.softmax(-d2 / (2 * 12.0**2), dim=-1)
-            return (w @ member).squeeze(1)  # (B, 1, HW) @ (B, HW, K)
+            # A softmax of -d^2 / 2s^2 over a grid factorises into one softmax per axis
+            # (exp of a sum of squares is a product; so is its sum over the grid): 19
+            # exponentials a pixel instead of 245, and no (B, HW, 245) distance tensor.
+            m_l, m_a, m_b = (
+                torch.softmax(-((lab[..., i, None] - axis) ** 2) / (2 * 12.0**2), dim=-1)
+                for i, axis in enumerate((self.grid_l, self.grid_ab, self.grid_ab))
+            )  # (B, HW, 5), (B, HW, 7), (B, HW, 7)
+            m_la = ((w.transpose(1, 2) * m_l)[..., :, None] * m_a[..., None, :]).flatten(2)
+            return (m_la.transpose(1, 2) @ m_b).flatten(1)  # (B, 35, HW) @ (B, HW, 7)
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.logits(emb, self.histogram(fmap, image))
