@@ -21,6 +21,7 @@ Several processes can share one GPU, each with its own ``--results`` file (and `
 
 Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
 they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.
+C13 and C14 start from the backbone of the shipped default (B1's, trained further as C10).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchlib import git_revision, throughput
 from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, load_letterboxed, read_samples
+from beautytag.engine import default_model_path
 from beautytag.evaluate import evaluate
 from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
@@ -191,9 +193,19 @@ def table_c(data: Path) -> dict[str, dict]:
             data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
         )
         | {"backbone_from": B1},
+        # CPU stand-ins for C12 (B1's checkpoint stays on the lent GPU): start from the
+        # backbone of the shipped default (B1, then C10's training), with and without the head
+        "C13 full config @ 96 px, colour head reads pixel colour, backbone of the shipped "
+        "default": full_raw(data, **{"model.image_size": 96, "model.pixel_colour": ["color"]})
+        | {"backbone_from": SHIPPED_DEFAULT},
+        "C14 full config @ 96 px, backbone of the shipped default": full_raw(
+            data, **{"model.image_size": 96}
+        )
+        | {"backbone_from": SHIPPED_DEFAULT},
     }
 
 
+SHIPPED_DEFAULT = "shipped default"
 B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
 
 
@@ -220,15 +232,23 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
 
 
 def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
-    """Write the backbone weights of run `name` (seed 0) as a state-dict file for
-    model.weights (domain pre-training); None if that run's checkpoint is not here."""
-    src = store["runs"].get(f"{name}|seed0")
-    if not src or not Path(src.get("checkpoint", "")).is_file():
+    """Write the backbone weights of run `name` (seed 0), or of the shipped default, as a
+    state-dict file for model.weights (domain pre-training); None if that checkpoint is not
+    here."""
+    src = store["runs"].get(f"{name}|seed0", {}).get("checkpoint", "")
+    if name == SHIPPED_DEFAULT:
+        src = default_model_path("default")
+    if not Path(src).is_file():
         return None
-    state = torch.load(src["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    state = torch.load(src, map_location="cpu", weights_only=False)["model"]
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, out
+        {
+            k.removeprefix("backbone."): v.float()
+            for k, v in state.items()
+            if k.startswith("backbone.")
+        },
+        out,
     )
     return out
 

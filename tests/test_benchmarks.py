@@ -87,6 +87,23 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
     assert all(torch.equal(init[k], b1_backbone[k]) for k in init)
 
 
+def test_accuracy_rows_can_start_from_the_shipped_default_backbone(tmp_path):
+    import torch
+
+    from beautytag.engine import default_model_path
+
+    bench = load("accuracy")
+    out = bench.backbone_of_run({"runs": {}}, bench.SHIPPED_DEFAULT, tmp_path / "init.pt")
+    init = torch.load(out, weights_only=True)
+    shipped = torch.load(default_model_path("default"), weights_only=False)["model"]
+    backbone = {k[len("backbone.") :]: v for k, v in shipped.items() if k.startswith("backbone.")}
+    assert init.keys() == backbone.keys()  # the backbone, nothing else, in float32
+    assert all(
+        v.dtype == torch.float32 and torch.equal(v, backbone[k].float()) for k, v in init.items()
+    )
+    assert bench.backbone_of_run({"runs": {}}, bench.B1, tmp_path / "b1.pt") is None
+
+
 def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     bench = load("accuracy")
     published = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
