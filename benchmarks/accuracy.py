@@ -21,7 +21,8 @@ Several processes can share one GPU, each with its own ``--results`` file (and `
 
 Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
 they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.
-C13 and C14 start from the backbone of the shipped default (B1's, trained further as C10).
+C13 starts from the backbone of the shipped default (B1's, trained further as C10), C14 from
+all of that model (``model.init: default``).
 """
 
 from __future__ import annotations
@@ -194,14 +195,15 @@ def table_c(data: Path) -> dict[str, dict]:
         )
         | {"backbone_from": B1},
         # CPU stand-ins for C12 (B1's checkpoint stays on the lent GPU): start from the
-        # backbone of the shipped default (B1, then C10's training), with and without the head
+        # shipped default (B1, then C10's training): its backbone only, or all of it
         "C13 full config @ 96 px, colour head reads pixel colour, backbone of the shipped "
         "default": full_raw(data, **{"model.image_size": 96, "model.pixel_colour": ["color"]})
         | {"backbone_from": SHIPPED_DEFAULT},
-        "C14 full config @ 96 px, backbone of the shipped default": full_raw(
-            data, **{"model.image_size": 96}
-        )
-        | {"backbone_from": SHIPPED_DEFAULT},
+        "C14 full config @ 96 px, colour head reads pixel colour, started from the whole "
+        "shipped default": full_raw(
+            data,
+            **{"model.image_size": 96, "model.pixel_colour": ["color"], "model.init": "default"},
+        ),
     }
 
 

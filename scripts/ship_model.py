@@ -38,6 +38,7 @@ def main() -> int:
     # a weights path of the training machine (domain pre-training) means nothing elsewhere
     if cfg.model.weights not in ("auto", "none", "hub"):
         cfg.model = dataclasses.replace(cfg.model, weights="auto")
+    cfg.model = dataclasses.replace(cfg.model, init="")  # where it started, not what it is
     out = ROOT / "src" / "beautytag" / "weights" / SHIPPED_MODELS[args.name]
     save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
     result: dict = {

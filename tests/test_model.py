@@ -14,6 +14,7 @@ from beautytag.model import (
     PixelColourHead,
     WeightsError,
     create_backbone,
+    init_from_checkpoint,
     lab_prototypes,
     load_backbone_file,
     load_checkpoint,
@@ -174,6 +175,30 @@ def test_checkpoint_round_trip(small_cfg, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(half(x)["category"], a["category"], atol=0.05, rtol=0.05)
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_init_from_a_checkpoint_starts_where_that_model_is(small_cfg, tmp_path):
+    """model.init: the new model (with a pixel colour head and one attribute's classes
+    changed) computes what the old one did, except for the head whose classes changed."""
+    torch.manual_seed(0)
+    old = BeautyTagNet(small_cfg, pretrained=False).eval()
+    save_checkpoint(tmp_path / "old.pt", old, small_cfg)
+    cfg = copy.deepcopy(small_cfg)
+    cfg.model.pixel_colour = ["color"]
+    cfg.schema["finish"].classes = [*cfg.schema["finish"].classes, "glitter"]
+    torch.manual_seed(1)
+    new = BeautyTagNet(cfg, pretrained=False).eval()
+    finish_before = new.heads["finish"].weight.clone()
+    fresh = init_from_checkpoint(new, tmp_path / "old.pt")
+    layers = ("finish.weight", "finish.bias", "color.where.weight", "color.where.bias")
+    layers += ("color.colour.weight", "color.colour.bias", "color.background")
+    assert sorted(fresh) == sorted(f"heads.{k}" for k in layers)
+    assert torch.equal(new.heads["finish"].weight, finish_before)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = old(x), new(x)
+    for k in ("category", "color", "shade", "function"):  # the colour layer starts at zero
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -28,6 +28,9 @@ class ModelConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # class attributes whose heads also read the product's pixel colour (model.PixelColourHead)
     pixel_colour: list[str] = field(default_factory=list)
+    # start training from a beautytag model (a checkpoint, or `default` / `accurate`): every
+    # tensor whose name, shape and (for heads) classes match; the rest as above
+    init: str = ""
 
 
 @dataclass

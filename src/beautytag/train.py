@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
+from beautytag.engine import resolve_model
 from beautytag.evaluate import compute_metrics, run_dataset
 from beautytag.images import normalize
 from beautytag.losses import MultiTaskLoss
-from beautytag.model import BeautyTagNet, save_checkpoint
+from beautytag.model import BeautyTagNet, init_from_checkpoint, save_checkpoint
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -135,7 +136,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     if len(train_ds) == 0:
         raise ValueError("no training images: check data.root and the sources' filters")
 
-    model = BeautyTagNet(cfg).to(device)
+    model = BeautyTagNet(cfg)
+    if cfg.model.init:
+        fresh = init_from_checkpoint(model, resolve_model(cfg.model.init))
+        print(f"started from {cfg.model.init}; new: {', '.join(fresh) or 'nothing'}")
+    model = model.to(device)
     use_amp = device.type == "cuda" and cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if use_amp:
