@@ -56,3 +56,24 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["file"] for r in lines] == photos
     assert all(r["error"] is None and r["attributes"]["category"]["label"] for r in lines)
+
+
+@pytest.mark.slow
+def test_train_can_start_from_the_shipped_model(raw_config, datasets, tmp_path, capsys):
+    """model.init: default: one epoch on 64 photos already gives the shipped model's
+    accuracy (its heads were kept), where a fresh start is far from it."""
+    raw = raw_config
+    raw["data"]["limit"] = 64
+    raw["model"] |= {"image_size": 96, "init": "default"}
+    raw["train"] |= {"epochs": 1, "freeze_epochs": 1, "out_dir": str(tmp_path / "run")}
+    cfg_path = tmp_path / "ft.yaml"
+    cfg_path.write_text(json.dumps(raw))
+    assert main(["train", str(cfg_path), "--quiet"]) == 0
+    assert "started from default; new: nothing" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert log[0]["val"]["category"]["accuracy"] > 0.7, log[0]["val"]
+
+    raw["model"]["init"] = str(tmp_path / "nope.pt")
+    cfg_path.write_text(json.dumps(raw))
+    assert main(["train", str(cfg_path), "--quiet"]) == 2
+    assert "nope.pt: model file not found" in capsys.readouterr().err
