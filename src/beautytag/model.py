@@ -285,7 +285,6 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     shape match, the heads only of attributes with the same kind and classes. A linear head
     there fills the linear part of a :class:`PixelColourHead` here. Returns the names of this
     model's tensors that kept their initial values."""
-    path = Path(path)
     theirs, cfg = load_checkpoint(path)[:2]
     state = theirs.state_dict()
     own = model.state_dict()
