@@ -21,8 +21,8 @@ Several processes can share one GPU, each with its own ``--results`` file (and `
 
 Rows marked (B1) start from the backbone of the whole-catalogue run B1 (domain pre-training):
 they need B1's checkpoint on this machine (`--tables B` first) and are skipped without it.
-C13 starts from the backbone of the shipped default (B1's, trained further as C10), C14 from
-all of that model (``model.init: default``).
+C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
+trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import csv
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -47,7 +48,6 @@ from benchlib import git_revision, throughput
 from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, load_letterboxed, read_samples
-from beautytag.engine import default_model_path
 from beautytag.evaluate import evaluate
 from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
@@ -195,19 +195,21 @@ def table_c(data: Path) -> dict[str, dict]:
         )
         | {"backbone_from": B1},
         # CPU stand-ins for C12 (B1's checkpoint stays on the lent GPU): start from the
-        # shipped default (B1, then C10's training): its backbone only, or all of it
+        # default shipped at C10_DEFAULT (B1, then C10's training): its backbone, or all of it
         "C13 full config @ 96 px, colour head reads pixel colour, backbone of the shipped "
         "default": full_raw(data, **{"model.image_size": 96, "model.pixel_colour": ["color"]})
-        | {"backbone_from": SHIPPED_DEFAULT},
+        | {"backbone_from": C10_DEFAULT},
         "C14 full config @ 96 px, colour head reads pixel colour, started from the whole "
         "shipped default": full_raw(
-            data,
-            **{"model.image_size": 96, "model.pixel_colour": ["color"], "model.init": "default"},
-        ),
+            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
+        )
+        | {"init_from": C10_DEFAULT},
     }
 
 
-SHIPPED_DEFAULT = "shipped default"
+# The revision whose src/beautytag/weights/default.pt is C10 seed 2, the default that C13 and
+# C14 start from (read with `git show`, so that the rows mean the same after it is replaced).
+C10_DEFAULT = "c08db71"
 B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
 
 
@@ -233,14 +235,27 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def checkpoint_of(store: dict, name: str, out: Path) -> Path | None:
+    """The checkpoint of run `name` (seed 0) on this machine, or for ``C10_DEFAULT`` the
+    shipped default of that revision (written to `out` from git); None if not to be had."""
+    if name != C10_DEFAULT:
+        src = Path(store["runs"].get(f"{name}|seed0", {}).get("checkpoint", ""))
+        return src if src.is_file() else None
+    root = Path(__file__).resolve().parents[1]
+    blob = f"{C10_DEFAULT}:src/beautytag/weights/default.pt"
+    shown = subprocess.run(["git", "-C", str(root), "show", blob], capture_output=True)
+    if shown.returncode:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(shown.stdout)
+    return out
+
+
 def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
-    """Write the backbone weights of run `name` (seed 0), or of the shipped default, as a
-    state-dict file for model.weights (domain pre-training); None if that checkpoint is not
-    here."""
-    src = store["runs"].get(f"{name}|seed0", {}).get("checkpoint", "")
-    if name == SHIPPED_DEFAULT:
-        src = default_model_path("default")
-    if not Path(src).is_file():
+    """Write the backbone weights of :func:`checkpoint_of` `name` as a state-dict file for
+    model.weights (domain pre-training); None if that checkpoint is not here."""
+    src = checkpoint_of(store, name, out.with_name(out.stem + "-source.pt"))
+    if src is None:
         return None
     state = torch.load(src, map_location="cpu", weights_only=False)["model"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +271,8 @@ def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
 
 
 def without_marker(raw: dict) -> dict:
-    """The config without the benchmark's own "backbone_from" marker."""
-    return {k: v for k, v in raw.items() if k != "backbone_from"}
+    """The config without the benchmark's own "backbone_from" / "init_from" markers."""
+    return {k: v for k, v in raw.items() if k not in ("backbone_from", "init_from")}
 
 
 def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:
@@ -597,18 +612,22 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
                     train_raw = raw
-                    if "backbone_from" in raw:  # domain pre-training: start from that run
-                        weights = backbone_of_run(
-                            store, raw["backbone_from"], args.runs_dir / f"{slug}-s{seed}-init.pt"
-                        )
-                        if weights is None:
+                    start = raw.get("backbone_from") or raw.get("init_from")
+                    if start:  # domain pre-training: start from that run (or model)
+                        init = args.runs_dir / f"{slug}-s{seed}-init.pt"
+                        if "backbone_from" in raw:
+                            init = backbone_of_run(store, start, init)
+                        else:
+                            init = checkpoint_of(store, start, init)
+                        if init is None:
                             print(
-                                f"skipped {key}: needs the checkpoint of {raw['backbone_from']}"
-                                " (run --tables B first, on this machine)"
+                                f"skipped {key}: needs the checkpoint of {start}"
+                                " (run --tables B first, on this machine; or a git checkout)"
                             )
                             continue
+                        key_ = "weights" if "backbone_from" in raw else "init"
                         train_raw = without_marker(raw) | {
-                            "model": raw["model"] | {"weights": str(weights)}
+                            "model": raw["model"] | {key_: str(init)}
                         }
                     run = run_trained(
                         train_raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick, args.workers

@@ -87,16 +87,21 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
     assert all(torch.equal(init[k], b1_backbone[k]) for k in init)
 
 
-def test_accuracy_rows_can_start_from_the_shipped_default_backbone(tmp_path):
+def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
+    """C13 / C14 start from the default shipped at C10_DEFAULT, read from git."""
     import torch
 
-    from beautytag.engine import default_model_path
-
     bench = load("accuracy")
-    out = bench.backbone_of_run({"runs": {}}, bench.SHIPPED_DEFAULT, tmp_path / "init.pt")
+    out = bench.backbone_of_run({"runs": {}}, bench.C10_DEFAULT, tmp_path / "init.pt")
+    if out is None:
+        pytest.skip(f"no git history with revision {bench.C10_DEFAULT} here")
+    source = torch.load(tmp_path / "init-source.pt", weights_only=False)
+    assert source["config"]["model"]["image_size"] == 96  # C10: 96 px, linear colour head
+    assert not source["config"]["model"].get("pixel_colour")
     init = torch.load(out, weights_only=True)
-    shipped = torch.load(default_model_path("default"), weights_only=False)["model"]
-    backbone = {k[len("backbone.") :]: v for k, v in shipped.items() if k.startswith("backbone.")}
+    backbone = {
+        k[len("backbone.") :]: v for k, v in source["model"].items() if k.startswith("backbone.")
+    }
     assert init.keys() == backbone.keys()  # the backbone, nothing else, in float32
     assert all(
         v.dtype == torch.float32 and torch.equal(v, backbone[k].float()) for k, v in init.items()
