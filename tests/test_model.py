@@ -199,6 +199,12 @@ def test_init_from_a_checkpoint_starts_where_that_model_is(small_cfg, tmp_path):
         a, b = old(x), new(x)
     for k in ("category", "color", "shade", "function"):  # the colour layer starts at zero
         torch.testing.assert_close(a[k], b[k])
+    save_checkpoint(tmp_path / "new.pt", new, cfg)  # and back: its linear part, nothing else
+    assert sorted(init_from_checkpoint(old, tmp_path / "new.pt")) == [
+        "heads.finish.bias",
+        "heads.finish.weight",
+    ]
+    assert torch.equal(old.heads["color"].weight, new.heads["color"].linear.weight)
 
 
 def test_not_a_checkpoint(tmp_path):

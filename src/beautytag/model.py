@@ -283,8 +283,8 @@ def save_checkpoint(
 def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     """Start `model` from the beautytag checkpoint at `path`: every tensor whose name and
     shape match, the heads only of attributes with the same kind and classes. A linear head
-    there fills the linear part of a :class:`PixelColourHead` here. Returns the names of this
-    model's tensors that kept their initial values."""
+    and a :class:`PixelColourHead`'s linear part stand for each other. Returns the names of
+    this model's tensors that kept their initial values."""
     theirs, cfg = load_checkpoint(path)[:2]
     state = theirs.state_dict()
     own = model.state_dict()
@@ -293,14 +293,16 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
             b.name == a.name and (b.kind, b.classes) == (a.kind, a.classes)
             for b in cfg.schema.attributes
         )
-        keys = [k for k in state if k.startswith(f"heads.{a.name}.")]
-        for k in keys:
-            v = state.pop(k)
+        prefix, head = f"heads.{a.name}.", model.heads[a.name]
+        for k in [k for k in state if k.startswith(prefix)]:
+            v, rest = state.pop(k), k.removeprefix(prefix)
             if not same:
                 continue
-            if isinstance(model.heads[a.name], PixelColourHead) and k.count(".") == 2:
-                k = k.replace(f"heads.{a.name}.", f"heads.{a.name}.linear.")  # linear there
-            state[k] = v
+            if isinstance(head, PixelColourHead) and rest in ("weight", "bias"):
+                rest = "linear." + rest
+            elif isinstance(head, nn.Linear):
+                rest = rest.removeprefix("linear.")
+            state[prefix + rest] = v
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
     return [k for k in own if k not in matched]
