@@ -189,9 +189,11 @@ class PixelColourHead(nn.Module):
             lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
             # A softmax of -d^2 / 2s^2 over a grid factorises into one softmax per axis
             # (exp of a sum of squares is a product; so is its sum over the grid): 19
-            # exponentials a pixel instead of 245, and no (B, HW, 245) distance tensor.
+            # exponentials a pixel instead of 245, and no (B, HW, 245) distance tensor. Per
+            # axis, -(x - c)^2 / 2s^2 = (x c - c^2 / 2) / s^2 - x^2 / 2s^2, and the last term
+            # is the same for every c: the softmax of the first alone is the same.
             m_l, m_a, m_b = (
-                torch.softmax(-((lab[..., i, None] - axis) ** 2) / (2 * 12.0**2), dim=-1)
+                torch.softmax((lab[..., i, None] - axis / 2) * (axis / 12.0**2), dim=-1)
                 for i, axis in enumerate((self.grid_l, self.grid_ab, self.grid_ab))
             )  # (B, HW, 5), (B, HW, 7), (B, HW, 7)
             m_la = ((w.transpose(1, 2) * m_l)[..., :, None] * m_a[..., None, :]).flatten(2)
