@@ -139,7 +139,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     model = BeautyTagNet(cfg)
     if cfg.model.init:
         fresh = init_from_checkpoint(model, resolve_model(cfg.model.init))
-        print(f"started from {cfg.model.init}; new: {', '.join(fresh) or 'nothing'}")
+        new = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
+        print(f"started from {cfg.model.init}; new: {new or 'nothing'}")
     model = model.to(device)
     use_amp = device.type == "cuda" and cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
