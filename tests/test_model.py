@@ -111,14 +111,15 @@ def test_pixel_colour_head_histogram_reads_the_product_colour(small_cfg):
     torch.testing.assert_close(out["color"], head.linear(emb))
 
 
-def test_pixel_colour_histogram_is_the_softmax_over_all_prototypes():
+@pytest.mark.parametrize("pool", [2, 4])
+def test_pixel_colour_histogram_is_the_softmax_over_all_prototypes(pool):
     """The per-axis factorisation gives the same histogram as a softmax over the 245
-    prototype colours' squared distances, computed directly."""
+    prototype colours' squared distances, computed directly, on the pooled image."""
     torch.manual_seed(0)
-    head = PixelColourHead(8, 3, [0.5] * 3, [0.5] * 3)
+    head = PixelColourHead(8, 3, [0.5] * 3, [0.5] * 3, pool)
     nn.init.normal_(head.where.weight)
     x, fmap = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 8, 4, 4)
-    rgb = nn.functional.avg_pool2d(x * 0.5 + 0.5, 2)
+    rgb = nn.functional.avg_pool2d(x * 0.5 + 0.5, pool)
     w = product_weights(head.where(fmap), rgb, head.background).flatten(1)  # (B, HW)
     lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
     d2 = ((lab[:, :, None, :] - lab_prototypes()) ** 2).sum(-1)  # (B, HW, 245)
@@ -157,6 +158,15 @@ def test_pixel_colour_config_is_checked(raw_config, value, message):
     raw["model"]["pixel_colour"] = value
     with pytest.raises(SchemaError, match=message):
         config_from_dict(raw, where="my.yaml")
+
+
+def test_pixel_colour_pool_sets_the_histogram_resolution(raw_config, small_cfg):
+    raw = copy.deepcopy(raw_config)
+    raw["model"] |= {"pixel_colour": ["color"], "pixel_colour_pool": 0}
+    with pytest.raises(SchemaError, match="pixel_colour_pool must be 1 or more"):
+        config_from_dict(raw, where="my.yaml")
+    small_cfg.model.pixel_colour, small_cfg.model.pixel_colour_pool = ["color"], 4
+    assert BeautyTagNet(small_cfg, pretrained=False).heads["color"].pool == 4
 
 
 def test_checkpoint_round_trip(small_cfg, tmp_path):

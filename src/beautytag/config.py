@@ -28,6 +28,7 @@ class ModelConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # class attributes whose heads also read the product's pixel colour (model.PixelColourHead)
     pixel_colour: list[str] = field(default_factory=list)
+    pixel_colour_pool: int = 2  # their histogram reads the input average-pooled this much
     # start training from a beautytag model (a checkpoint, or `default` / `accurate`): every
     # tensor whose name, shape and (for heads) classes match; the rest as above
     init: str = ""
@@ -178,6 +179,8 @@ def config_from_dict(
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
+    if model.pixel_colour_pool < 1:
+        raise SchemaError(f"{where}: model.pixel_colour_pool must be 1 or more")
     for name in model.pixel_colour:
         if name not in schema.names or schema[name].kind == "shade":
             raise SchemaError(

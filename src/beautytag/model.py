@@ -160,13 +160,20 @@ class PixelColourHead(nn.Module):
     """A class head that reads the product's colour off the photo as well as the embedding:
     logits = linear(embedding) + linear(log colour histogram, scaled to -1..1). The histogram
     is a soft assignment of the product pixels (weighted as in :class:`ColourPoolShadeHead`,
-    on the image at half resolution) to fixed CIELAB prototype colours 25 apart, within
-    about 12 dE of each. The histogram's layer starts at zero: at first, a linear head."""
+    on the image average-pooled by `pool`: half resolution by default) to fixed CIELAB
+    prototype colours 25 apart, within about 12 dE of each. The histogram's layer starts at
+    zero: at first, a linear head."""
 
     def __init__(
-        self, channels: int, num_outputs: int, mean: list[float], std: list[float]
+        self,
+        channels: int,
+        num_outputs: int,
+        mean: list[float],
+        std: list[float],
+        pool: int = 2,
     ) -> None:
         super().__init__()
+        self.pool = pool  # the histogram reads the image average-pooled this much
         self.linear = nn.Linear(channels, num_outputs)
         self.where = nn.Conv2d(channels, 1, 1)
         nn.init.zeros_(self.where.weight)
@@ -184,7 +191,7 @@ class PixelColourHead(nn.Module):
         """(B, 245) share of the product's pixels near each prototype colour
         (:func:`lab_prototypes` order; rows sum to 1)."""
         with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
-            rgb = nn.functional.avg_pool2d(image_rgb(image, self.mean, self.std), 2)
+            rgb = nn.functional.avg_pool2d(image_rgb(image, self.mean, self.std), self.pool)
             w = product_weights(self.where(fmap.float()), rgb, self.background).flatten(2)
             lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
             # A softmax of -d^2 / 2s^2 over a grid factorises into one softmax per axis
@@ -228,7 +235,13 @@ class BeautyTagNet(nn.Module):
             if a.kind == "shade":
                 head = ColourPoolShadeHead(channels, cfg.model.mean, cfg.model.std)
             elif a.name in cfg.model.pixel_colour:
-                head = PixelColourHead(channels, a.num_outputs, cfg.model.mean, cfg.model.std)
+                head = PixelColourHead(
+                    channels,
+                    a.num_outputs,
+                    cfg.model.mean,
+                    cfg.model.std,
+                    cfg.model.pixel_colour_pool,
+                )
             else:
                 head = nn.Linear(channels, a.num_outputs)
             self.heads[a.name] = head
