@@ -21,7 +21,7 @@ from beautytag.export import (
     synthetic_photos,
 )
 from beautytag.images import load_image, preprocess
-from beautytag.model import load_checkpoint
+from beautytag.model import fixed_size_copy, load_checkpoint
 
 from .conftest import DATASETS, make_tiny_model
 
@@ -77,6 +77,28 @@ def test_onnx_outputs_are_a_tuple_in_schema_order_with_a_dynamic_batch(
                 np.testing.assert_allclose(o.sum(-1), 1.0, atol=1e-5)  # already softmaxed
             elif a.kind == "multi":
                 assert ((o >= 0) & (o <= 1)).all()  # already sigmoided
+
+
+def test_the_export_fixes_same_padding_so_onnx_runtime_folds_it(tiny_model, onnx_path, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from timm.layers import Conv2dSame
+
+    model, cfg, _ = load_checkpoint(tiny_model)
+    fixed = fixed_size_copy(model, cfg.model.image_size)
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())  # the original is kept
+    assert not any(isinstance(m, Conv2dSame) for m in fixed.modules())
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        ref, out = model.eval()(x), fixed(x)
+    for name in cfg.schema.names:
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=1e-6)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "Conv" in ops and "Pad" not in ops  # every pad went into a convolution
 
 
 def test_metadata_makes_the_file_self_describing(tiny_model, onnx_path):

