@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
+import torch
 
-from beautytag.color import delta_e2000, hex_to_lab, lab_to_hex, lab_to_srgb, srgb_to_lab
+from beautytag.color import (
+    delta_e2000,
+    hex_to_lab,
+    lab_to_hex,
+    lab_to_srgb,
+    linear_rgb_to_lab_torch,
+    srgb_to_lab,
+    srgb_to_linear_torch,
+)
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula: implementation notes,
 # supplementary test data, and mathematical observations", Table 1 (all 34 pairs).
@@ -108,3 +117,13 @@ def test_hex_round_trip() -> None:
     np.testing.assert_allclose(hex_to_lab("FFF"), [100.0, 0.0, 0.0], atol=1e-3)
     with pytest.raises(ValueError):
         hex_to_lab("#12345")
+
+
+def test_the_models_torch_conversion_matches_the_reference():
+    """The float32 torch formulas inside the model (exportable to ONNX) give the float64
+    reference's CIELAB, dark pixels (linear segment) and the gamut's corners included."""
+    rng = np.random.default_rng(0)
+    corners = np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T
+    rgb = np.concatenate([rng.random((500, 3)), rng.random((100, 3)) * 0.05, corners])
+    lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(torch.tensor(rgb, dtype=torch.float32)))
+    np.testing.assert_allclose(lab.numpy(), srgb_to_lab(rgb), atol=2e-3)

@@ -118,7 +118,9 @@ def test_pixel_colour_histogram_is_the_softmax_over_all_prototypes(pool):
     torch.manual_seed(0)
     head = PixelColourHead(8, 3, [0.5] * 3, [0.5] * 3, pool)
     nn.init.normal_(head.where.weight)
-    x, fmap = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 8, 4, 4)
+    x, fmap = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 8, 4, 4)
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 3).T  # black, white, primaries
+    x[2] = corners.repeat_interleave(4, dim=1)[:, :, None].expand(3, 32, 32)  # the gamut's ends
     rgb = nn.functional.avg_pool2d(x * 0.5 + 0.5, pool)
     w = product_weights(head.where(fmap), rgb, head.background).flatten(1)  # (B, HW)
     lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))

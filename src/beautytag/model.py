@@ -228,8 +228,22 @@ class PixelColourHead(nn.Module):
         nn.init.zeros_(self.where.weight)
         nn.init.zeros_(self.where.bias)
         self.background = nn.Parameter(torch.tensor(8.0))
-        self.register_buffer("grid_l", LAB_GRID[0], persistent=False)
-        self.register_buffer("grid_ab", LAB_GRID[1], persistent=False)
+        # Soft assignment, factorised per grid axis (see `histogram`): the 5 + 7 + 7 axis
+        # logits of a pixel are one matmul of its CIELAB; sums per axis and the (L*, a*)
+        # outer product are matmuls with 0/1 matrices (ONNX Runtime runs those faster
+        # than softmaxes over short rows and broadcast products).
+        lightness, ab = LAB_GRID
+        centres = torch.cat([lightness, ab, ab])
+        axis = torch.cat([torch.full((len(c),), i) for i, c in enumerate((lightness, ab, ab))])
+        onehot = nn.functional.one_hot(axis, 3).float().T  # (3, 19): which axis each column is
+        for name, value in {
+            "axis_of": onehot,
+            "logit_weight": onehot * centres / 12.0**2,
+            "logit_bias": -(centres**2) / (2 * 12.0**2),
+            "repeat_l": torch.kron(torch.eye(len(lightness)), torch.ones(1, len(ab))),  # (5, 35)
+            "repeat_a": torch.eye(len(ab)).repeat(1, len(lightness)),  # (7, 35)
+        }.items():
+            self.register_buffer(name, value, persistent=False)
         self.colour = nn.Linear(len(lab_prototypes()), num_outputs)
         nn.init.zeros_(self.colour.weight)
         nn.init.zeros_(self.colour.bias)
@@ -247,12 +261,13 @@ class PixelColourHead(nn.Module):
             # (exp of a sum of squares is a product; so is its sum over the grid): 19
             # exponentials a pixel instead of 245, and no (B, HW, 245) distance tensor. Per
             # axis, -(x - c)^2 / 2s^2 = (x c - c^2 / 2) / s^2 - x^2 / 2s^2, and the last term
-            # is the same for every c: the softmax of the first alone is the same.
-            m_l, m_a, m_b = (
-                torch.softmax((lab[..., i, None] - axis / 2) * (axis / 12.0**2), dim=-1)
-                for i, axis in enumerate((self.grid_l, self.grid_ab, self.grid_ab))
-            )  # (B, HW, 5), (B, HW, 7), (B, HW, 7)
-            m_la = ((w.transpose(1, 2) * m_l)[..., :, None] * m_a[..., None, :]).flatten(2)
+            # is the same for every c: the softmax of the first alone is the same. For
+            # colours of the sRGB gamut those logits lie below 40, so exp needs no shift.
+            e = torch.exp(lab @ self.logit_weight + self.logit_bias)  # (B, HW, 19)
+            m = e / ((e @ self.axis_of.T) @ self.axis_of)  # normalised per axis
+            n_l, n_a = self.repeat_l.shape[0], self.repeat_a.shape[0]
+            m_l, m_a, m_b = m[..., :n_l], m[..., n_l : n_l + n_a], m[..., n_l + n_a :]
+            m_la = ((w.transpose(1, 2) * m_l) @ self.repeat_l) * (m_a @ self.repeat_a)
             return (m_la.transpose(1, 2) @ m_b).flatten(1)  # (B, 35, HW) @ (B, HW, 7)
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
