@@ -41,7 +41,7 @@ from benchlib import git_revision, throughput
 
 from beautytag.config import config_from_dict
 from beautytag.engine import Engine, resolve_model
-from beautytag.export import export_onnx, quantize_onnx
+from beautytag.export import export_model_onnx, export_onnx, quantize_onnx
 from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,10 +127,13 @@ def resnet50_checkpoint(model_path: Path, out: Path) -> Path:
 def engine_cases(model: Path, tmp: Path, photos: list[Path], quick: bool) -> dict[str, Path]:
     """name -> model file: the checkpoint, its ONNX exports and the ResNet-50 reference."""
     onnx = export_onnx(model, tmp / "model.onnx")
+    dynamic_pad = tmp / "model-dynamic-padding.onnx"
+    export_model_onnx(*load_checkpoint(model)[:2], dynamic_pad, fixed_padding=False)
     calibration = photos[: 16 if quick else 64]
     return {
         "pytorch_eager": model,
         "onnx_fp32": onnx,
+        "onnx_fp32_dynamic_padding": dynamic_pad,
         "onnx_int8_dynamic": quantize_onnx(onnx, tmp / "model-int8-dynamic.onnx", "dynamic"),
         "onnx_int8_static": quantize_onnx(
             onnx, tmp / "model-int8-static.onnx", "static", calibration
@@ -478,7 +481,9 @@ def write_markdown(r: dict[str, Any], path: Path) -> None:
         "",
         f"{r['engine_seconds_per_case']} s per case after 2 warm-up calls. The ResNet-50 row is "
         "the original design's backbone with the same heads and image size and random weights "
-        "(weights do not change the speed).",
+        "(weights do not change the speed). onnx_fp32_dynamic_padding is the same export with "
+        "timm's padding computed at run time (as before commit 3a0670a): ONNX Runtime cannot "
+        "fold those pads into the convolutions.",
         "",
         "| model | runtime | MB | batch 16 img/s | ms/call | vs eager | batch 1 img/s | ms/call "
         "| vs eager |",

@@ -13,6 +13,7 @@ from beautytag.engine import Engine, expand_paths
 from beautytag.export import (
     ExportWrapper,
     accuracy_cost,
+    export_model_onnx,
     export_onnx,
     export_torchscript,
     onnx_metadata,
@@ -93,12 +94,18 @@ def test_the_export_fixes_same_padding_so_onnx_runtime_folds_it(tiny_model, onnx
         ref, out = model.eval()(x), fixed(x)
     for name in cfg.schema.names:
         torch.testing.assert_close(out[name], ref[name], rtol=0, atol=1e-6)
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+    def optimised_ops(path):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+    ops = optimised_ops(onnx_path)
     assert "Conv" in ops and "Pad" not in ops  # every pad went into a convolution
+    dynamic = export_model_onnx(model, cfg, tmp_path / "dynamic.onnx", fixed_padding=False)
+    assert optimised_ops(dynamic).count("Pad") == 5  # timm's run-time pads stay
 
 
 def test_metadata_makes_the_file_self_describing(tiny_model, onnx_path):

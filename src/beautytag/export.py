@@ -114,11 +114,16 @@ def export_model_onnx(
     out_path: str | Path,
     opset: int = 17,
     dynamo: bool | None = None,
+    fixed_padding: bool = True,
 ) -> Path:
-    """:func:`export_onnx` for a model already loaded (with its config)."""
+    """:func:`export_onnx` for a model already loaded (with its config). The exported model
+    is :func:`~beautytag.model.fixed_size_copy`'s; ``fixed_padding=False`` keeps timm's
+    padding computed at run time (as exports were before; the serving benchmark compares)."""
     import onnx
 
-    wrapper = ExportWrapper(fixed_size_copy(model, cfg.model.image_size))
+    wrapper = ExportWrapper(
+        fixed_size_copy(model, cfg.model.image_size) if fixed_padding else model
+    )
     x = _example(cfg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
