@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def fixed_size_copy(model: BeautyTagNet, image_size: int) -> BeautyTagNet:
     model = copy.deepcopy(model).eval()
     sizes: dict[str, tuple[int, int]] = {}
 
-    def record(name: str):
+    def record(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             sizes[name] = tuple(args[0].shape[-2:])
 
