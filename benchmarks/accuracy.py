@@ -7,8 +7,9 @@ Table A - cosmetics (Personal Care subset of fashion-products-small, split == te
 Table B - the whole 44k catalogue as one multi-task model (six attributes).
 Table C - shade colour on beauty-shades (split by brand): median / mean CIEDE2000.
 
-Every finished run is stored in the results JSON and skipped on the next start, so the
-tables can be built over several sittings (or quickly on a GPU). Usage:
+Every finished run is stored in the results JSON and skipped on the next start, and an
+unfinished one goes on from its last epoch (its ``last.pt`` in ``--runs-dir``, if its config
+is the same), so the tables can be built over several sittings (or quickly on a GPU). Usage:
 
     python benchmarks/accuracy.py --quick            # smoke run, minutes on a CPU
     python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
@@ -290,14 +291,27 @@ def without_marker(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in ("backbone_from", "init_from")}
 
 
+def can_resume(last: Path, cfg: Config) -> bool:
+    """Whether `last` is an unfinished run of this very config (data-loader workers aside),
+    so that a long run (B1 is hours on a CPU) goes on over several sittings."""
+    if not last.is_file():
+        return False
+    saved = config_from_dict(torch.load(last, weights_only=False)["config"]).to_dict()
+    mine = cfg.to_dict()
+    for c in (saved, mine):
+        c["train"].pop("workers")
+    if saved != mine:
+        print(f"not resuming {last}: it was trained with another config", flush=True)
+    return saved == mine
+
+
 def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:
     raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir), "train.workers": workers})
     if quick:
         raw = apply(raw, {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48})
     cfg = config_from_dict(raw)
-    t0 = time.time()
-    paths = train(cfg, progress=False)
-    seconds = time.time() - t0
+    paths = train(cfg, resume=can_resume(out_dir / "last.pt", cfg), progress=False)
+    seconds = paths["seconds"]
     device = str(pick_device())
     result = evaluate(paths["best"], split="test", config=cfg, device=device)
     val = evaluate(paths["best"], split="val", config=cfg, device=device)

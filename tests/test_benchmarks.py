@@ -60,6 +60,37 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
     assert "== " not in capsys.readouterr().out
 
 
+def test_accuracy_benchmark_resumes_an_interrupted_run(datasets, tmp_path, capsys):
+    """A run stopped after its first epoch goes on from there at the next start (its wall
+    time adds up), unless its config changed."""
+    import torch
+
+    bench = load("accuracy")
+    results, runs = tmp_path / "acc.json", tmp_path / "runs"
+    args = ["--quick", "--data", str(datasets), "--seeds", "0", "--tables", "A"]
+    args += ["--only", "A3", "--results", str(results), "--runs-dir", str(runs)]
+    assert bench.main(args) == 0
+    (run,) = runs.glob("A3*-s0")
+    last, log = run / "last.pt", run / "metrics.jsonl"
+    state = torch.load(last, weights_only=False)
+
+    def interrupt(**config_changes):  # as if stopped after epoch 1 of 2
+        config = bench.apply(state["config"], config_changes)
+        torch.save(state | {"epoch": 0, "elapsed": 1000.0, "config": config}, last)
+        log.write_text(log.read_text().splitlines()[0] + "\n")
+        results.unlink()
+        capsys.readouterr()
+        assert bench.main(args) == 0
+        return capsys.readouterr().out, json.loads(results.read_text())["runs"]
+
+    out, stored = interrupt()
+    assert "resumed from" in out and len(log.read_text().splitlines()) == 2
+    assert stored["A3 multi-task, no attention|seed0"]["train_seconds"] > 1000
+    out, stored = interrupt(**{"train.lr": 0.5})
+    assert "not resuming" in out and "resumed from" not in out
+    assert stored["A3 multi-task, no attention|seed0"]["train_seconds"] < 1000
+
+
 @pytest.mark.slow
 def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(datasets, tmp_path):
     import torch

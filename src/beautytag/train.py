@@ -123,7 +123,9 @@ def validate(
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train a model as the config says; returns the best validation result and paths."""
+    """Train a model as the config says; returns the checkpoints' paths and ``seconds``, the
+    wall time of the whole training (every sitting, when resumed)."""
+    started = time.time()
     seed_everything(cfg.train.seed)
     device = pick_device()
     out = Path(cfg.train.out_dir)
@@ -169,7 +171,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         optimizer, lr_lambda(steps * cfg.train.epochs, steps)
     )
 
-    start_epoch, best, bad_epochs = 0, -math.inf, 0
+    start_epoch, best, bad_epochs, elapsed = 0, -math.inf, 0, 0.0
     if resume and (out / "last.pt").is_file():
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -179,6 +181,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+        elapsed = state.get("elapsed", 0.0)  # the earlier sittings' wall time
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
     log_path = out / "metrics.jsonl"
     if not resume and log_path.exists():
@@ -259,9 +262,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "elapsed": elapsed + time.time() - started,
             },
         )
     return {
+        "seconds": round(elapsed + time.time() - started, 1),
         "best": str(out / "best.pt"),
         "last": str(out / "last.pt"),
         "log": str(log_path),
