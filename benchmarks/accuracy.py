@@ -53,7 +53,7 @@ from beautytag.evaluate import evaluate
 from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
 from beautytag.model import BeautyTagNet
-from beautytag.train import pick_device, train
+from beautytag.train import config_changes, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -296,13 +296,11 @@ def can_resume(last: Path, cfg: Config) -> bool:
     so that a long run (B1 is hours on a CPU) goes on over several sittings."""
     if not last.is_file():
         return False
-    saved = config_from_dict(torch.load(last, weights_only=False)["config"]).to_dict()
-    mine = cfg.to_dict()
-    for c in (saved, mine):
-        c["train"].pop("workers")
-    if saved != mine:
-        print(f"not resuming {last}: it was trained with another config", flush=True)
-    return saved == mine
+    saved = torch.load(last, map_location="cpu", weights_only=False)["config"]
+    changed = [c for c in config_changes(saved, cfg) if c != "train.workers"]
+    if changed:
+        print(f"not resuming {last}: trained with other settings ({changed})", flush=True)
+    return not changed
 
 
 def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:

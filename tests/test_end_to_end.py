@@ -37,6 +37,7 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
 
     # resume continues from last.pt instead of starting again
     assert main(["train", str(cfg_path), "--quiet", "--resume", "--epochs", "4"]) == 0
+    assert "settings changed since" in capsys.readouterr().out  # says so: ['train.epochs']
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from beautytag.config import Config
+from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
 from beautytag.engine import resolve_model
 from beautytag.evaluate import compute_metrics, run_dataset
@@ -122,6 +122,19 @@ def validate(
     return loss, metrics
 
 
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The settings ("section.key", or a whole section that is not a mapping) in which `cfg`
+    differs from the config saved in a checkpoint."""
+    old, new = config_from_dict(saved).to_dict(), cfg.to_dict()
+    changed = []
+    for section, value in new.items():
+        if isinstance(value, dict):
+            changed += [f"{section}.{k}" for k in value if value[k] != old[section].get(k)]
+        elif value != old.get(section):
+            changed.append(section)
+    return changed
+
+
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train a model as the config says; returns the checkpoints' paths and ``seconds``, the
     wall time of the whole training (every sitting, when resumed)."""
@@ -182,6 +195,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         elapsed = state.get("elapsed", 0.0)  # the earlier sittings' wall time
+        if changed := config_changes(state["config"], cfg):
+            print(f"warning: resuming with settings changed since {out / 'last.pt'}: {changed}")
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
     log_path = out / "metrics.jsonl"
     if not resume and log_path.exists():
