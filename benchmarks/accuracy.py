@@ -291,35 +291,47 @@ def without_marker(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in ("backbone_from", "init_from")}
 
 
-def can_resume(last: Path, cfg: Config) -> bool:
-    """Whether `last` is an unfinished run of this very config (data-loader workers aside),
-    so that a long run (B1 is hours on a CPU) goes on over several sittings."""
+def resume_epoch(out_dir: Path, cfg: Config, revision: str) -> int | None:
+    """The epoch at which the unfinished run in `out_dir` goes on (its ``last.pt``), so that
+    a long run (B1 is hours on a CPU) spans several sittings; None to start afresh: no such
+    run, a finished one, or one of another code revision or config (data-loader workers
+    aside)."""
+    last = out_dir / "last.pt"
     if not last.is_file():
-        return False
-    saved = torch.load(last, map_location="cpu", weights_only=False)["config"]
-    changed = [c for c in config_changes(saved, cfg) if c != "train.workers"]
-    if changed:
-        print(f"not resuming {last}: trained with other settings ({changed})", flush=True)
-    return not changed
+        return None
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    started_at = (out_dir / "revision").read_text() if (out_dir / "revision").is_file() else ""
+    changed = [c for c in config_changes(state["config"], cfg) if c != "train.workers"]
+    if state["epoch"] + 1 >= cfg.train.epochs or state["bad_epochs"] >= cfg.train.patience:
+        return None  # finished: measured again, not reused
+    if started_at != revision or changed:
+        why = f"revision {started_at or '?'}" if started_at != revision else f"{changed}"
+        print(f"not resuming {last}: started with other code or settings ({why})", flush=True)
+        return None
+    return state["epoch"] + 2
 
 
-def run_trained(raw: dict, seed: int, out_dir: Path, quick: bool, workers: int) -> dict[str, Any]:
+def run_trained(
+    raw: dict, seed: int, out_dir: Path, quick: bool, workers: int, revision: str
+) -> dict[str, Any]:
     raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir), "train.workers": workers})
     if quick:
         raw = apply(raw, {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48})
     cfg = config_from_dict(raw)
-    paths = train(cfg, resume=can_resume(out_dir / "last.pt", cfg), progress=False)
-    seconds = paths["seconds"]
+    resumed = resume_epoch(out_dir, cfg, revision)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "revision").write_text(revision)
+    paths = train(cfg, resume=resumed is not None, progress=False)
     device = str(pick_device())
     result = evaluate(paths["best"], split="test", config=cfg, device=device)
     val = evaluate(paths["best"], split="val", config=cfg, device=device)
     return {
         "metrics": summarise_metrics(result["metrics"]),
-        "train_seconds": seconds,
+        "train_seconds": paths["seconds"],
         "val_metrics": summarise_metrics(val["metrics"]),
         "test_images": result["images"],
         "checkpoint": paths["best"],
-    }
+    } | ({"resumed_at_epoch": resumed} if resumed else {})
 
 
 def embed_split(model: BeautyTagNet, cfg: Config, split: str) -> tuple[np.ndarray, BeautyDataset]:
@@ -657,7 +669,12 @@ def main(argv: list[str] | None = None) -> int:
                             "model": raw["model"] | {key_: str(init)}
                         }
                     run = run_trained(
-                        train_raw, seed, args.runs_dir / f"{slug}-s{seed}", args.quick, args.workers
+                        train_raw,
+                        seed,
+                        args.runs_dir / f"{slug}-s{seed}",
+                        args.quick,
+                        args.workers,
+                        revision,
                     )
                 run |= {
                     "name": n,

@@ -62,7 +62,7 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
 
 def test_accuracy_benchmark_resumes_an_interrupted_run(datasets, tmp_path, capsys):
     """A run stopped after its first epoch goes on from there at the next start (its wall
-    time adds up), unless its config changed."""
+    time adds up), unless its code revision or config changed; a finished run is redone."""
     import torch
 
     bench = load("accuracy")
@@ -71,24 +71,27 @@ def test_accuracy_benchmark_resumes_an_interrupted_run(datasets, tmp_path, capsy
     args += ["--only", "A3", "--results", str(results), "--runs-dir", str(runs)]
     assert bench.main(args) == 0
     (run,) = runs.glob("A3*-s0")
-    last, log = run / "last.pt", run / "metrics.jsonl"
+    last, log, revision = run / "last.pt", run / "metrics.jsonl", (run / "revision").read_text()
     state = torch.load(last, weights_only=False)
+    name = "A3 multi-task, no attention|seed0"
 
-    def interrupt(**config_changes):  # as if stopped after epoch 1 of 2
+    def restart(epochs_done=1, started_at=revision, **config_changes):
         config = bench.apply(state["config"], config_changes)
-        torch.save(state | {"epoch": 0, "elapsed": 1000.0, "config": config}, last)
-        log.write_text(log.read_text().splitlines()[0] + "\n")
+        torch.save(state | {"epoch": epochs_done - 1, "elapsed": 1000.0, "config": config}, last)
+        (run / "revision").write_text(started_at)
         results.unlink()
         capsys.readouterr()
         assert bench.main(args) == 0
-        return capsys.readouterr().out, json.loads(results.read_text())["runs"]
+        return capsys.readouterr().out, json.loads(results.read_text())["runs"][name]
 
-    out, stored = interrupt()
-    assert "resumed from" in out and len(log.read_text().splitlines()) == 2
-    assert stored["A3 multi-task, no attention|seed0"]["train_seconds"] > 1000
-    out, stored = interrupt(**{"train.lr": 0.5})
-    assert "not resuming" in out and "resumed from" not in out
-    assert stored["A3 multi-task, no attention|seed0"]["train_seconds"] < 1000
+    out, stored = restart()  # as if stopped after epoch 1 of 2
+    assert "resumed from" in out and stored["resumed_at_epoch"] == 2
+    assert stored["train_seconds"] > 1000 and len(log.read_text().splitlines()) == 3
+    for case in ({"train.lr": 0.5}, {"started_at": "0000000"}, {"epochs_done": 2}):
+        out, stored = restart(**case)
+        assert "resumed from" not in out and "resumed_at_epoch" not in stored
+        assert stored["train_seconds"] < 1000 and len(log.read_text().splitlines()) == 2
+        assert ("not resuming" in out) == ("epochs_done" not in case)  # finished: no word
 
 
 @pytest.mark.slow
