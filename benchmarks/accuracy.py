@@ -8,8 +8,9 @@ Table B - the whole 44k catalogue as one multi-task model (six attributes).
 Table C - shade colour on beauty-shades (split by brand): median / mean CIEDE2000.
 
 Every finished run is stored in the results JSON and skipped on the next start, and an
-unfinished one goes on from its last epoch (its ``last.pt`` in ``--runs-dir``, if its config
-is the same), so the tables can be built over several sittings (or quickly on a GPU). Usage:
+unfinished one goes on from its last epoch (its ``last.pt`` in ``--runs-dir``, if the code
+revision and config are the same), so the tables can be built over several sittings (or
+quickly on a GPU). Usage:
 
     python benchmarks/accuracy.py --quick            # smoke run, minutes on a CPU
     python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
