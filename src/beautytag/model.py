@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 
 from beautytag.attention import create_attention
@@ -123,11 +123,10 @@ def fixed_size_copy(model: BeautyTagNet, image_size: int) -> BeautyTagNet:
         h.remove()
     for name, size in sizes.items():
         conv = model.get_submodule(name)
-        pads = []  # ZeroPad2d order: left, right, top, bottom
+        pads = []  # ZeroPad2d order: left, right, top, bottom, split as timm's pad_same
         for i in (1, 0):
-            k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-            total = max((-(-size[i] // s) - 1) * s + (k - 1) * d + 1 - size[i], 0)
-            pads += [total // 2, total - total // 2]  # as timm's pad_same
+            total = get_same_padding(size[i], conv.kernel_size[i], conv.stride[i], conv.dilation[i])
+            pads += [total // 2, total - total // 2]
         plain = nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
@@ -267,7 +266,7 @@ class PixelColourHead(nn.Module):
             e = torch.exp(lab @ self.logit_weight + self.logit_bias)  # (B, HW, 19)
             m = e / ((e @ self.axis_of.T) @ self.axis_of)  # normalised per axis
             n_l, n_a = self.repeat_l.shape[0], self.repeat_a.shape[0]
-            m_l, m_a, m_b = m[..., :n_l], m[..., n_l : n_l + n_a], m[..., n_l + n_a :]
+            m_l, m_a, m_b = m.split([n_l, n_a, n_a], dim=-1)
             m_la = ((w.transpose(1, 2) * m_l) @ self.repeat_l) * (m_a @ self.repeat_a)
             return (m_la.transpose(1, 2) @ m_b).flatten(1)  # (B, 35, HW) @ (B, HW, 7)
 
