@@ -301,12 +301,12 @@ def resume_epoch(out_dir: Path, cfg: Config, revision: str) -> int | None:
     if not last.is_file():
         return None
     state = torch.load(last, map_location="cpu", weights_only=False)
-    started_at = (out_dir / "revision").read_text() if (out_dir / "revision").is_file() else ""
-    changed = [c for c in config_changes(state["config"], cfg) if c != "train.workers"]
     if state["epoch"] + 1 >= cfg.train.epochs or state["bad_epochs"] >= cfg.train.patience:
         return None  # finished: measured again, not reused
+    started_at = (out_dir / "revision").read_text() if (out_dir / "revision").is_file() else "?"
+    changed = [c for c in config_changes(state["config"], cfg) if c != "train.workers"]
     if started_at != revision or changed:
-        why = f"revision {started_at or '?'}" if started_at != revision else f"{changed}"
+        why = f"revision {started_at}, settings changed: {changed}"
         print(f"not resuming {last}: started with other code or settings ({why})", flush=True)
         return None
     return state["epoch"] + 2

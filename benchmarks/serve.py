@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from benchlib import git_revision, throughput
 
-from beautytag.config import config_from_dict
+from beautytag.config import Config, config_from_dict
 from beautytag.engine import Engine, resolve_model
-from beautytag.export import export_model_onnx, export_onnx, quantize_onnx
+from beautytag.export import export_model_onnx, quantize_onnx
 from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +113,9 @@ def photo_sets() -> dict[str, list[Path]]:
 # ---------------------------------------------------------------- 1. engine throughput
 
 
-def resnet50_checkpoint(model_path: Path, out: Path) -> Path:
+def resnet50_checkpoint(cfg: Config, out: Path) -> Path:
     """The model's config with a ResNet-50 backbone (random init), saved as a checkpoint so it
     runs through the same Engine code path."""
-    _, cfg, _ = load_checkpoint(model_path)
     raw = cfg.to_dict()
     raw["model"] |= {"backbone": "resnet50", "weights": "none"}
     cfg = config_from_dict(raw)
@@ -126,9 +125,11 @@ def resnet50_checkpoint(model_path: Path, out: Path) -> Path:
 
 def engine_cases(model: Path, tmp: Path, photos: list[Path], quick: bool) -> dict[str, Path]:
     """name -> model file: the checkpoint, its ONNX exports and the ResNet-50 reference."""
-    onnx = export_onnx(model, tmp / "model.onnx")
-    dynamic_pad = tmp / "model-dynamic-padding.onnx"
-    export_model_onnx(*load_checkpoint(model)[:2], dynamic_pad, fixed_padding=False)
+    net, cfg, _ = load_checkpoint(model)
+    onnx = export_model_onnx(net, cfg, tmp / "model.onnx")
+    dynamic_pad = export_model_onnx(
+        net, cfg, tmp / "model-dynamic-padding.onnx", fixed_padding=False
+    )
     calibration = photos[: 16 if quick else 64]
     return {
         "pytorch_eager": model,
@@ -138,7 +139,7 @@ def engine_cases(model: Path, tmp: Path, photos: list[Path], quick: bool) -> dic
         "onnx_int8_static": quantize_onnx(
             onnx, tmp / "model-int8-static.onnx", "static", calibration
         ),
-        "resnet50_pytorch_eager": resnet50_checkpoint(model, tmp / "resnet50.pt"),
+        "resnet50_pytorch_eager": resnet50_checkpoint(cfg, tmp / "resnet50.pt"),
     }
 
 
