@@ -16,6 +16,8 @@ quickly on a GPU). Usage:
     python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
     python benchmarks/accuracy.py --speed            # inference images/s on this machine
     python benchmarks/accuracy.py --report           # only rewrite the markdown table
+    python benchmarks/accuracy.py --pick C10         # rank a row's runs by the validation
+                                                     # score that picks a shipped model
 
 Several processes can share one GPU, each with its own ``--results`` file (and ``--only`` /
 ``--seeds`` to split the work); ``--merge THEIR_FILES`` then adds their runs to this store.
@@ -555,6 +557,39 @@ def merge_runs(store: dict, runs: dict[str, dict]) -> list[str]:
     return list(added)
 
 
+# The validation score that picks a shipped model among runs (fixed before the C10 runs): the
+# mean of these validation metrics, each in [0, 1] and higher-is-better.
+PICK_METRICS = (
+    "category.accuracy",
+    "color.accuracy",
+    "shade.share_under_5",
+    "finish.accuracy",
+    "function.mAP",
+)
+
+
+def pick_score(run: dict) -> float | None:
+    """A run's validation score (mean of PICK_METRICS); None if it lacks one of them."""
+    val = run.get("val_metrics", {})
+    if not all(k in val for k in PICK_METRICS):
+        return None
+    return statistics.mean(val[k] for k in PICK_METRICS)
+
+
+def pick_table(store: dict, patterns: list[str]) -> list[str]:
+    """Lines ranking the runs whose key contains any of `patterns` by :func:`pick_score`."""
+    scored = [
+        (score, key, run)
+        for key, run in store["runs"].items()
+        if any(p in key for p in patterns) and (score := pick_score(run)) is not None
+    ]
+    lines = [f"validation score = mean of {', '.join(PICK_METRICS)}"]
+    for score, key, run in sorted(scored, key=lambda t: -t[0]):
+        parts = ", ".join(f"{k} {run['val_metrics'][k]:.3f}" for k in PICK_METRICS)
+        lines.append(f"{score:.4f}  {key}  ({parts}; {run.get('checkpoint', '')})")
+    return lines
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -571,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="data-loader workers")
     p.add_argument("--speed", action="store_true", help="measure inference img/s here")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown")
+    p.add_argument(
+        "--pick",
+        nargs="+",
+        default=[],
+        metavar="ROW",
+        help="rank the finished runs whose name contains these by the validation score",
+    )
     p.add_argument(
         "--merge",
         type=Path,
@@ -590,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    if args.pick:
+        print("\n".join(pick_table(store, args.pick)))
+        return 0
     if args.merge or args.report:
         for other in args.merge:
             try:

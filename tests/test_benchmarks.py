@@ -175,3 +175,24 @@ def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     assert bench.main(["--results", str(mine), "--merge", str(broken)]) == 2
     assert "broken.json: not an accuracy results file" in capsys.readouterr().err
     assert sorted(json.loads(mine.read_text())["runs"]) == keys  # nothing half-merged
+
+
+def test_accuracy_pick_ranks_runs_by_the_validation_score(tmp_path, capsys):
+    bench = load("accuracy")
+    val = dict.fromkeys(bench.PICK_METRICS, 0.5)
+    runs = {
+        "C10 x|seed0": {"val_metrics": val | {"category.accuracy": 0.6}, "checkpoint": "a.pt"},
+        "C10 x|seed1": {"val_metrics": val | {"category.accuracy": 1.0}, "checkpoint": "b.pt"},
+        "C10 x|seed2": {"val_metrics": {"category.accuracy": 1.0}},  # lacks the others
+        "C7 y|seed0": {"val_metrics": val | {"color.accuracy": 1.0}},  # another row
+    }
+    results = tmp_path / "acc.json"
+    results.write_text(json.dumps({"runs": runs}))
+    assert bench.main(["--results", str(results), "--pick", "C10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[:2] for line in lines[1:]] == [
+        ["0.6000", "C10 x|seed1"],  # (1.0 + 4 * 0.5) / 5
+        ["0.5200", "C10 x|seed0"],
+    ]
+    assert "b.pt" in lines[1]
+    assert json.loads(results.read_text()) == {"runs": runs}  # only read
