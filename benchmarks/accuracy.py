@@ -36,6 +36,7 @@ import copy
 import csv
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -188,7 +189,8 @@ def table_c(data: Path) -> dict[str, dict]:
             data, **{"model.image_size": 96, "train.epochs": 30, "train.patience": 8}
         ),
         "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1) "
-        "(shipped: default)": full_raw(data, **{"model.image_size": 96}) | {"backbone_from": B1},
+        "(shipped: default before C16)": full_raw(data, **{"model.image_size": 96})
+        | {"backbone_from": B1},
         # the colour family read off the product's pixels too (model.PixelColourHead)
         "C11 full config @ 96 px, colour head reads pixel colour": full_raw(
             data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
@@ -217,7 +219,7 @@ def table_c(data: Path) -> dict[str, dict]:
         | {"backbone_from": C10_DEFAULT},
         # C12 with C15's histogram: C15 meets the serving target where C13 does not
         "C16 as C12, colour histogram of 24 x 24 pixels, backbone pre-trained on the whole "
-        "catalogue (B1)": full_raw(
+        "catalogue (B1) (shipped: default)": full_raw(
             data,
             **{"model.image_size": 96, "model.pixel_colour": ["color"]},
             **{"model.pixel_colour_pool": 4},
@@ -538,6 +540,13 @@ def write_report(store: dict, path_md: Path) -> None:
     path_md.write_text("\n".join(lines))
 
 
+def selects(patterns: list[str], name: str) -> bool:
+    """Whether --only / --skip `patterns` name the row `name`: a row id ("C12") matches that
+    row only (not "C16 as C12, ..."), any other pattern matches as a substring."""
+    row_id = name.split(" ", 1)[0]
+    return any(p == row_id if re.fullmatch(r"[ABC]\d+", p) else p in name for p in patterns)
+
+
 def merge_runs(store: dict, runs: dict[str, dict]) -> list[str]:
     """Add finished runs from another results file to `store`. A run the store already has
     is kept as it is; a run of the same row and seed at another code revision is added as
@@ -577,11 +586,12 @@ def pick_score(run: dict) -> float | None:
 
 
 def pick_table(store: dict, patterns: list[str]) -> list[str]:
-    """Lines ranking the runs whose key contains any of `patterns` by :func:`pick_score`."""
+    """Lines ranking the runs of the rows `patterns` select (:func:`selects`) by
+    :func:`pick_score`."""
     scored = [
         (score, key, run)
         for key, run in store["runs"].items()
-        if any(p in key for p in patterns) and (score := pick_score(run)) is not None
+        if selects(patterns, key.split("|")[0]) and (score := pick_score(run)) is not None
     ]
     lines = [f"validation score = mean of {', '.join(PICK_METRICS)}"]
     for score, key, run in sorted(scored, key=lambda t: -t[0]):
@@ -598,8 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--tables", nargs="+", default=["A", "C"], choices=["A", "B", "C"])
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--only", nargs="*", default=[], help="run names containing any of these")
-    p.add_argument("--skip", nargs="*", default=[], help="leave out run names containing these")
+    p.add_argument("--only", nargs="*", default=[], help="rows with these ids (C12) or name parts")
+    p.add_argument("--skip", nargs="*", default=[], help="leave out these rows (as --only)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs: a smoke run")
     p.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
@@ -611,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="ROW",
-        help="rank the finished runs whose name contains these by the validation score",
+        help="rank the finished runs of these rows (as --only) by the validation score",
     )
     p.add_argument(
         "--merge",
@@ -659,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         n: c
         for t in args.tables
         for n, c in builders[t](args.data).items()
-        if (not args.only or any(o in n for o in args.only)) and not any(o in n for o in args.skip)
+        if (not args.only or selects(args.only, n)) and not selects(args.skip, n)
     }
     device = str(pick_device())
     if device == "cuda":

@@ -106,7 +106,7 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
     assert bench.main([*common, "--tables", "A", "--only", "(B1)"]) == 0
     assert json.loads(results.read_text())["runs"] == {}
 
-    assert bench.main([*common, "--tables", "B", "A", "--only", "B1"]) == 0
+    assert bench.main([*common, "--tables", "B", "A", "--only", "B1", "(B1)"]) == 0
     store = json.loads(results.read_text())
     row = "A8 cbam, backbone pre-trained on the whole catalogue (B1)"
     assert set(store["runs"]) == {f"{bench.B1}|seed0", f"{row}|seed0"}
@@ -185,6 +185,7 @@ def test_accuracy_pick_ranks_runs_by_the_validation_score(tmp_path, capsys):
         "C10 x|seed1": {"val_metrics": val | {"category.accuracy": 1.0}, "checkpoint": "b.pt"},
         "C10 x|seed2": {"val_metrics": {"category.accuracy": 1.0}},  # lacks the others
         "C7 y|seed0": {"val_metrics": val | {"color.accuracy": 1.0}},  # another row
+        "C16 as C10|seed0": {"val_metrics": val},  # names C10, is not C10
     }
     results = tmp_path / "acc.json"
     results.write_text(json.dumps({"runs": runs}))
@@ -196,3 +197,14 @@ def test_accuracy_pick_ranks_runs_by_the_validation_score(tmp_path, capsys):
     ]
     assert "b.pt" in lines[1]
     assert json.loads(results.read_text()) == {"runs": runs}  # only read
+
+
+def test_accuracy_only_takes_row_ids_whole_and_other_patterns_as_parts():
+    bench = load("accuracy")
+    c16 = "C16 as C12, colour histogram of 24 x 24 pixels"
+    assert not bench.selects(["C12"], c16)  # a row id is the row, not a mention of it
+    assert bench.selects(["C16"], c16) and bench.selects(["C12", "C16"], c16)
+    assert bench.selects(["(B1)"], "A8 cbam, backbone pre-trained on the whole catalogue (B1)")
+    assert bench.selects(["C1 "], "C1 predict the training mean colour")
+    assert not bench.selects(["C1"], "C10 full config @ 96 px")
+    assert not bench.selects([], c16)
