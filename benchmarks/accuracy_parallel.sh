@@ -30,7 +30,7 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 later=("(B1)" "test-time flip")  # rows that need a finished run's checkpoint
-once=("A1 " "C1 " "C2 ")         # not trained: one run, whatever the seed
+once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
 echo "phase 1: B1 and every row that starts from ImageNet weights"
 pids=()
