@@ -225,6 +225,13 @@ def table_c(data: Path) -> dict[str, dict]:
             **{"model.pixel_colour_pool": 4},
         )
         | {"backbone_from": B1},
+        # C16 with an exponential moving average of the weights validated and kept
+        "C17 as C16, moving average of the weights (EMA, decay up to 0.995)": full_raw(
+            data,
+            **{"model.image_size": 96, "model.pixel_colour": ["color"]},
+            **{"model.pixel_colour_pool": 4, "train.ema_decay": 0.995},
+        )
+        | {"backbone_from": B1},
     }
 
 

@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from beautytag.cli import main
 from beautytag.config import config_from_dict
@@ -78,3 +79,35 @@ def test_train_can_start_from_the_shipped_model(raw_config, datasets, tmp_path, 
     cfg_path.write_text(json.dumps(raw))
     assert main(["train", str(cfg_path), "--quiet"]) == 2
     assert "nope.pt: model file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_keeps_the_moving_average_of_the_weights(raw_config, datasets, tmp_path):
+    """train.ema_decay: best.pt holds the averaged weights, last.pt both, and a resumed run
+    goes on averaging from the stored average."""
+    raw = raw_config
+    raw["data"]["limit"] = 64
+    raw["model"]["image_size"] = 64
+    raw["train"] |= {
+        "epochs": 1,
+        "freeze_epochs": 0,
+        "ema_decay": 0.995,
+        "out_dir": str(tmp_path / "run"),
+    }
+    cfg_path = tmp_path / "ema.yaml"
+    cfg_path.write_text(json.dumps(raw))
+    assert main(["train", str(cfg_path), "--quiet"]) == 0
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    key = "heads.category.weight"
+    assert torch.equal(best["model"][key], last["ema"][key])
+    assert not torch.allclose(last["ema"][key], last["model"][key])
+
+    assert main(["train", str(cfg_path), "--quiet", "--resume", "--epochs", "2"]) == 0
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    raw["train"] |= {"epochs": 2, "out_dir": str(tmp_path / "straight")}
+    cfg_path.write_text(json.dumps(raw))
+    assert main(["train", str(cfg_path), "--quiet"]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    assert torch.allclose(resumed["ema"][key], straight["ema"][key], atol=1e-6)
+    assert not torch.allclose(resumed["ema"][key], last["ema"][key])

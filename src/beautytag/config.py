@@ -62,6 +62,7 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # > 0: validate and keep a moving average of the weights
     balance: str = "none"  # none | sampler | weights
     balance_attribute: str = "category"
     loss_weighting: str = "fixed"  # fixed | uncertainty

@@ -3,7 +3,9 @@
 Phase 1 (``freeze_epochs``): the pretrained backbone is frozen; heads and attention learn.
 Phase 2: everything trains, the backbone at ``lr * backbone_lr_mult``. AdamW with a
 cosine schedule (one warm-up epoch) over all epochs. The best epoch by ``monitor`` on the
-validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``.
+validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``. With
+``ema_decay`` > 0, an exponential moving average of the weights (timm's ModelEmaV3, its
+decay warmed up from 0) is what is validated and kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -177,6 +180,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         ],
         weight_decay=cfg.train.weight_decay,
     )
+    ema = None
+    if cfg.train.ema_decay > 0:
+        # the decay warms up (0.97 after 100 steps, 0.99 after 500), capped at ema_decay
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True, warmup_power=0.75)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     loader = make_loader(train_ds, cfg, generator)
     steps = len(loader)
@@ -191,6 +198,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(state.get("ema") or state["model"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
@@ -235,18 +244,21 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model, step=scheduler.last_epoch)  # last_epoch counts steps
             seen += len(x)
             total_loss += float(loss.detach()) * len(x)
             bar.set_postfix(
                 loss=f"{total_loss / seen:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}
             )
         train_time = time.time() - t0
-        val_loss, val_metrics = validate(model, val_ds, cfg, criterion, device)
+        kept = model if ema is None else ema.module
+        val_loss, val_metrics = validate(kept, val_ds, cfg, criterion, device)
         score = monitor_value(cfg, val_loss, val_metrics)
         improved = score > best
         if improved:
             best, bad_epochs = score, 0
-            save_checkpoint(out / "best.pt", model, cfg, {"epoch": epoch, "val": val_metrics})
+            save_checkpoint(out / "best.pt", kept, cfg, {"epoch": epoch, "val": val_metrics})
         else:
             bad_epochs += 1
         record = {
@@ -277,6 +289,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "ema": None if ema is None else ema.module.state_dict(),
                 "elapsed": elapsed + time.time() - started,
             },
         )
