@@ -218,8 +218,7 @@ def table_c(data: Path) -> dict[str, dict]:
         )
         | {"backbone_from": C10_DEFAULT},
         # C12 with C15's histogram: C15 meets the serving target where C13 does not
-        "C16 as C12, colour histogram of 24 x 24 pixels, backbone pre-trained on the whole "
-        "catalogue (B1) (shipped: default)": full_raw(
+        C16: full_raw(
             data,
             **{"model.image_size": 96, "model.pixel_colour": ["color"]},
             **{"model.pixel_colour_pool": 4},
@@ -232,6 +231,7 @@ def table_c(data: Path) -> dict[str, dict]:
             **{"model.pixel_colour_pool": 4, "train.ema_decay": 0.995},
         )
         | {"backbone_from": B1},
+        "C18 C16 + test-time flip": {"tta_of": C16},
     }
 
 
@@ -239,6 +239,10 @@ def table_c(data: Path) -> dict[str, dict]:
 # C14 start from (read with `git show`, so that the rows mean the same after it is replaced).
 C10_DEFAULT = "c08db71"
 B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
+C16 = (
+    "C16 as C12, colour histogram of 24 x 24 pixels, backbone pre-trained on the whole "
+    "catalogue (B1) (shipped: default)"
+)
 
 
 def table_b(data: Path) -> dict[str, dict]:
@@ -388,10 +392,12 @@ def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
 def run_tta(
     store: dict, source_name: str, seed: int, data: Path, quick: bool
 ) -> dict[str, Any] | None:
+    """The row `source_name`'s checkpoint of this seed, on its test data, photo + mirror."""
     src = store["runs"].get(f"{source_name}|seed{seed}")
     if not src or not Path(src.get("checkpoint", "")).is_file():
         return None
-    cfg = config_from_dict(table_a_raw(data, **({"data.limit": 48} if quick else {})))
+    raw = without_marker((table_a(data) | table_c(data))[source_name])
+    cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
     result = evaluate(src["checkpoint"], split="test", config=cfg, flip_tta=True)
     return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
 
