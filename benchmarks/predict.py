@@ -12,12 +12,10 @@ import csv
 import io
 import json
 import platform
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -25,21 +23,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims a huge size (a decompression bomb) with almost no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def broken_files(folder: Path) -> list[Path]:
@@ -55,7 +38,9 @@ def broken_files(folder: Path) -> list[Path]:
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    (folder / "bomb.png").write_bytes(png_header(60000, 60000))
+    # a decompression bomb: 48 Mpx of one colour, over beautytag.images.MAX_PIXELS, in a
+    # file of a few dozen kilobytes
+    Image.new("L", (8000, 6000)).save(folder / "bomb.png")
     return sorted(folder.iterdir())
 
 
