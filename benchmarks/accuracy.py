@@ -57,7 +57,7 @@ from beautytag.evaluate import evaluate
 from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
 from beautytag.model import BeautyTagNet
-from beautytag.train import config_changes, pick_device, train
+from beautytag.train import config_changes, finished, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -316,7 +316,7 @@ def resume_epoch(out_dir: Path, cfg: Config, revision: str) -> int | None:
     if not last.is_file():
         return None
     state = torch.load(last, map_location="cpu", weights_only=False)
-    if state["epoch"] + 1 >= cfg.train.epochs or state["bad_epochs"] >= cfg.train.patience:
+    if finished(cfg, state["epoch"] + 1, state["bad_epochs"]):
         return None  # finished: measured again, not reused
     started_at = (out_dir / "revision").read_text() if (out_dir / "revision").is_file() else "?"
     changed = [c for c in config_changes(state["config"], cfg) if c != "train.workers"]

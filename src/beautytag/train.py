@@ -93,6 +93,11 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
+def finished(cfg: Config, epochs_done: int, bad_epochs: int) -> bool:
+    """Whether training stops after `epochs_done` epochs: all run, or stopped early."""
+    return epochs_done >= cfg.train.epochs or bad_epochs >= cfg.train.patience
+
+
 def set_backbone_trainable(model: BeautyTagNet, trainable: bool) -> None:
     for p in model.backbone.parameters():
         p.requires_grad_(trainable)
@@ -212,7 +217,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         log_path.unlink()
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        if bad_epochs >= cfg.train.patience:
+        if finished(cfg, epoch, bad_epochs):
             break
         frozen = epoch < cfg.train.freeze_epochs
         set_backbone_trainable(model, not frozen)
