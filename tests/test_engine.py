@@ -135,3 +135,23 @@ def test_shipped_default_model_predicts_offline(photo_folder):
     assert path.stat().st_size < 20 * 1024 * 1024
     result = next(Engine().predict_files([photo_folder / "a_good.jpg"]))
     assert result["error"] is None and result["attributes"]["category"]["label"]
+
+
+def test_predict_tta_flip_answers_the_same_for_a_photo_and_its_mirror(tiny_model, tmp_path, capsys):
+    img = Image.new("RGB", (64, 64), (220, 30, 60))
+    img.paste((20, 40, 200), (0, 0, 24, 64))  # a blue band on the left only
+    img.save(tmp_path / "photo.png")
+    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+    photos = [str(tmp_path / "photo.png"), str(tmp_path / "mirror.png")]
+
+    def answers(*flags):
+        assert main(["predict", "--model", str(tiny_model), *flags, *photos]) == 0
+        return [json.loads(line)["attributes"] for line in capsys.readouterr().out.splitlines()]
+
+    plain = answers()
+    assert plain[0]["category"]["top"] != plain[1]["category"]["top"]
+    photo, mirror = answers("--tta-flip")
+    for a, b in zip(photo["category"]["top"], mirror["category"]["top"], strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=2e-4)
+    assert photo["shade"]["lab"] == pytest.approx(mirror["shade"]["lab"], abs=0.02)
+    assert photo["category"]["top"] != plain[0]["category"]["top"]  # averaged, not one view

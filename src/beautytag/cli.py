@@ -104,7 +104,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         paths = [str(datasets / "beauty-shades" / "images")]
         print(f"no photos given: predicting the demo photos in {paths[0]}", file=sys.stderr)
     engine = Engine(
-        args.model, batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold
+        args.model,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        tta_flip=args.tta_flip,
     )
     out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     writer = None
@@ -247,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--threshold", type=float, default=0.5, help="for multi-label tags")
+    r.add_argument(
+        "--tta-flip", action="store_true", help="average with a mirrored copy (half the speed)"
+    )
     r.set_defaults(func=cmd_predict)
 
     v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")

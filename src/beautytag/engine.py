@@ -222,6 +222,7 @@ class Engine:
         threshold: float = 0.5,
         backend: str = "auto",
         threads: int | None = None,
+        tta_flip: bool = False,
     ):
         self.model_path = resolve_model(model_path)
         self.backend = load_backend(self.model_path, backend, device, threads)
@@ -231,6 +232,7 @@ class Engine:
         self.batch_size = batch_size
         self.top_k = top_k
         self.threshold = threshold
+        self.tta_flip = tta_flip  # also run the mirrored photo and average: 2x the compute
         self.schema = self.cfg.schema
 
     def load(
@@ -243,6 +245,9 @@ class Engine:
     def predict_tensors(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """A batch of preprocessed images -> one attributes dict per image."""
         probs = self.backend(x)
+        if self.tta_flip:
+            mirrored = self.backend(torch.flip(x, dims=[3]))
+            probs = {k: (v + mirrored[k]) / 2 for k, v in probs.items()}
         return [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
 
     def describe(self, out: dict[str, torch.Tensor]) -> dict[str, Any]:
