@@ -229,14 +229,18 @@ def table_c(data: Path) -> dict[str, dict]:
         )
         | {"backbone_from": B1},
         # C16 with an exponential moving average of the weights validated and kept
-        "C17 as C16, moving average of the weights (EMA, decay up to 0.995)": full_raw(
+        C17: full_raw(
             data,
             **{"model.image_size": 96, "model.pixel_colour": ["color"]},
             **{"model.pixel_colour_pool": 4, "train.ema_decay": 0.995},
         )
         | {"backbone_from": B1},
         "C18 C16 + test-time flip": {"tta_of": C16},
+        "C19 C17 + test-time flip": {"tta_of": C17},
     }
+
+
+C17 = "C17 as C16, moving average of the weights (EMA, decay up to 0.995)"
 
 
 # The revision whose src/beautytag/weights/default.pt is C10 seed 2, the default that C13 and
