@@ -51,6 +51,12 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     assert accuracy > chance + 0.25, (accuracy, chance)
     assert (tmp_path / "ev" / "confusion_category.png").is_file()
     assert "| category |" in (tmp_path / "ev" / "report.md").read_text()
+    assert report["sources"] == ["fashion"] and not report["flip_tta"]
+    flip = ["evaluate", str(best), "--tta-flip", "--out", str(tmp_path / "flip")]
+    assert main(flip) == 0
+    assert "test-time flip" in (tmp_path / "flip" / "report.md").read_text()
+    flipped = json.loads((tmp_path / "flip" / "report.json").read_text())["metrics"]
+    assert flipped != report["metrics"]
 
     capsys.readouterr()
     photos = [str(s.path) for s in test[:5]]

@@ -118,6 +118,8 @@ def evaluate(
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
+        "sources": sources or [src.name for src in cfg.data.sources],
+        "flip_tta": flip_tta,
         "images": len(ds),
         "skipped": ds.errors,
         "metrics": compute_metrics(cfg, outputs, targets, masks),
@@ -148,10 +150,12 @@ def write_report(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
+    flip = "; each photo averaged with its mirror image (test-time flip)"
     lines = [
         f"# Evaluation of `{result['checkpoint']}` on split `{result['split']}`",
         "",
-        f"{result['images']} images, {len(result['skipped'])} skipped.",
+        f"Sources: {', '.join(result['sources'])}; {result['images']} images, "
+        f"{len(result['skipped'])} skipped{flip if result['flip_tta'] else ''}.",
         "",
         "| attribute | n | metric | value |",
         "| --- | --- | --- | --- |",
