@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--threshold", type=float, default=0.5, help="for multi-label tags")
     r.add_argument(
-        "--tta-flip", action="store_true", help="average with a mirrored copy (half the speed)"
+        "--tta-flip",
+        action="store_true",
+        help="average with a mirrored copy (two model calls per photo)",
     )
     r.set_defaults(func=cmd_predict)
 
