@@ -91,6 +91,14 @@ def full_raw(data: Path, **changes) -> dict:
     return apply(raw, changes)
 
 
+def weighted(raw: dict, **weights: float) -> dict:
+    """The config with these attributes' loss weights (lambda) changed."""
+    raw = copy.deepcopy(raw)
+    for a in raw["attributes"]:
+        a["weight"] = weights.get(a["name"], a["weight"])
+    return raw
+
+
 def apply(raw: dict, changes: dict) -> dict:
     """changes like {"model.attention": "seed"} set nested keys."""
     raw = copy.deepcopy(raw)
@@ -236,6 +244,16 @@ def table_c(data: Path) -> dict[str, dict]:
         )
         | {"backbone_from": B1},
         "C18 C16 + test-time flip": {"tta_of": C16},
+        # multi-task learning cost category in Table A (A3 vs A2): give it twice the weight
+        "C20 as C16, category loss weight 2": weighted(
+            full_raw(
+                data,
+                **{"model.image_size": 96, "model.pixel_colour": ["color"]},
+                **{"model.pixel_colour_pool": 4},
+            ),
+            category=2.0,
+        )
+        | {"backbone_from": B1},
         "C19 C17 + test-time flip": {"tta_of": C17},
     }
 
