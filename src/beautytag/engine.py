@@ -19,7 +19,7 @@ from PIL import Image
 
 from beautytag.color import lab_to_hex
 from beautytag.config import Config, config_from_dict
-from beautytag.evaluate import activate
+from beautytag.evaluate import activate, mirror_averaged
 from beautytag.images import MAX_PIXELS, ImageError, load_for_model
 from beautytag.model import BeautyTagNet, load_checkpoint
 
@@ -244,10 +244,7 @@ class Engine:
 
     def predict_tensors(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """A batch of preprocessed images -> one attributes dict per image."""
-        probs = self.backend(x)
-        if self.tta_flip:
-            mirrored = self.backend(torch.flip(x, dims=[3]))
-            probs = {k: (v + mirrored[k]) / 2 for k, v in probs.items()}
+        probs = mirror_averaged(self.backend, x) if self.tta_flip else self.backend(x)
         return [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
 
     def describe(self, out: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,28 @@ def run_dataset(
     outs: dict[str, list] = {a.name: [] for a in model.schema.attributes}
     tgts: dict[str, list] = {a.name: [] for a in model.schema.attributes}
     msks: dict[str, list] = {a.name: [] for a in model.schema.attributes}
+
+    def probs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = model(x)
+        return {a.name: activate(a.kind, y[a.name]) for a in model.schema.attributes}
+
     for x, targets, masks in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = normalize(x.to(device), ds.cfg.model.mean, ds.cfg.model.std)
-        y = model(x)
-        if flip_tta:
-            y2 = model(torch.flip(x, dims=[3]))
+        out = mirror_averaged(probs, x) if flip_tta else probs(x)
         for a in model.schema.attributes:
-            o = activate(a.kind, y[a.name])
-            if flip_tta:
-                o = (o + activate(a.kind, y2[a.name])) / 2
-            outs[a.name].append(o.float().cpu())
+            outs[a.name].append(out[a.name].float().cpu())
             tgts[a.name].append(targets[a.name])
             msks[a.name].append(masks[a.name])
     cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
     return cat(outs), cat(tgts), cat(msks)
+
+
+def mirror_averaged(
+    probs: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Test-time flip: `probs` of a batch averaged with `probs` of its mirror image."""
+    a, b = probs(x), probs(torch.flip(x, dims=[3]))
+    return {k: (v + b[k]) / 2 for k, v in a.items()}
 
 
 def activate(kind: str, y: torch.Tensor) -> torch.Tensor:
