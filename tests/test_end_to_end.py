@@ -1,5 +1,6 @@
 """Train -> evaluate -> predict on a small real subset (about a minute on 2 CPU cores)."""
 
+import csv
 import json
 from collections import Counter
 
@@ -51,6 +52,18 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     assert accuracy > chance + 0.25, (accuracy, chance)
     assert (tmp_path / "ev" / "confusion_category.png").is_file()
     assert "| category |" in (tmp_path / "ev" / "report.md").read_text()
+    # every wrong category prediction is listed once, the most confident first
+    with (tmp_path / "ev" / "mistakes.csv").open() as f:
+        wrong = [r for r in csv.DictReader(f) if r["attribute"] == "category"]
+    n = report["metrics"]["category"]["n"]
+    assert len(wrong) == round(n * (1 - accuracy)) > 0
+    assert all(r["true"] != r["predicted"] for r in wrong)
+    assert {r["file"] for r in wrong} <= {str(s.path) for s in test}
+    probs = [float(r["probability"]) for r in wrong]
+    assert probs == sorted(probs, reverse=True)
+    top = report["most_confused"]["category"][0]
+    pairs = Counter((r["true"], r["predicted"]) for r in wrong)
+    assert top["count"] == max(pairs.values()) == pairs[top["true"], top["predicted"]]
     assert report["sources"] == ["fashion"] and not report["flip_tta"]
     flip = ["evaluate", str(best), "--tta-flip", "--out", str(tmp_path / "flip")]
     assert main(flip) == 0

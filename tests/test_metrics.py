@@ -9,6 +9,7 @@ from beautytag.metrics import (
     accuracy,
     confusion_matrix,
     macro_f1,
+    most_confused,
     multilabel_f1,
     multilabel_map,
     save_confusion_png,
@@ -28,6 +29,17 @@ def test_confusion_matrix() -> None:
     expected = np.array([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(cm, expected)
     assert cm.dtype.kind == "i"
+
+
+def test_most_confused_lists_off_diagonal_cells_most_frequent_first() -> None:
+    cm = np.array([[9, 1, 0], [4, 5, 2], [0, 0, 7]])
+    pairs = most_confused(cm, ["a", "b", "c"], k=2)
+    assert pairs == [
+        {"true": "b", "predicted": "a", "count": 4},
+        {"true": "b", "predicted": "c", "count": 2},
+    ]
+    assert len(most_confused(cm, ["a", "b", "c"])) == 3  # only cells with mistakes
+    assert most_confused(np.diag([3, 4]), ["a", "b"]) == []
 
 
 def test_macro_f1_hand_computed() -> None:

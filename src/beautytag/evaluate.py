@@ -1,12 +1,14 @@
 """Evaluation: run a model over a labelled dataset and measure every attribute.
 
-* ``single`` - accuracy, macro-F1, top-k accuracy, a confusion matrix,
+* ``single`` - accuracy, macro-F1, top-k accuracy, a confusion matrix, the most confused
+  classes and every mistake (mistakes.csv),
 * ``multi``  - mAP, micro/macro F1 at 0.5,
 * ``shade``  - CIEDE2000 (median, mean, share under 5).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from collections.abc import Callable
@@ -111,8 +113,9 @@ def evaluate(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of its config's data (or of `config`'s data and label
-    sources; the model's own preprocessing is kept). Writes report.json, report.md and
-    confusion-matrix PNGs when `out_dir` is given."""
+    sources; the model's own preprocessing is kept). Writes report.json, report.md,
+    confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
+    `out_dir` is given."""
     model, cfg, _ = load_checkpoint(checkpoint, device)
     if config is not None:
         check_same_outputs(cfg, config)
@@ -124,6 +127,8 @@ def evaluate(
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)
     outputs, targets, masks = run_dataset(model, ds, batch_size, device, flip_tta)
+    matrices = confusion_matrices(cfg, outputs, targets, masks)
+    classes = {a.name: a.classes for a in cfg.schema.attributes}
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -132,10 +137,72 @@ def evaluate(
         "images": len(ds),
         "skipped": ds.errors,
         "metrics": compute_metrics(cfg, outputs, targets, masks),
+        "most_confused": {
+            name: metrics.most_confused(cm, classes[name]) for name, cm in matrices.items()
+        },
     }
     if out_dir is not None:
-        write_report(result, cfg, outputs, targets, masks, Path(out_dir))
+        out = Path(out_dir)
+        write_report(result, cfg, matrices, out)
+        write_mistakes(mistakes(cfg, ds, outputs, targets, masks), out / "mistakes.csv")
     return result
+
+
+def confusion_matrices(
+    cfg: Config,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The confusion matrix of every single-label attribute that has labelled samples."""
+    out = {}
+    for a in cfg.schema.attributes:
+        m = masks[a.name].astype(bool)
+        if a.kind == "single" and m.any():
+            pred = outputs[a.name][m].argmax(-1)
+            out[a.name] = metrics.confusion_matrix(targets[a.name][m], pred, len(a.classes))
+    return out
+
+
+def mistakes(
+    cfg: Config,
+    ds: BeautyDataset,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """Every wrong single-label prediction, the most confident first per attribute (a
+    confident mistake is often a wrong label)."""
+    rows = []
+    for a in cfg.schema.attributes:
+        if a.kind != "single":
+            continue
+        wrong = []
+        for i, sample in enumerate(ds.samples):
+            t, p = int(targets[a.name][i]), int(outputs[a.name][i].argmax())
+            if masks[a.name][i] and p != t:
+                wrong.append(
+                    {
+                        "file": str(sample.path),
+                        "source": sample.source,
+                        "attribute": a.name,
+                        "true": a.classes[t],
+                        "predicted": a.classes[p],
+                        "probability": round(float(outputs[a.name][i][p]), 4),
+                        "probability_of_true": round(float(outputs[a.name][i][t]), 4),
+                    }
+                )
+        rows += sorted(wrong, key=lambda r: -r["probability"])
+    return rows
+
+
+def write_mistakes(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = ["file", "source", "attribute", "true", "predicted", "probability"]
+    fields.append("probability_of_true")
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def check_same_outputs(model_cfg: Config, data_cfg: Config) -> None:
@@ -150,13 +217,10 @@ def check_same_outputs(model_cfg: Config, data_cfg: Config) -> None:
 
 
 def write_report(
-    result: dict[str, Any],
-    cfg: Config,
-    outputs: dict[str, np.ndarray],
-    targets: dict[str, np.ndarray],
-    masks: dict[str, np.ndarray],
-    out: Path,
+    result: dict[str, Any], cfg: Config, matrices: dict[str, np.ndarray], out: Path
 ) -> None:
+    """report.json, report.md (metrics and the most confused classes) and a confusion-matrix
+    PNG per single-label attribute."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
     flip = "; each photo averaged with its mirror image (test-time flip)"
@@ -173,15 +237,20 @@ def write_report(
         for k, v in r.items():
             if k != "n":
                 lines.append(f"| {name} | {r['n']} | {k} | {v:.4f} |")
+    lines += [
+        "",
+        "Most confused (each wrong prediction is in mistakes.csv, the most confident first):",
+        "",
+        "| attribute | true | predicted | count |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, pairs in result["most_confused"].items():
+        lines += [f"| {name} | {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for a in cfg.schema.attributes:
-        m = masks[a.name].astype(bool)
-        if a.kind == "single" and m.any():
-            cm = metrics.confusion_matrix(
-                targets[a.name][m], outputs[a.name][m].argmax(-1), len(a.classes)
-            )
+        if a.name in matrices:
             metrics.save_confusion_png(
-                cm,
+                matrices[a.name],
                 a.classes,
                 out / f"confusion_{a.name}.png",
                 title=f"{a.name} ({result['split']})",

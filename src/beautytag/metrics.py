@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -27,6 +28,20 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (t, p), 1)
     return cm
+
+
+def most_confused(cm: np.ndarray, labels: list[str], k: int = 5) -> list[dict[str, Any]]:
+    """The `k` largest off-diagonal cells of a confusion matrix, most frequent first:
+    ``{"true": ..., "predicted": ..., "count": ...}``."""
+    off = np.asarray(cm).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    cells = [np.unravel_index(i, off.shape) for i in order]
+    return [
+        {"true": labels[t], "predicted": labels[p], "count": int(off[t, p])}
+        for t, p in cells
+        if off[t, p] > 0
+    ]
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
