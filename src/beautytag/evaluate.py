@@ -196,11 +196,21 @@ def mistakes(
     return rows
 
 
+MISTAKE_FIELDS = [
+    "file",
+    "source",
+    "attribute",
+    "true",
+    "predicted",
+    "probability",
+    "probability_of_true",
+]
+
+
 def write_mistakes(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = ["file", "source", "attribute", "true", "predicted", "probability"]
-    fields.append("probability_of_true")
+    """:func:`mistakes` as CSV (a header only where there are none)."""
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=MISTAKE_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
