@@ -9,10 +9,10 @@ import pytest
 from .conftest import ROOT
 
 
-def load(name):
+def load(name, folder="benchmarks"):
     if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their sibling benchlib
         sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -208,3 +208,26 @@ def test_accuracy_only_takes_row_ids_whole_and_other_patterns_as_parts():
     assert bench.selects(["C1 "], "C1 predict the training mean colour")
     assert not bench.selects(["C1"], "C10 full config @ 96 px")
     assert not bench.selects([], c16)
+
+
+def test_untrained_model_is_the_row_model_with_random_weights(datasets, tmp_path, capsys):
+    """scripts/untrained_model.py: a row's model to time before it is trained."""
+    import torch
+
+    from beautytag.model import load_checkpoint
+
+    script = load("untrained_model", "scripts")
+    out = tmp_path / "c21.pt"
+    assert script.main(["C21", str(out), "--data", str(datasets)]) == 0
+    model, cfg, _ = load_checkpoint(out)
+    row = load("accuracy").table_c(datasets)[
+        "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
+    ]
+    assert (cfg.model.backbone, cfg.model.image_size) == ("tf_efficientnet_lite2", 96)
+    assert cfg.model.pixel_colour_pool == row["model"]["pixel_colour_pool"] == 4
+    assert [a.name for a in cfg.schema.attributes] == [a["name"] for a in row["attributes"]]
+    x = torch.rand(2, 3, 96, 96)
+    assert model(x)["category"].shape == (2, len(cfg.schema.attributes[0].classes))
+    # a row that trains nothing (a baseline) is refused, with a message
+    assert script.main(["C2", str(tmp_path / "c2.pt"), "--data", str(datasets)]) == 2
+    assert "names 0 trained rows" in capsys.readouterr().err
