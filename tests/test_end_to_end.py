@@ -11,6 +11,8 @@ from beautytag.cli import main
 from beautytag.config import config_from_dict
 from beautytag.data import read_samples
 
+from .conftest import make_tiny_model
+
 
 @pytest.mark.slow
 def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, capsys):
@@ -130,3 +132,47 @@ def test_train_keeps_the_moving_average_of_the_weights(raw_config, datasets, tmp
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     assert torch.allclose(resumed["ema"][key], straight["ema"][key], atol=1e-6)
     assert not torch.allclose(resumed["ema"][key], last["ema"][key])
+
+
+@pytest.mark.slow
+def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
+    """train.distill_from: a student taught by the shipped default (96 px, the student's 64 px
+    batches resized for it) with the labels left out (weight 1) ends closer to the teacher
+    than the same training on the labels; a teacher that normalises differently is refused."""
+    import torch.nn.functional as F
+
+    from beautytag.data import BeautyDataset
+    from beautytag.engine import resolve_model
+    from beautytag.evaluate import run_dataset
+    from beautytag.model import load_checkpoint
+
+    raw = raw_config
+    raw["data"]["limit"] = 64
+    raw["model"]["image_size"] = 64
+    raw["train"] |= {"epochs": 2, "freeze_epochs": 0, "batch_size": 8, "distill_temperature": 1.0}
+    teacher, teacher_cfg, _ = load_checkpoint(resolve_model("default"))
+    val = read_samples(config_from_dict(raw), splits=["val"])
+    target = run_dataset(teacher, BeautyDataset(val, teacher_cfg))[0]["category"]
+
+    def distance_to_teacher(weight: float) -> float:
+        """Mean KL(teacher || student) of the category probabilities on validation."""
+        out = tmp_path / f"w{weight}"
+        raw["train"] |= {"distill_from": "default", "distill_weight": weight, "out_dir": str(out)}
+        (tmp_path / "kd.yaml").write_text(json.dumps(raw))
+        assert main(["train", str(tmp_path / "kd.yaml"), "--quiet"]) == 0
+        student, cfg, _ = load_checkpoint(out / "best.pt")
+        probs = run_dataset(student, BeautyDataset(val, cfg))[0]["category"]
+        p, q = torch.from_numpy(target), torch.from_numpy(probs)
+        return float(F.kl_div(q.clamp_min(1e-8).log(), p, reduction="batchmean"))
+
+    taught, untaught = distance_to_teacher(1.0), distance_to_teacher(0.0)
+    assert taught < untaught, (taught, untaught)
+
+    make_tiny_model(tmp_path / "other.pt", model={"mean": [0.4, 0.4, 0.4]})
+    raw["train"]["distill_from"] = str(tmp_path / "other.pt")
+    (tmp_path / "kd.yaml").write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "kd.yaml"), "--quiet"]) == 2
+    assert (
+        "other.pt: cannot teach this model: its input mean / std differ" in capsys.readouterr().err
+    )

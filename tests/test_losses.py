@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from beautytag.losses import LOGVAR_LIMIT, MultiTaskLoss, shade_loss
+from beautytag.losses import LOGVAR_LIMIT, MultiTaskLoss, distillation_loss, shade_loss
 from beautytag.schema import parse_schema
 
 SCHEMA = parse_schema(
@@ -82,3 +82,33 @@ def test_label_smoothing_and_class_weights_change_the_loss():
     )[1]["cat"]
     assert plain != pytest.approx(smooth)
     assert plain != pytest.approx(weighted)
+
+
+def test_distillation_pulls_every_output_to_the_teacher():
+    """Gradient descent on the distillation loss alone makes the student's probabilities,
+    tag probabilities and Lab those of the teacher; the loss is zero for class and shade
+    outputs that already match (tags keep the teacher's entropy)."""
+    torch.manual_seed(0)
+    teacher, _, _ = batch(8)
+    teacher["shade"] = teacher["shade"] * 20
+    student = {k: torch.zeros_like(v, requires_grad=True) for k, v in teacher.items()}
+    opt = torch.optim.Adam(student.values(), lr=0.1)
+    for _ in range(800):
+        opt.zero_grad()
+        distillation_loss(SCHEMA, student, teacher, temperature=2.0).backward()
+        opt.step()
+    assert torch.allclose(student["cat"].softmax(-1), teacher["cat"].softmax(-1), atol=1e-3)
+    assert torch.allclose(student["tags"].sigmoid(), teacher["tags"].sigmoid(), atol=1e-3)
+    assert torch.allclose(student["shade"], teacher["shade"], atol=0.05)
+
+    same = {k: teacher[k] for k in ("cat", "shade")}
+    only = parse_schema(
+        [
+            {"name": "cat", "kind": "single", "classes": ["a", "b", "c"]},
+            {"name": "shade", "kind": "shade"},
+        ]
+    )
+    assert float(distillation_loss(only, same, teacher, temperature=2.0)) < 1e-6
+    # a higher temperature softens the targets: differences between small logits matter less
+    far = {"cat": teacher["cat"] + torch.randn(8, 3), "shade": teacher["shade"]}
+    assert distillation_loss(only, far, teacher, 1.0) != distillation_loss(only, far, teacher, 4.0)

@@ -63,6 +63,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # > 0: validate and keep a moving average of the weights
+    distill_from: str = ""  # a teacher model (checkpoint, default, accurate) to learn from
+    distill_weight: float = 0.5  # share of the teacher's loss: (1 - w) labels + w teacher
+    distill_temperature: float = 2.0  # softens the teacher's class probabilities
     balance: str = "none"  # none | sampler | weights
     balance_attribute: str = "category"
     loss_weighting: str = "fixed"  # fixed | uncertainty
@@ -180,6 +183,10 @@ def config_from_dict(
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
+    if not 0 <= train.distill_weight <= 1 or train.distill_temperature <= 0:
+        raise SchemaError(
+            f"{where}: train.distill_weight must be in [0, 1] and distill_temperature above 0"
+        )
     if model.pixel_colour_pool < 1:
         raise SchemaError(f"{where}: model.pixel_colour_pool must be 1 or more")
     for name in model.pixel_colour:

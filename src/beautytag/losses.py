@@ -98,3 +98,34 @@ class MultiTaskLoss(nn.Module):
             k: float(torch.exp(-v.detach().clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)))
             for k, v in self.log_vars.items()
         }
+
+
+def distillation_loss(
+    schema: Schema,
+    student: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015): every output pulled towards the
+    teacher's on every sample, labelled or not, weighted by the schema's lambdas. Classes:
+    T^2 KL(teacher || student) of the softmax at temperature T; tags: binary cross-entropy
+    to the teacher's probabilities; shades: the shade loss to the teacher's Lab."""
+    total = next(iter(student.values())).new_zeros((), dtype=torch.float32)
+    for a in schema.attributes:
+        s, t = student[a.name].float(), teacher[a.name].float()
+        if a.kind == "single":
+            loss = (
+                F.kl_div(
+                    F.log_softmax(s / temperature, -1),
+                    F.log_softmax(t / temperature, -1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * temperature**2
+            )
+        elif a.kind == "multi":
+            loss = F.binary_cross_entropy_with_logits(s, torch.sigmoid(t))
+        else:
+            loss = shade_loss(s, t).mean()
+        total = total + a.weight * loss
+    return total

@@ -5,7 +5,8 @@ Phase 2: everything trains, the backbone at ``lr * backbone_lr_mult``. AdamW wit
 cosine schedule (one warm-up epoch) over all epochs. The best epoch by ``monitor`` on the
 validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``. With
 ``ema_decay`` > 0, an exponential moving average of the weights (timm's ModelEmaV3, its
-decay warmed up from 0) is what is validated and kept.
+decay warmed up from 0) is what is validated and kept. With ``distill_from``, a frozen
+teacher model's outputs are a second target (knowledge distillation, losses.distillation_loss).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
@@ -26,10 +28,10 @@ from tqdm import tqdm
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
 from beautytag.engine import resolve_model
-from beautytag.evaluate import compute_metrics, run_dataset
+from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
-from beautytag.losses import MultiTaskLoss
-from beautytag.model import BeautyTagNet, init_from_checkpoint, save_checkpoint
+from beautytag.losses import MultiTaskLoss, distillation_loss
+from beautytag.model import BeautyTagNet, init_from_checkpoint, load_checkpoint, save_checkpoint
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -103,6 +105,32 @@ def set_backbone_trainable(model: BeautyTagNet, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
+def load_teacher(cfg: Config, device: torch.device) -> tuple[BeautyTagNet, int] | None:
+    """The frozen model that ``train.distill_from`` names and its input size (None without
+    one); it must predict the same attributes and classes and normalise its input the same
+    way."""
+    if not cfg.train.distill_from:
+        return None
+    path = resolve_model(cfg.train.distill_from)
+    teacher, teacher_cfg, _ = load_checkpoint(path, device)
+    try:
+        check_same_outputs(teacher_cfg, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot teach this model: {e}") from None
+    if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
+        raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
+    return teacher.requires_grad_(False), teacher_cfg.model.image_size
+
+
+def teach(teacher: BeautyTagNet, size: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's raw outputs for a normalised batch, resized to the teacher's input size
+    (the letterboxed square scales as a whole)."""
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1])
+    with torch.no_grad():
+        return teacher(x)
+
+
 @torch.no_grad()
 def validate(
     model: BeautyTagNet,
@@ -165,6 +193,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         new = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
         print(f"started from {cfg.model.init}; new: {new or 'nothing'}")
     model = model.to(device)
+    teacher = load_teacher(cfg, device)
     use_amp = device.type == "cuda" and cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if use_amp:
@@ -243,7 +272,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             masks = {k: v.to(device) for k, v in masks.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = model(x)
+                soft = None if teacher is None else teach(*teacher, x)
             loss, parts = criterion(outputs, targets, masks)
+            if soft is not None:
+                kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
+                loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
+                parts["distill"] = float(kd.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
