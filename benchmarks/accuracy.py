@@ -246,10 +246,12 @@ def table_c(data: Path) -> dict[str, dict]:
         # shipped default (C16 seed 1) if its validation score (--pick) is above 0.585, its
         # whole-validation category accuracy not below 0.811, and serve.py keeps its p99
         # under 100 ms at concurrency 8.
-        "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)": apply(
-            pixel24, {"model.backbone": "tf_efficientnet_lite2"}
-        )
-        | {"backbone_from": B2},
+        C21: apply(pixel24, {"model.backbone": "tf_efficientnet_lite2"}) | {"backbone_from": B2},
+        # knowledge distillation: C16 (Lite0, serves in real time) taught by C21 (Lite2) of
+        # the same seed. A seed replaces the shipped default (C16 seed 1) under C20's rule
+        # (validation score above 0.585, whole-validation category not below 0.811).
+        "C22 C16 taught by C21 (knowledge distillation)": pixel24
+        | {"backbone_from": B1, "teacher_from": C21},
     }
 
 
@@ -263,6 +265,7 @@ C16 = (
     "catalogue (B1) (shipped: default)"
 )
 C17 = "C17 as C16, moving average of the weights (EMA, decay up to 0.995)"
+C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
 
 
 def table_b(data: Path) -> dict[str, dict]:
@@ -322,9 +325,37 @@ def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
     return out
 
 
+def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> dict | None:
+    """Run `key`'s config with its markers made files: the backbone or model it starts from
+    (written to `init`) and the teacher of this seed; None, with a message, if one is
+    missing."""
+    out = without_marker(raw)
+    start = raw.get("backbone_from") or raw.get("init_from")
+    if start:  # domain pre-training: start from that run (or model)
+        if "backbone_from" in raw:
+            path, field = backbone_of_run(store, start, init), "weights"
+        else:
+            path, field = checkpoint_of(store, start, init), "init"
+        if path is None:
+            print(
+                f"skipped {key}: needs the checkpoint of {start}"
+                " (run --tables B first, on this machine; or a git checkout)"
+            )
+            return None
+        out["model"] = out["model"] | {field: str(path)}
+    if "teacher_from" in raw:  # distillation: that row's run of the same seed
+        teacher = store["runs"].get(f"{raw['teacher_from']}|seed{seed}", {})
+        if not Path(teacher.get("checkpoint", "")).is_file():
+            print(f"skipped {key}: needs the checkpoint of {raw['teacher_from']} seed {seed}")
+            return None
+        out["train"] = out["train"] | {"distill_from": teacher["checkpoint"]}
+    return out
+
+
 def without_marker(raw: dict) -> dict:
-    """The config without the benchmark's own "backbone_from" / "init_from" markers."""
-    return {k: v for k, v in raw.items() if k not in ("backbone_from", "init_from")}
+    """The config without the benchmark's own "backbone_from" / "init_from" / "teacher_from"
+    markers."""
+    return {k: v for k, v in raw.items() if k not in ("backbone_from", "init_from", "teacher_from")}
 
 
 def resume_epoch(out_dir: Path, cfg: Config, revision: str) -> int | None:
@@ -739,24 +770,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 else:
                     slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
-                    train_raw = raw
-                    start = raw.get("backbone_from") or raw.get("init_from")
-                    if start:  # domain pre-training: start from that run (or model)
-                        init = args.runs_dir / f"{slug}-s{seed}-init.pt"
-                        if "backbone_from" in raw:
-                            init = backbone_of_run(store, start, init)
-                        else:
-                            init = checkpoint_of(store, start, init)
-                        if init is None:
-                            print(
-                                f"skipped {key}: needs the checkpoint of {start}"
-                                " (run --tables B first, on this machine; or a git checkout)"
-                            )
-                            continue
-                        key_ = "weights" if "backbone_from" in raw else "init"
-                        train_raw = without_marker(raw) | {
-                            "model": raw["model"] | {key_: str(init)}
-                        }
+                    init = args.runs_dir / f"{slug}-s{seed}-init.pt"
+                    train_raw = resolve_markers(store, key, raw, seed, init)
+                    if train_raw is None:
+                        continue
                     run = run_trained(
                         train_raw,
                         seed,

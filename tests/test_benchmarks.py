@@ -231,3 +231,24 @@ def test_untrained_model_is_the_row_model_with_random_weights(datasets, tmp_path
     # a row that trains nothing (a baseline) is refused, with a message
     assert script.main(["C2", str(tmp_path / "c2.pt"), "--data", str(datasets)]) == 2
     assert "names 0 trained rows" in capsys.readouterr().err
+
+
+def test_distillation_rows_are_taught_by_the_same_seed_of_their_teacher_row(
+    datasets, tmp_path, capsys
+):
+    bench = load("accuracy")
+    name = "C22 C16 taught by C21 (knowledge distillation)"
+    row = bench.table_c(datasets)[name]
+    raw = {k: v for k, v in row.items() if k != "backbone_from"}  # the teacher part only
+    store = {"runs": {}}
+    assert bench.resolve_markers(store, f"{name}|seed1", raw, 1, tmp_path / "i.pt") is None
+    assert f"needs the checkpoint of {bench.C21} seed 1" in capsys.readouterr().out
+
+    teacher = tmp_path / "c21-s1.pt"
+    teacher.write_bytes(b"a checkpoint")
+    store["runs"][f"{bench.C21}|seed0"] = {"checkpoint": str(tmp_path / "elsewhere.pt")}
+    store["runs"][f"{bench.C21}|seed1"] = {"checkpoint": str(teacher)}
+    resolved = bench.resolve_markers(store, f"{name}|seed1", raw, 1, tmp_path / "i.pt")
+    assert resolved["train"]["distill_from"] == str(teacher)
+    assert "teacher_from" not in resolved and "distill_from" not in raw["train"]
+    assert bench.config_from_dict(resolved).train.distill_from == str(teacher)
