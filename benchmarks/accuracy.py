@@ -28,6 +28,7 @@ pre-training): they need that checkpoint on this machine (`--tables B` first) an
 skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
+C22 is taught by C21's run of the same seed (``train.distill_from``) and waits for it.
 """
 
 from __future__ import annotations

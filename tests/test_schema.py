@@ -68,6 +68,11 @@ def test_config_errors(raw_config, tmp_path):
     bad["train"]["learning_rate"] = 1
     with pytest.raises(SchemaError, match="unknown keys"):
         config_from_dict(bad)
+    for key, value in (("distill_weight", 1.5), ("distill_temperature", 0)):
+        bad = copy.deepcopy(raw_config)
+        bad["train"][key] = value
+        with pytest.raises(SchemaError, match="x.yaml: train.distill_weight must be in"):
+            config_from_dict(bad, where="x.yaml")
     bad = copy.deepcopy(raw_config)
     bad["data"]["sources"] = bad["data"]["sources"][:1]
     with pytest.raises(SchemaError, match="reads source 'shades'"):
