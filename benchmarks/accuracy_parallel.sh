@@ -9,7 +9,8 @@
 # with --quick). Finished runs are never redone: a run already in a process's file in $OUT is
 # skipped when the script is started again, and a run already in $RESULTS is kept as it is
 # (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
-# checkpoint (domain pre-training from B1, test-time flip of A5) wait until that run is done.
+# checkpoint (domain pre-training from B1 or B2, test-time flip, a teacher) wait until that
+# run is done; within phase 2 a row runs after the rows it needs (C22 after C21).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
@@ -19,9 +20,9 @@ quick=""
 for arg in "$@"; do [ "$arg" != --quick ] || quick=-quick; done
 RESULTS=${RESULTS:-benchmarks/results/accuracy$quick.json}
 mkdir -p "$OUT"
-# seven processes at once in phase 1: share the CPUs instead of each taking all of them
+# eight processes at once in phase 1: share the CPUs instead of each taking all of them
 cpus=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus >= 7 ? cpus / 7 : 1))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus >= 8 ? cpus / 8 : 1))}
 bench() {  # bench NAME ARGS...: one accuracy.py process with its own results file and log
     local name=$1
     shift
@@ -29,12 +30,14 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         --results "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 ||
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
-later=("(B1)" "test-time flip")  # rows that need a finished run's checkpoint
+# rows that need a finished run's checkpoint (B1's or B2's backbone, a flip, a teacher)
+later=("(B1)" "(B2)" C17 C20 C22 "test-time flip")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
-echo "phase 1: B1 and every row that starts from ImageNet weights"
+echo "phase 1: B1, B2 and every row that starts from ImageNet weights"
 pids=()
-bench b1 --tables B --seeds 0 "$@" & pids+=($!)  # one seed: the big run
+bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
+bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
 for seed in 0 1 2; do
     skip=("${later[@]}")
     [ "$seed" = 0 ] || skip+=("${once[@]}")
@@ -45,15 +48,15 @@ failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 [ "$failed" = 0 ] || exit 1
 
-echo "phase 2: the rows that start from B1's backbone or A5's checkpoints"
+echo "phase 2: the rows that start from B1's or B2's backbone or another row's checkpoints"
 pids=()
 for seed in 0 1 2; do
     python benchmarks/accuracy.py --results "$OUT/p$seed.json" \
-        --merge "$OUT/b1.json" "$OUT/a$seed.json" >/dev/null
+        --merge "$OUT/b1.json" "$OUT/b2.json" "$OUT/a$seed.json" >/dev/null
     bench "p$seed" --tables A C --seeds "$seed" --only "${later[@]}" "$@" & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 [ "$failed" = 0 ] || exit 1
 
-python benchmarks/accuracy.py --results "$RESULTS" --merge "$OUT"/b1.json "$OUT"/a?.json \
+python benchmarks/accuracy.py --results "$RESULTS" --merge "$OUT"/b?.json "$OUT"/a?.json \
     "$OUT"/c?.json "$OUT"/p?.json

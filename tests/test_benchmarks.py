@@ -252,3 +252,19 @@ def test_distillation_rows_are_taught_by_the_same_seed_of_their_teacher_row(
     assert resolved["train"]["distill_from"] == str(teacher)
     assert "teacher_from" not in resolved and "distill_from" not in raw["train"]
     assert bench.config_from_dict(resolved).train.distill_from == str(teacher)
+
+
+def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_phase(datasets):
+    """benchmarks/accuracy_parallel.sh names the rows of phase 2; a row that starts from
+    another run of this benchmark (backbone, flip, teacher) must be among them, and only those."""
+    import re
+    import shlex
+
+    bench = load("accuracy")
+    script = (ROOT / "benchmarks" / "accuracy_parallel.sh").read_text()
+    later = shlex.split(re.search(r"^later=\((.*)\)", script, re.M).group(1))
+    rows = bench.table_a(datasets) | bench.table_b(datasets) | bench.table_c(datasets)
+    for name, raw in rows.items():
+        start = raw.get("backbone_from") or raw.get("init_from")
+        needs_run = "tta_of" in raw or "teacher_from" in raw or start in (bench.B1, bench.B2)
+        assert bench.selects(later, name) == needs_run, name
