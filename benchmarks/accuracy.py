@@ -28,7 +28,8 @@ pre-training): they need that checkpoint on this machine (`--tables B` first) an
 skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
-C22 is taught by C21's run of the same seed (``train.distill_from``) and waits for it.
+C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
+is on this machine.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def table_c(data: Path) -> dict[str, dict]:
         # C16 on Lite2, from B2 (Lite2 pre-trained on the catalogue). A seed replaces the
         # shipped default (C16 seed 1) if its validation score (--pick) is above 0.585, its
         # whole-validation category accuracy not below 0.811, and serve.py keeps its p99
-        # under 100 ms at concurrency 8.
+        # under 100 ms at concurrency 8 (ONNX, catalogue photos) in two runs out of two
+        # (its untrained model: 99.7 ms in one run, benchmarks/results/lite2_serving).
         C21: apply(pixel24, {"model.backbone": "tf_efficientnet_lite2"}) | {"backbone_from": B2},
         # knowledge distillation: C16 (Lite0, serves in real time) taught by C21 (Lite2) of
         # the same seed. A seed replaces the shipped default (C16 seed 1) under C20's rule

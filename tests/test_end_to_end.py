@@ -176,3 +176,7 @@ def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
     assert (
         "other.pt: cannot teach this model: its input mean / std differ" in capsys.readouterr().err
     )
+    raw["train"]["distill_from"] = str(tmp_path / "nope.pt")
+    (tmp_path / "kd.yaml").write_text(json.dumps(raw))
+    assert main(["train", str(tmp_path / "kd.yaml"), "--quiet"]) == 2
+    assert "train.distill_from: " in capsys.readouterr().err

@@ -109,6 +109,15 @@ def test_distillation_pulls_every_output_to_the_teacher():
         ]
     )
     assert float(distillation_loss(only, same, teacher, temperature=2.0)) < 1e-6
-    # a higher temperature softens the targets: differences between small logits matter less
-    far = {"cat": teacher["cat"] + torch.randn(8, 3), "shade": teacher["shade"]}
-    assert distillation_loss(only, far, teacher, 1.0) != distillation_loss(only, far, teacher, 4.0)
+    # by hand: T^2 KL(teacher || student) of the softmax at T (not the reverse direction)
+    t_logits, s_logits = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    p, q = (t_logits / 2).softmax(-1), (s_logits / 2).softmax(-1)
+    expected = 4 * float((p * (p / q).log()).sum())
+    assert expected != pytest.approx(4 * float((q * (q / p).log()).sum()), rel=0.05)
+    loss = distillation_loss(
+        only,
+        {"cat": s_logits, "shade": torch.zeros(1, 3)},
+        {"cat": t_logits, "shade": torch.zeros(1, 3)},
+        temperature=2.0,
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-5)

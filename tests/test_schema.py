@@ -68,10 +68,14 @@ def test_config_errors(raw_config, tmp_path):
     bad["train"]["learning_rate"] = 1
     with pytest.raises(SchemaError, match="unknown keys"):
         config_from_dict(bad)
-    for key, value in (("distill_weight", 1.5), ("distill_temperature", 0)):
+    for key, value, message in (
+        ("distill_weight", 1.5, "must be in"),
+        ("distill_temperature", 0, "must be above 0"),
+        ("distill_temperature", float("nan"), "must be above 0"),
+    ):
         bad = copy.deepcopy(raw_config)
         bad["train"][key] = value
-        with pytest.raises(SchemaError, match="x.yaml: train.distill_weight must be in"):
+        with pytest.raises(SchemaError, match=f"x.yaml: train.{key} {message}"):
             config_from_dict(bad, where="x.yaml")
     bad = copy.deepcopy(raw_config)
     bad["data"]["sources"] = bad["data"]["sources"][:1]

@@ -183,10 +183,10 @@ def config_from_dict(
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
-    if not 0 <= train.distill_weight <= 1 or train.distill_temperature <= 0:
-        raise SchemaError(
-            f"{where}: train.distill_weight must be in [0, 1] and distill_temperature above 0"
-        )
+    if not 0 <= train.distill_weight <= 1:
+        raise SchemaError(f"{where}: train.distill_weight must be in [0, 1]")
+    if not train.distill_temperature > 0:
+        raise SchemaError(f"{where}: train.distill_temperature must be above 0")
     if model.pixel_colour_pool < 1:
         raise SchemaError(f"{where}: model.pixel_colour_pool must be 1 or more")
     for name in model.pixel_colour:

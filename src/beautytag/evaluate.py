@@ -256,6 +256,8 @@ def write_report(
     ]
     for name, pairs in result["most_confused"].items():
         lines += [f"| {name} | {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
+    if not any(result["most_confused"].values()):
+        lines.append("| - | no mistakes | - | - |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for a in cfg.schema.attributes:
         if a.name in matrices:

@@ -31,8 +31,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def most_confused(cm: np.ndarray, labels: list[str], k: int = 5) -> list[dict[str, Any]]:
-    """The `k` largest off-diagonal cells of a confusion matrix, most frequent first:
-    ``{"true": ..., "predicted": ..., "count": ...}``."""
+    """The `k` largest off-diagonal cells of a confusion matrix, most frequent first (ties in
+    class order): ``{"true": ..., "predicted": ..., "count": ...}``."""
     off = np.asarray(cm).copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(-off, axis=None, kind="stable")[:k]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
 from beautytag.engine import resolve_model
-from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
+from beautytag.evaluate import compute_metrics, run_dataset
 from beautytag.images import normalize
 from beautytag.losses import MultiTaskLoss, distillation_loss
 from beautytag.model import BeautyTagNet, init_from_checkpoint, load_checkpoint, save_checkpoint
@@ -111,12 +111,19 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[BeautyTagNet, int] 
     way."""
     if not cfg.train.distill_from:
         return None
-    path = resolve_model(cfg.train.distill_from)
-    teacher, teacher_cfg, _ = load_checkpoint(path, device)
     try:
-        check_same_outputs(teacher_cfg, cfg)
-    except ValueError as e:
-        raise ValueError(f"{path}: cannot teach this model: {e}") from None
+        path = resolve_model(cfg.train.distill_from)
+        teacher, teacher_cfg, _ = load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"train.distill_from: {e}") from None
+    ours = {a.name: (a.kind, a.classes) for a in cfg.schema.attributes}
+    theirs = {a.name: (a.kind, a.classes) for a in teacher_cfg.schema.attributes}
+    differ = [n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n)]
+    if differ:
+        raise ValueError(
+            f"{path}: cannot teach this model: attributes {sorted(differ)} are missing on one "
+            "side or differ in kind or classes"
+        )
     if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
         raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
     return teacher.requires_grad_(False), teacher_cfg.model.image_size
@@ -179,6 +186,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     device = pick_device()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(cfg, device)  # before the photos: a wrong teacher fails at once
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
@@ -193,7 +201,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         new = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
         print(f"started from {cfg.model.init}; new: {new or 'nothing'}")
     model = model.to(device)
-    teacher = load_teacher(cfg, device)
     use_amp = device.type == "cuda" and cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if use_amp:
