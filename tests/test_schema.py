@@ -94,3 +94,20 @@ def test_schema_round_trips_through_dict(raw_config):
     again = config_from_dict(cfg.to_dict())
     assert again.schema == cfg.schema
     assert again.model == cfg.model
+
+
+def test_check_same_outputs_names_the_attributes_that_differ(raw_config):
+    from beautytag.evaluate import check_same_outputs
+
+    cfg = config_from_dict(raw_config)
+    other = copy.deepcopy(raw_config)
+    other["attributes"][1]["classes"] = other["attributes"][1]["classes"][:-1]
+    name = other["attributes"][1]["name"]
+    with pytest.raises(ValueError, match=rf"\['{name}'\] are missing on one side or differ"):
+        check_same_outputs(cfg, config_from_dict(other))
+    reordered = copy.deepcopy(raw_config)
+    reordered["attributes"].reverse()
+    with pytest.raises(ValueError, match="the same ones in another order"):
+        check_same_outputs(cfg, config_from_dict(reordered))
+    check_same_outputs(cfg, config_from_dict(reordered), ordered=False)  # read by name: fine
+    check_same_outputs(cfg, config_from_dict(raw_config))

@@ -215,14 +215,21 @@ def write_mistakes(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def check_same_outputs(model_cfg: Config, data_cfg: Config) -> None:
-    """A config can only evaluate a model that predicts the same attributes and classes."""
-    ours = [(a.name, a.kind, a.classes) for a in model_cfg.schema.attributes]
-    theirs = [(a.name, a.kind, a.classes) for a in data_cfg.schema.attributes]
-    if ours != theirs:
+def check_same_outputs(model_cfg: Config, data_cfg: Config, ordered: bool = True) -> None:
+    """A config goes with a model only if both have the same attributes, kinds and classes
+    (and, with `ordered`, in the same order: a model's outputs are a tuple)."""
+    ours = {a.name: (a.kind, a.classes) for a in model_cfg.schema.attributes}
+    theirs = {a.name: (a.kind, a.classes) for a in data_cfg.schema.attributes}
+    differ = sorted(n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n))
+    if differ:
         raise ValueError(
-            "the config's attributes differ from the model's "
-            f"({[a[0] for a in theirs]} vs {[a[0] for a in ours]}, or their classes)"
+            f"the config's attributes differ from the model's: {differ} are missing on one "
+            "side or differ in kind or classes"
+        )
+    if ordered and list(ours) != list(theirs):
+        raise ValueError(
+            "the config's attributes differ from the model's: the same ones in another order "
+            f"({list(theirs)} vs {list(ours)})"
         )
 
 

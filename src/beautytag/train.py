@@ -28,7 +28,7 @@ from tqdm import tqdm
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
 from beautytag.engine import resolve_model
-from beautytag.evaluate import compute_metrics, run_dataset
+from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
 from beautytag.losses import MultiTaskLoss, distillation_loss
 from beautytag.model import BeautyTagNet, init_from_checkpoint, load_checkpoint, save_checkpoint
@@ -116,14 +116,10 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[BeautyTagNet, int] 
         teacher, teacher_cfg, _ = load_checkpoint(path, device)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"train.distill_from: {e}") from None
-    ours = {a.name: (a.kind, a.classes) for a in cfg.schema.attributes}
-    theirs = {a.name: (a.kind, a.classes) for a in teacher_cfg.schema.attributes}
-    differ = [n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n)]
-    if differ:
-        raise ValueError(
-            f"{path}: cannot teach this model: attributes {sorted(differ)} are missing on one "
-            "side or differ in kind or classes"
-        )
+    try:
+        check_same_outputs(teacher_cfg, cfg, ordered=False)  # outputs are read by name
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot teach this model: {e}") from None
     if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
         raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
     return teacher.requires_grad_(False), teacher_cfg.model.image_size
