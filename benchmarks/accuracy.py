@@ -29,7 +29,7 @@ skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
-is on this machine.
+is on this machine. C23 is C15 taught by the default shipped at C16_DEFAULT (from git).
 """
 
 from __future__ import annotations
@@ -255,12 +255,20 @@ def table_c(data: Path) -> dict[str, dict]:
         # (validation score above 0.585, whole-validation category not below 0.811).
         "C22 C16 taught by C21 (knowledge distillation)": pixel24
         | {"backbone_from": B1, "teacher_from": C21},
+        # distillation that a clean checkout can run: C15 taught by the shipped default
+        # (C16 seed 1), both read from git. C15 is its control (the same but the teacher).
+        # A seed replaces the shipped default under C20's rule.
+        "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)": pixel24
+        | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
     }
 
 
 # The revision whose src/beautytag/weights/default.pt is C10 seed 2, the default that C13 and
 # C14 start from (read with `git show`, so that the rows mean the same after it is replaced).
 C10_DEFAULT = "c08db71"
+# The revision whose default.pt is C16 seed 1 (the default shipped since), C23's teacher.
+C16_DEFAULT = "7260413"
+SHIPPED = (C10_DEFAULT, C16_DEFAULT)
 B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
 B2 = "B2 multi-task, no attention, whole catalogue @ 96 px, Lite2"
 C16 = (
@@ -294,13 +302,14 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
 
 
 def checkpoint_of(store: dict, name: str, out: Path) -> Path | None:
-    """The checkpoint of run `name` (seed 0) on this machine, or for ``C10_DEFAULT`` the
-    shipped default of that revision (written to `out` from git); None if not to be had."""
-    if name != C10_DEFAULT:
+    """The checkpoint of run `name` (seed 0) on this machine, or for a revision in
+    ``SHIPPED`` the default shipped at that revision (written to `out` from git); None if
+    not to be had."""
+    if name not in SHIPPED:
         src = Path(store["runs"].get(f"{name}|seed0", {}).get("checkpoint", ""))
         return src if src.is_file() else None
     root = Path(__file__).resolve().parents[1]
-    blob = f"{C10_DEFAULT}:src/beautytag/weights/default.pt"
+    blob = f"{name}:src/beautytag/weights/default.pt"
     shown = subprocess.run(["git", "-C", str(root), "show", blob], capture_output=True)
     if shown.returncode:
         return None
@@ -346,12 +355,19 @@ def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> 
             )
             return None
         out["model"] = out["model"] | {field: str(path)}
-    if "teacher_from" in raw:  # distillation: that row's run of the same seed
-        teacher = store["runs"].get(f"{raw['teacher_from']}|seed{seed}", {})
-        if not Path(teacher.get("checkpoint", "")).is_file():
-            print(f"skipped {key}: needs the checkpoint of {raw['teacher_from']} seed {seed}")
+    teacher = raw.get("teacher_from")
+    if teacher in SHIPPED:  # distillation: a shipped default, the same for every seed
+        path = checkpoint_of(store, teacher, init.with_name(init.stem + "-teacher.pt"))
+        if path is None:
+            print(f"skipped {key}: needs git history with revision {teacher}")
             return None
-        out["train"] = out["train"] | {"distill_from": teacher["checkpoint"]}
+        out["train"] = out["train"] | {"distill_from": str(path)}
+    elif teacher:  # distillation: that row's run of the same seed
+        run = store["runs"].get(f"{teacher}|seed{seed}", {})
+        if not Path(run.get("checkpoint", "")).is_file():
+            print(f"skipped {key}: needs the checkpoint of {teacher} seed {seed}")
+            return None
+        out["train"] = out["train"] | {"distill_from": run["checkpoint"]}
     return out
 
 

@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -254,6 +256,33 @@ def test_distillation_rows_are_taught_by_the_same_seed_of_their_teacher_row(
     assert bench.config_from_dict(resolved).train.distill_from == str(teacher)
 
 
+def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datasets, tmp_path):
+    import torch
+
+    bench = load("accuracy")
+    name = next(n for n in bench.table_c(datasets) if n.startswith("C23 "))
+    raw = bench.table_c(datasets)[name]
+    assert raw["teacher_from"] == bench.C16_DEFAULT and raw["backbone_from"] == bench.C10_DEFAULT
+    for rev in bench.SHIPPED:
+        if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", rev]).returncode:
+            pytest.skip(f"no git history with revision {rev} here")
+    resolved = bench.resolve_markers({"runs": {}}, f"{name}|seed2", raw, 2, tmp_path / "i.pt")
+    teacher = Path(resolved["train"]["distill_from"])
+    assert teacher == tmp_path / "i-teacher.pt"
+    shown = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{bench.C16_DEFAULT}:src/beautytag/weights/default.pt"],
+        capture_output=True,
+        check=True,
+    )
+    assert teacher.read_bytes() == shown.stdout
+    cfg = torch.load(teacher, weights_only=False)["config"]["model"]
+    assert cfg["image_size"] == 96 and cfg["pixel_colour"] == ["color"]  # C16's config
+    # the student is C15: the same config, started from C10_DEFAULT's backbone
+    c15 = bench.table_c(datasets)["C15 as C13, colour histogram of 24 x 24 pixels"]
+    assert bench.without_marker(raw) == bench.without_marker(c15)
+    assert Path(resolved["model"]["weights"]) == tmp_path / "i.pt"
+
+
 def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_phase(datasets):
     """benchmarks/accuracy_parallel.sh names the rows of phase 2; a row that starts from
     another run of this benchmark (backbone, flip, teacher) must be among them, and only those."""
@@ -266,5 +295,5 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     rows = bench.table_a(datasets) | bench.table_b(datasets) | bench.table_c(datasets)
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
-        needs_run = "tta_of" in raw or "teacher_from" in raw or start in (bench.B1, bench.B2)
+        needs_run = "tta_of" in raw or start in rows or raw.get("teacher_from") in rows
         assert bench.selects(later, name) == needs_run, name
