@@ -29,7 +29,7 @@ skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
-is on this machine. C23 is C15 taught by the default shipped at C16_DEFAULT (from git).
+is on this machine. C23 (C15) and C24 are taught by the default shipped at C16_DEFAULT (git).
 """
 
 from __future__ import annotations
@@ -260,6 +260,11 @@ def table_c(data: Path) -> dict[str, dict]:
         # A seed replaces the shipped default under C20's rule.
         "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)": pixel24
         | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
+        # the same from ImageNet weights: does the teacher make the catalogue pre-training
+        # unnecessary? (its nearest untaught row is C11, with a 48 x 48 histogram). A seed
+        # replaces the shipped default under C20's rule.
+        "C24 as C23 from ImageNet weights (no catalogue pre-training)": pixel24
+        | {"teacher_from": C16_DEFAULT},
     }
 
 
