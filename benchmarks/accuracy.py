@@ -29,7 +29,8 @@ skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
-is on this machine. C23 (C15) and C24 are taught by the default shipped at C16_DEFAULT (git).
+is on this machine. C23 (C15), C24 and C25 are taught by the default shipped at
+C16_DEFAULT (git).
 """
 
 from __future__ import annotations
@@ -265,6 +266,13 @@ def table_c(data: Path) -> dict[str, dict]:
         # replaces the shipped default under C20's rule.
         "C24 as C23 from ImageNet weights (no catalogue pre-training)": pixel24
         | {"teacher_from": C16_DEFAULT},
+        # the two that raised something on their own, together: C23 with C17's moving average
+        # of the weights (C17 raised colour). A seed replaces the shipped default under C20's
+        # rule.
+        "C25 as C23 with a moving average of the weights (EMA, as C17)": apply(
+            pixel24, {"train.ema_decay": 0.995}
+        )
+        | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
     }
 
 
