@@ -30,7 +30,7 @@ C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1'
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
 is on this machine. C23 (C15), C24 and C25 are taught by the default shipped at
-C16_DEFAULT (git).
+C16_DEFAULT (git), C26 by C23's run of the same seed.
 """
 
 from __future__ import annotations
@@ -259,8 +259,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # distillation that a clean checkout can run: C15 taught by the shipped default
         # (C16 seed 1), both read from git. C15 is its control (the same but the teacher).
         # A seed replaces the shipped default under C20's rule.
-        "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)": pixel24
-        | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
+        C23: pixel24 | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
         # the same from ImageNet weights: does the teacher make the catalogue pre-training
         # unnecessary? (its nearest untaught row is C11, with a 48 x 48 histogram). A seed
         # replaces the shipped default under C20's rule.
@@ -273,6 +272,10 @@ def table_c(data: Path) -> dict[str, dict]:
             pixel24, {"train.ema_decay": 0.995}
         )
         | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
+        # a second generation ("born-again" networks): C23 taught by C23 of the same seed.
+        # A seed replaces the shipped default under C20's rule.
+        "C26 as C23, taught by C23 (a second generation of distillation)": pixel24
+        | {"backbone_from": C10_DEFAULT, "teacher_from": C23},
     }
 
 
@@ -290,6 +293,7 @@ C16 = (
 )
 C17 = "C17 as C16, moving average of the weights (EMA, decay up to 0.995)"
 C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
+C23 = "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)"
 
 
 def table_b(data: Path) -> dict[str, dict]:

@@ -10,7 +10,8 @@
 # skipped when the script is started again, and a run already in $RESULTS is kept as it is
 # (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
 # checkpoint (domain pre-training from B1 or B2, test-time flip, a teacher) wait until that
-# run is done; within phase 2 a row runs after the rows it needs (C22 after C21).
+# run is done (C26 needs C23 of phase 1); within phase 2 a row runs after the rows it needs
+# (C22 after C21).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
@@ -31,7 +32,7 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 # rows that need a finished run's checkpoint (B1's or B2's backbone, a flip, a teacher)
-later=("(B1)" "(B2)" C17 C20 C22 "test-time flip")
+later=("(B1)" "(B2)" C17 C20 C22 C26 "test-time flip")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
 echo "phase 1: B1, B2 and every row that starts from ImageNet weights"
@@ -52,7 +53,7 @@ echo "phase 2: the rows that start from B1's or B2's backbone or another row's c
 pids=()
 for seed in 0 1 2; do
     python benchmarks/accuracy.py --results "$OUT/p$seed.json" \
-        --merge "$OUT/b1.json" "$OUT/b2.json" "$OUT/a$seed.json" >/dev/null
+        --merge "$OUT/b1.json" "$OUT/b2.json" "$OUT/a$seed.json" "$OUT/c$seed.json" >/dev/null
     bench "p$seed" --tables A C --seeds "$seed" --only "${later[@]}" "$@" & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
