@@ -29,8 +29,8 @@ skipped without it.
 C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
-is on this machine. C23 (C15), C24 and C25 are taught by the default shipped at
-C16_DEFAULT (git), C26 by C23's run of the same seed.
+is on this machine. C23, C24 and C25 are taught by the default shipped at revision
+C16_DEFAULT (read with git), C26 by C23's run of the same seed.
 """
 
 from __future__ import annotations
