@@ -318,12 +318,12 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def checkpoint_of(store: dict, name: str, out: Path) -> Path | None:
-    """The checkpoint of run `name` (seed 0) on this machine, or for a revision in
+def checkpoint_of(store: dict, name: str, out: Path, seed: int = 0) -> Path | None:
+    """The checkpoint of run `name` (that seed) on this machine, or for a revision in
     ``SHIPPED`` the default shipped at that revision (written to `out` from git); None if
     not to be had."""
     if name not in SHIPPED:
-        src = Path(store["runs"].get(f"{name}|seed0", {}).get("checkpoint", ""))
+        src = Path(store["runs"].get(f"{name}|seed{seed}", {}).get("checkpoint", ""))
         return src if src.is_file() else None
     root = Path(__file__).resolve().parents[1]
     blob = f"{name}:src/beautytag/weights/default.pt"
@@ -373,18 +373,16 @@ def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> 
             return None
         out["model"] = out["model"] | {field: str(path)}
     teacher = raw.get("teacher_from")
-    if teacher in SHIPPED:  # distillation: a shipped default, the same for every seed
-        path = checkpoint_of(store, teacher, init.with_name(init.stem + "-teacher.pt"))
+    if teacher:  # distillation: a shipped default, or that row's run of the same seed
+        path = checkpoint_of(store, teacher, init.with_name(init.stem + "-teacher.pt"), seed)
         if path is None:
-            print(f"skipped {key}: needs git history with revision {teacher}")
+            if teacher in SHIPPED:
+                need = f"git history with revision {teacher}"
+            else:
+                need = f"the checkpoint of {teacher} seed {seed}"
+            print(f"skipped {key}: needs {need}")
             return None
         out["train"] = out["train"] | {"distill_from": str(path)}
-    elif teacher:  # distillation: that row's run of the same seed
-        run = store["runs"].get(f"{teacher}|seed{seed}", {})
-        if not Path(run.get("checkpoint", "")).is_file():
-            print(f"skipped {key}: needs the checkpoint of {teacher} seed {seed}")
-            return None
-        out["train"] = out["train"] | {"distill_from": run["checkpoint"]}
     return out
 
 
