@@ -283,6 +283,17 @@ def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datas
     assert Path(resolved["model"]["weights"]) == tmp_path / "i.pt"
 
 
+def test_c27_is_c23_with_twice_the_epochs(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c23, c27 = rows[bench.C23], rows[bench.C27]
+    assert c27["train"] | {"epochs": 15, "patience": 5} == c23["train"]
+    assert (c27["train"]["epochs"], c27["train"]["patience"]) == (30, 8)  # C9's schedule
+    assert {k: v for k, v in c27.items() if k != "train"} == {
+        k: v for k, v in c23.items() if k != "train"
+    }
+
+
 def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_phase(datasets):
     """benchmarks/accuracy_parallel.sh names the rows of phase 2; a row that starts from
     another run of this benchmark (backbone, flip, teacher) must be among them, and only those."""
