@@ -294,6 +294,19 @@ def test_c27_is_c23_with_twice_the_epochs(datasets):
     }
 
 
+def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c5 = rows["C5 full multi-task config, no attention @ 192 px (shipped: accurate)"]
+    c28 = rows[bench.C28]
+    pixel = ("pixel_colour", "pixel_colour_pool")
+    assert {k: v for k, v in c28["model"].items() if k not in pixel} == c5["model"]
+    assert (c28["model"]["pixel_colour"], c28["model"]["pixel_colour_pool"]) == (["color"], 4)
+    assert c28["model"]["image_size"] // 4 == 48  # C12's 48 x 48 histogram
+    assert c28["train"] == c5["train"] and c28["attributes"] == c5["attributes"]
+    assert (c28["backbone_from"], c28["teacher_from"]) == (bench.C10_DEFAULT, bench.C16_DEFAULT)
+
+
 def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_phase(datasets):
     """benchmarks/accuracy_parallel.sh names the rows of phase 2; a row that starts from
     another run of this benchmark (backbone, flip, teacher) must be among them, and only those."""
