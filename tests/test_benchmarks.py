@@ -283,7 +283,7 @@ def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datas
     assert Path(resolved["model"]["weights"]) == tmp_path / "i.pt"
 
 
-def test_c27_is_c23_with_twice_the_epochs(datasets):
+def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
     c23, c27 = rows[bench.C23], rows[bench.C27]
@@ -291,6 +291,11 @@ def test_c27_is_c23_with_twice_the_epochs(datasets):
     assert (c27["train"]["epochs"], c27["train"]["patience"]) == (30, 8)  # C9's schedule
     assert {k: v for k, v in c27.items() if k != "train"} == {
         k: v for k, v in c23.items() if k != "train"
+    }
+    c29 = rows["C29 as C27, all 30 epochs (no early stopping)"]
+    assert c29["train"] | {"patience": 8} == c27["train"] and c29["train"]["patience"] >= 30
+    assert {k: v for k, v in c29.items() if k != "train"} == {
+        k: v for k, v in c27.items() if k != "train"
     }
 
 
