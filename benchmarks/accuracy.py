@@ -288,7 +288,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # validation loss did not improve within 8 epochs while the learning rate of the
         # 30-epoch cosine schedule was still high), so this row trains all 30 epochs and keeps
         # the epoch of lowest validation loss. Shipping rule: C27's, fixed before its runs.
-        "C29 as C27, all 30 epochs (no early stopping)": apply(
+        "C29 as C27, all 30 epochs (no early stopping) (shipped: default)": apply(
             pixel24, {"train.epochs": 30, "train.patience": 30}
         )
         | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
@@ -317,7 +317,7 @@ B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
 B2 = "B2 multi-task, no attention, whole catalogue @ 96 px, Lite2"
 C16 = (
     "C16 as C12, colour histogram of 24 x 24 pixels, backbone pre-trained on the whole "
-    "catalogue (B1) (shipped: default)"
+    "catalogue (B1) (shipped: default before C29)"
 )
 C17 = "C17 as C16, moving average of the weights (EMA, decay up to 0.995)"
 C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"

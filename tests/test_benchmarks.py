@@ -292,7 +292,7 @@ def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(dat
     assert {k: v for k, v in c27.items() if k != "train"} == {
         k: v for k, v in c23.items() if k != "train"
     }
-    c29 = rows["C29 as C27, all 30 epochs (no early stopping)"]
+    c29 = rows["C29 as C27, all 30 epochs (no early stopping) (shipped: default)"]
     assert c29["train"] | {"patience": 8} == c27["train"] and c29["train"]["patience"] >= 30
     assert {k: v for k, v in c29.items() if k != "train"} == {
         k: v for k, v in c27.items() if k != "train"
