@@ -145,6 +145,19 @@ def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
     assert bench.backbone_of_run({"runs": {}}, bench.B1, tmp_path / "b1.pt") is None
 
 
+def test_accuracy_shipped_defaults_come_from_a_folder_where_there_is_no_git(tmp_path, monkeypatch):
+    """On a machine with a copy of the checkout and no .git (a lent GPU), the shipped
+    defaults are read from $BEAUTYTAG_SHIPPED_DIR/REVISION.pt; a missing one is None."""
+    bench = load("accuracy")
+    copies = tmp_path / "shipped"
+    copies.mkdir()
+    (copies / f"{bench.C16_DEFAULT}.pt").write_bytes(b"the C16 default")
+    monkeypatch.setenv("BEAUTYTAG_SHIPPED_DIR", str(copies))
+    out = bench.checkpoint_of({"runs": {}}, bench.C16_DEFAULT, tmp_path / "t.pt")
+    assert out == tmp_path / "t.pt" and out.read_bytes() == b"the C16 default"
+    assert bench.checkpoint_of({"runs": {}}, bench.C10_DEFAULT, tmp_path / "b.pt") is None
+
+
 def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     bench = load("accuracy")
     published = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
