@@ -296,6 +296,20 @@ def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datas
     assert Path(resolved["model"]["weights"]) == tmp_path / "i.pt"
 
 
+def test_c30_is_c23_taught_by_the_accurate_model_shipped_at_c28_accurate(datasets, tmp_path):
+    import torch
+
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c30, c23 = rows[bench.C30], rows[bench.C23]
+    assert c30 == c23 | {"teacher_from": bench.C28_ACCURATE}
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", bench.C28_ACCURATE]).returncode:
+        pytest.skip(f"no git history with revision {bench.C28_ACCURATE} here")
+    resolved = bench.resolve_markers({"runs": {}}, f"{bench.C30}|seed0", c30, 0, tmp_path / "i.pt")
+    teacher = torch.load(resolved["train"]["distill_from"], weights_only=False)["config"]
+    assert teacher["model"]["image_size"] == 192  # the accurate model, not a default
+
+
 def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
