@@ -30,7 +30,8 @@ C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1'
 trained further as C10), C14 from all of that model (``model.init``); git gives that file.
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
 is on this machine. C23-C25 and C27-C29 are taught by the default shipped at revision
-C16_DEFAULT (read with git), C26 by C23's run of the same seed.
+C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 by the `accurate` model
+shipped at C28_ACCURATE.
 """
 
 from __future__ import annotations
