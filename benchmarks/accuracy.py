@@ -186,7 +186,7 @@ def table_c(data: Path) -> dict[str, dict]:
         **{"model.image_size": 96, "model.pixel_colour": ["color"]},
         **{"model.pixel_colour_pool": 4},
     )
-    # C23 (C15 taught by the shipped default), the start of rows C25-C29
+    # C23 (C15 taught by the shipped default), the start of rows C25-C27, C29 and C30
     c23 = pixel24 | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT}
     return {
         "C1 predict the training mean colour": {"baseline": "mean"},
