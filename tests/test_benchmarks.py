@@ -326,6 +326,15 @@ def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(dat
     }
 
 
+def test_c31_is_c29_taught_by_the_accurate_model(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c29 = rows["C29 as C27, all 30 epochs (no early stopping) (shipped: default)"]
+    c31 = rows["C31 as C30, all 30 epochs (as C29)"]
+    assert c31 == c29 | {"teacher_from": bench.C28_ACCURATE}
+    assert c31 == rows[bench.C30] | {"train": c29["train"]}
+
+
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
