@@ -31,7 +31,8 @@ trained further as C10), C14 from all of that model (``model.init``); git gives 
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
 is on this machine. C23-C25 and C27-C29 are taught by the default shipped at revision
 C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and C31 by the `accurate`
-model shipped at C28_ACCURATE.
+model shipped at C28_ACCURATE. C32 averages the weights of C29's and C31's runs of the same
+seed (``soup_of``): skipped until both are on this machine.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from beautytag.data import BeautyDataset, load_letterboxed, read_samples
 from beautytag.evaluate import evaluate
 from beautytag.images import normalize
 from beautytag.metrics import accuracy, macro_f1, shade_stats
-from beautytag.model import BeautyTagNet
+from beautytag.model import BeautyTagNet, average_checkpoints
 from beautytag.train import config_changes, finished, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,9 +292,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # validation loss did not improve within 8 epochs while the learning rate of the
         # 30-epoch cosine schedule was still high), so this row trains all 30 epochs and keeps
         # the epoch of lowest validation loss. Shipping rule: C27's, fixed before its runs.
-        "C29 as C27, all 30 epochs (no early stopping) (shipped: default)": apply(
-            c23, {"train.epochs": 30, "train.patience": 30}
-        ),
+        C29: apply(c23, {"train.epochs": 30, "train.patience": 30}),
         # the shipped `accurate` (C5, 192 px, ImageNet start) with what helped the default:
         # the catalogue pre-trained backbone (C10_DEFAULT's, as C13), the pixel colour head
         # (a 48 x 48 histogram, as C12) and the default as teacher (as C23). Shipping rule,
@@ -317,8 +316,15 @@ def table_c(data: Path) -> dict[str, dict]:
         # two add up? Shipping rule, fixed before its runs: C27's (the row's mean validation
         # score above C29's 0.591, then its best seed if that seed's whole-validation category
         # is not below 0.837).
-        "C31 as C30, all 30 epochs (as C29)": apply(c23, {"train.epochs": 30, "train.patience": 30})
+        C31: apply(c23, {"train.epochs": 30, "train.patience": 30})
         | {"teacher_from": C28_ACCURATE},
+        # C29 and C31 of a seed start from the same weights and differ only in the teacher:
+        # C29 has the better category and macro-F1, C31 the better colour. Their weights
+        # averaged (a uniform model soup, Wortsman et al. 2022) serve as fast as either; no
+        # training. Shipping rule, fixed before its runs: C27's (the row's mean validation
+        # score above C29's 0.591, then its best seed if that seed's whole-validation
+        # category is not below 0.837).
+        "C32 C29 and C31 averaged (model soup)": {"soup_of": [C29, C31]},
     }
 
 
@@ -342,6 +348,8 @@ C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
 C23 = "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)"
 C27 = "C27 as C23, twice the epochs (as C9)"
 C30 = "C30 as C23, taught by the shipped accurate (C28 seed 0, 192 px)"
+C29 = "C29 as C27, all 30 epochs (no early stopping) (shipped: default)"
+C31 = "C31 as C30, all 30 epochs (as C29)"
 C28 = (
     "C28 accurate (C5, 192 px) from the catalogue, pixel colour head, taught by the default "
     "(shipped: accurate)"
@@ -544,6 +552,30 @@ def run_tta(
     cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
     result = evaluate(src["checkpoint"], split="test", config=cfg, flip_tta=True)
     return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
+
+
+def run_soup(
+    store: dict, rows: list[str], seed: int, data: Path, out: Path, quick: bool
+) -> dict[str, Any] | None:
+    """The weights of the rows' checkpoints of this seed averaged (written to `out`), on the
+    test and validation data of the first row's config; None if a checkpoint is not here."""
+    paths = [store["runs"].get(f"{r}|seed{seed}", {}).get("checkpoint", "") for r in rows]
+    if not all(paths) or not all(Path(p).is_file() for p in paths):
+        print(f"skipped: needs the checkpoints of {rows} seed {seed} on this machine")
+        return None
+    average_checkpoints(paths, out)
+    raw = without_marker((table_a(data) | table_c(data))[rows[0]])
+    cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
+    device = str(pick_device())
+    result = evaluate(out, split="test", config=cfg, device=device)
+    val = evaluate(out, split="val", config=cfg, device=device)
+    return {
+        "metrics": summarise_metrics(result["metrics"]),
+        "train_seconds": 0.0,
+        "val_metrics": summarise_metrics(val["metrics"]),
+        "test_images": result["images"],
+        "checkpoint": str(out),
+    }
 
 
 def shade_samples(data: Path) -> tuple[list, list]:
@@ -760,6 +792,11 @@ def pick_table(store: dict, patterns: list[str]) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
+def slug(name: str) -> str:
+    """A row's name as the start of its folder names in --runs-dir."""
+    return "".join(ch if ch.isalnum() else "-" for ch in name)[:48]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -861,16 +898,20 @@ def main(argv: list[str] | None = None) -> int:
                     run = run_tta(store, raw["tta_of"], seed, args.data, args.quick)
                     if run is None:
                         continue
+                elif "soup_of" in raw:
+                    soup = args.runs_dir / f"{slug(n)}-s{seed}" / "soup.pt"
+                    run = run_soup(store, raw["soup_of"], seed, args.data, soup, args.quick)
+                    if run is None:
+                        continue
                 else:
-                    slug = "".join(ch if ch.isalnum() else "-" for ch in n)[:48]
-                    init = args.runs_dir / f"{slug}-s{seed}-init.pt"
+                    init = args.runs_dir / f"{slug(n)}-s{seed}-init.pt"
                     train_raw = resolve_markers(store, key, raw, seed, init)
                     if train_raw is None:
                         continue
                     run = run_trained(
                         train_raw,
                         seed,
-                        args.runs_dir / f"{slug}-s{seed}",
+                        args.runs_dir / f"{slug(n)}-s{seed}",
                         args.quick,
                         args.workers,
                         revision,

@@ -31,8 +31,8 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         --results "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 ||
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
-# rows that need a finished run's checkpoint (B1's or B2's backbone, a flip, a teacher)
-later=("(B1)" "(B2)" C17 C20 C22 C26 "test-time flip")
+# rows that need a finished run's checkpoint (B1's or B2's backbone, a flip, a teacher, a soup)
+later=("(B1)" "(B2)" C17 C20 C22 C26 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
 echo "phase 1: B1, B2 and every row that starts from ImageNet weights"

@@ -335,6 +335,31 @@ def test_c31_is_c29_taught_by_the_accurate_model(datasets):
     assert c31 == rows[bench.C30] | {"train": c29["train"]}
 
 
+def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_path):
+    """C32's two rows differ only in the teacher (one start, one config), and run_soup
+    evaluates the averaged checkpoint on test and validation (tiny models, 48 photos)."""
+    from .conftest import make_tiny_model
+
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c29, c31 = rows["C32 C29 and C31 averaged (model soup)"]["soup_of"]
+    assert (c29, c31) == (bench.C29, bench.C31)
+    assert bench.without_marker(rows[c29]) == bench.without_marker(rows[c31])
+    assert rows[c29]["backbone_from"] == rows[c31]["backbone_from"]
+    model = {"image_size": 96, "pixel_colour": ["color"], "pixel_colour_pool": 4}
+    store = {"runs": {}}
+    for i, row in enumerate((c29, c31)):
+        path = make_tiny_model(tmp_path / f"{i}.pt", model)
+        store["runs"][f"{row}|seed1"] = {"checkpoint": str(path)}
+    out = tmp_path / "soup" / "soup.pt"
+    assert bench.run_soup(store, [c29, c31], 0, datasets, out, quick=True) is None  # no seed 0
+    run = bench.run_soup(store, [c29, c31], 1, datasets, out, quick=True)
+    assert run["checkpoint"] == str(out) and out.is_file()
+    assert 0 <= run["metrics"]["category.accuracy"] <= 1
+    assert 0 <= run["val_metrics"]["category.accuracy"] <= 1
+    assert run["test_images"] > 0
+
+
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
@@ -350,7 +375,8 @@ def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(dataset
 
 def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_phase(datasets):
     """benchmarks/accuracy_parallel.sh names the rows of phase 2; a row that starts from
-    another run of this benchmark (backbone, flip, teacher) must be among them, and only those."""
+    another run of this benchmark (backbone, flip, teacher, soup) must be among them, and only
+    those."""
     import re
     import shlex
 
@@ -360,5 +386,6 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     rows = bench.table_a(datasets) | bench.table_b(datasets) | bench.table_c(datasets)
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
-        needs_run = "tta_of" in raw or start in rows or raw.get("teacher_from") in rows
+        needs_run = "tta_of" in raw or "soup_of" in raw or start in rows
+        needs_run = needs_run or raw.get("teacher_from") in rows
         assert bench.selects(later, name) == needs_run, name

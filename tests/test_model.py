@@ -13,6 +13,7 @@ from beautytag.model import (
     BeautyTagNet,
     PixelColourHead,
     WeightsError,
+    average_checkpoints,
     create_backbone,
     init_from_checkpoint,
     lab_prototypes,
@@ -217,6 +218,29 @@ def test_init_from_a_checkpoint_starts_where_that_model_is(small_cfg, tmp_path):
         "heads.finish.weight",
     ]
     assert torch.equal(old.heads["color"].weight, new.heads["color"].linear.weight)
+
+
+def test_average_checkpoints_is_the_mean_of_the_weights(small_cfg, tmp_path):
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(BeautyTagNet(small_cfg, pretrained=False))
+        with torch.no_grad():  # BatchNorm statistics differ too, as after training
+            models[-1].backbone.bn1.running_mean.uniform_()
+        save_checkpoint(tmp_path / f"m{seed}.pt", models[-1], small_cfg)
+    paths = [tmp_path / "m0.pt", tmp_path / "m1.pt"]
+    soup, cfg, ckpt = load_checkpoint(average_checkpoints(paths, tmp_path / "soup.pt"))
+    assert cfg.model == small_cfg.model and ckpt["soup_of"] == [str(p) for p in paths]
+    a, b = models[0].state_dict(), models[1].state_dict()
+    for k, v in soup.state_dict().items():
+        expected = (a[k] + b[k]) / 2 if v.is_floating_point() else a[k]
+        torch.testing.assert_close(v, expected)
+    assert not torch.equal(a["backbone.bn1.running_mean"], b["backbone.bn1.running_mean"])
+    other = copy.deepcopy(small_cfg)
+    other.schema["finish"].classes = [*other.schema["finish"].classes, "glitter"]
+    save_checkpoint(tmp_path / "other.pt", BeautyTagNet(other, pretrained=False), other)
+    with pytest.raises(ValueError, match="other.pt: not the architecture of"):
+        average_checkpoints([paths[0], tmp_path / "other.pt"], tmp_path / "bad.pt")
 
 
 def test_not_a_checkpoint(tmp_path):
