@@ -360,6 +360,13 @@ def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_
     assert run["test_images"] > 0
 
 
+def test_c33_is_c29_with_twice_its_epochs(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c29, c33 = rows[bench.C29], rows["C33 as C29, 60 epochs"]
+    assert c33 == c29 | {"train": c29["train"] | {"epochs": 60, "patience": 60}}
+
+
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
