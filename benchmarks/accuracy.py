@@ -319,11 +319,11 @@ def table_c(data: Path) -> dict[str, dict]:
         C31: apply(c23, {"train.epochs": 30, "train.patience": 30})
         | {"teacher_from": C28_ACCURATE},
         # C29 and C31 of a seed start from the same weights and differ only in the teacher:
-        # C29 has the better category and macro-F1, C31 the better colour. Their weights
-        # averaged (a uniform model soup, Wortsman et al. 2022) serve as fast as either; no
-        # training. Shipping rule, fixed before its runs: C27's (the row's mean validation
-        # score above C29's 0.591, then its best seed if that seed's whole-validation
-        # category is not below 0.837).
+        # C29 has the better macro-F1 and validation category, C31 the better colour. Their
+        # weights averaged (a uniform model soup, Wortsman et al. 2022) serve as fast as
+        # either; no training. Shipping rule, fixed before its runs: C27's (the row's mean
+        # validation score above C29's 0.591, then its best seed if that seed's
+        # whole-validation category is not below 0.837).
         "C32 C29 and C31 averaged (model soup)": {"soup_of": [C29, C31]},
         # distillation gains from much longer schedules ("a good teacher is patient", Beyer
         # et al. 2022), and from C23's 15 epochs to C29's 30 the mean validation score rose
