@@ -496,16 +496,24 @@ def run_trained(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "revision").write_text(revision)
     paths = train(cfg, resume=resumed is not None, progress=False)
+    return (
+        measured(paths["best"], cfg)
+        | {"train_seconds": paths["seconds"]}
+        | ({"resumed_at_epoch": resumed} if resumed else {})
+    )
+
+
+def measured(checkpoint: str | Path, cfg: Config) -> dict[str, Any]:
+    """A finished model's test and validation metrics on `cfg`'s data."""
     device = str(pick_device())
-    result = evaluate(paths["best"], split="test", config=cfg, device=device)
-    val = evaluate(paths["best"], split="val", config=cfg, device=device)
+    result = evaluate(checkpoint, split="test", config=cfg, device=device)
+    val = evaluate(checkpoint, split="val", config=cfg, device=device)
     return {
         "metrics": summarise_metrics(result["metrics"]),
-        "train_seconds": paths["seconds"],
         "val_metrics": summarise_metrics(val["metrics"]),
         "test_images": result["images"],
-        "checkpoint": paths["best"],
-    } | ({"resumed_at_epoch": resumed} if resumed else {})
+        "checkpoint": str(checkpoint),
+    }
 
 
 def embed_split(model: BeautyTagNet, cfg: Config, split: str) -> tuple[np.ndarray, BeautyDataset]:
@@ -572,16 +580,7 @@ def run_soup(
     average_checkpoints(paths, out)
     raw = without_marker((table_a(data) | table_c(data))[rows[0]])
     cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
-    device = str(pick_device())
-    result = evaluate(out, split="test", config=cfg, device=device)
-    val = evaluate(out, split="val", config=cfg, device=device)
-    return {
-        "metrics": summarise_metrics(result["metrics"]),
-        "train_seconds": 0.0,
-        "val_metrics": summarise_metrics(val["metrics"]),
-        "test_images": result["images"],
-        "checkpoint": str(out),
-    }
+    return measured(out, cfg) | {"train_seconds": 0.0}
 
 
 def shade_samples(data: Path) -> tuple[list, list]:
