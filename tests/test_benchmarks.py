@@ -367,6 +367,16 @@ def test_c33_is_c29_with_twice_its_epochs(datasets):
     assert c33 == c29 | {"train": c29["train"] | {"epochs": 60, "patience": 60}}
 
 
+def test_b3_b4_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
+    bench = load("accuracy")
+    rows = bench.table_b(datasets)
+    b1, b3, b4 = rows[bench.B1], rows[bench.B3], rows[bench.B4]
+    assert b3["model"] == b1["model"] | {"image_size": 160}
+    assert b3["train"] == b1["train"] | {"epochs": 16, "patience": 16}
+    assert b4 == b3 | {"train": b3["train"] | {"backbone_lr_mult": 1.0}}
+    assert b1["train"]["backbone_lr_mult"] < 1.0
+
+
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
