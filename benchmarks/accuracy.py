@@ -31,8 +31,8 @@ trained further as C10), C14 from all of that model (``model.init``); git gives 
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
 is on this machine. C23-C25 and C27-C29 are taught by the default shipped at revision
 C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and C31 by the `accurate`
-model shipped at C28_ACCURATE. C32 averages the weights of C29's and C31's runs of the same
-seed (``soup_of``): skipped until both are on this machine.
+model shipped at C28_ACCURATE. C32, C34 and C35 average the weights of other rows' runs of
+the same seed (``soup_of``): skipped until those runs are on this machine.
 """
 
 from __future__ import annotations
@@ -330,7 +330,14 @@ def table_c(data: Path) -> dict[str, dict]:
         # (0.572 to 0.591) and colour with it: C29 with twice its epochs again. Shipping rule,
         # fixed before its runs: C27's (the row's mean validation score above C29's 0.591,
         # then its best seed if that seed's whole-validation category is not below 0.837).
-        "C33 as C29, 60 epochs": apply(c23, {"train.epochs": 60, "train.patience": 60}),
+        C33: apply(c23, {"train.epochs": 60, "train.patience": 60}),
+        # C29, C31 and C33 of a seed all start from the same weights: C29 has the best
+        # validation category, C31 the best colour, C33 the best validation score. Their
+        # weights averaged (C34), and C31's with C33's (C35), as C32. Shipping rule, fixed
+        # before their runs: C27's (the row's mean validation score above C29's 0.591, then its
+        # best seed if that seed's whole-validation category is not below 0.837).
+        "C34 C29, C31 and C33 averaged (model soup)": {"soup_of": [C29, C31, C33]},
+        "C35 C31 and C33 averaged (model soup)": {"soup_of": [C31, C33]},
     }
 
 
@@ -358,6 +365,7 @@ C27 = "C27 as C23, twice the epochs (as C9)"
 C30 = "C30 as C23, taught by the shipped accurate (C28 seed 0, 192 px)"
 C29 = "C29 as C27, all 30 epochs (no early stopping) (shipped: default)"
 C31 = "C31 as C30, all 30 epochs (as C29)"
+C33 = "C33 as C29, 60 epochs"
 C28 = (
     "C28 accurate (C5, 192 px) from the catalogue, pixel colour head, taught by the default "
     "(shipped: accurate)"

@@ -367,6 +367,18 @@ def test_c33_is_c29_with_twice_its_epochs(datasets):
     assert c33 == c29 | {"train": c29["train"] | {"epochs": 60, "patience": 60}}
 
 
+def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c34 = rows["C34 C29, C31 and C33 averaged (model soup)"]["soup_of"]
+    c35 = rows["C35 C31 and C33 averaged (model soup)"]["soup_of"]
+    assert c34 == [bench.C29, bench.C31, bench.C33] and c35 == [bench.C31, bench.C33]
+    starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in c34}
+    assert len(starts) == 1  # one start: the weights can be averaged
+    models = [bench.without_marker(rows[r])["model"] for r in c34]
+    assert all(m == models[0] for m in models)
+
+
 def test_b3_b4_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     bench = load("accuracy")
     rows = bench.table_b(datasets)
