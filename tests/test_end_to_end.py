@@ -180,3 +180,18 @@ def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
     (tmp_path / "kd.yaml").write_text(json.dumps(raw))
     assert main(["train", str(tmp_path / "kd.yaml"), "--quiet"]) == 2
     assert "train.distill_from: " in capsys.readouterr().err
+
+
+def test_limit_cpu_threads_caps_torch_unless_omp_num_threads_is_set(monkeypatch):
+    from beautytag.train import limit_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert limit_cpu_threads(cap=1) == 3  # the user's setting wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert limit_cpu_threads(cap=2) == 2 == torch.get_num_threads()
+        assert limit_cpu_threads(cap=8) == 2  # a cap never adds threads
+    finally:
+        torch.set_num_threads(before)

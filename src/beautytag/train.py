@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -44,6 +45,16 @@ def seed_everything(seed: int) -> None:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def limit_cpu_threads(cap: int = 4) -> int:
+    """Cap PyTorch's CPU threads at `cap` (unless OMP_NUM_THREADS is set) and return the
+    number in use. Training on a GPU leaves the CPU only batch collation, and many threads per
+    process starve each other: two trainings at once on a 16-core H200 machine ran at 118
+    images/s each with 16 threads, and at 2,100 to 4,400 with OMP_NUM_THREADS=4."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(cap, torch.get_num_threads())))
+    return torch.get_num_threads()
 
 
 def class_weights(ds: BeautyDataset, cfg: Config) -> dict[str, torch.Tensor]:
@@ -180,6 +191,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     started = time.time()
     seed_everything(cfg.train.seed)
     device = pick_device()
+    if device.type == "cuda":
+        limit_cpu_threads()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(cfg, device)  # before the photos: a wrong teacher fails at once
