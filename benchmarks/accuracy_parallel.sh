@@ -9,7 +9,7 @@
 # with --quick). Finished runs are never redone: a run already in a process's file in $OUT is
 # skipped when the script is started again, and a run already in $RESULTS is kept as it is
 # (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
-# checkpoint (domain pre-training from B1 or B2, test-time flip, a teacher) wait until that
+# checkpoint (domain pre-training from B1, B2 or B3, test-time flip, a teacher) wait until that
 # run is done (C26 needs C23 of phase 1); within phase 2 a row runs after the rows it needs
 # (C22 after C21).
 set -euo pipefail
@@ -21,7 +21,7 @@ quick=""
 for arg in "$@"; do [ "$arg" != --quick ] || quick=-quick; done
 RESULTS=${RESULTS:-benchmarks/results/accuracy$quick.json}
 mkdir -p "$OUT"
-# eight processes at once in phase 1: share the CPUs instead of each taking all of them
+# nine processes at once in phase 1: share the CPUs instead of each taking all of them
 cpus=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus >= 8 ? cpus / 8 : 1))}
 bench() {  # bench NAME ARGS...: one accuracy.py process with its own results file and log
@@ -31,14 +31,15 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         --results "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 ||
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
-# rows that need a finished run's checkpoint (B1's or B2's backbone, a flip, a teacher, a soup)
-later=("(B1)" "(B2)" C17 C20 C22 C26 "test-time flip" "model soup")
+# rows that need a finished run's checkpoint (a B row's backbone, a flip, a teacher, a soup)
+later=("(B1)" "(B2)" "(B3)" C17 C20 C22 C26 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
-echo "phase 1: B1, B2 and every row that starts from ImageNet weights"
+echo "phase 1: B1-B4 and every row that starts from ImageNet weights"
 pids=()
 bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
 bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
+bench b3 --tables B --only B3 B4 --seeds 0 "$@" & pids+=($!)
 for seed in 0 1 2; do
     skip=("${later[@]}")
     [ "$seed" = 0 ] || skip+=("${once[@]}")
@@ -49,11 +50,11 @@ failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 [ "$failed" = 0 ] || exit 1
 
-echo "phase 2: the rows that start from B1's or B2's backbone or another row's checkpoints"
+echo "phase 2: the rows that start from another run's backbone or checkpoints"
 pids=()
 for seed in 0 1 2; do
-    python benchmarks/accuracy.py --results "$OUT/p$seed.json" \
-        --merge "$OUT/b1.json" "$OUT/b2.json" "$OUT/a$seed.json" "$OUT/c$seed.json" >/dev/null
+    python benchmarks/accuracy.py --results "$OUT/p$seed.json" --merge "$OUT"/b?.json \
+        "$OUT/a$seed.json" "$OUT/c$seed.json" >/dev/null
     bench "p$seed" --tables A C --seeds "$seed" --only "${later[@]}" "$@" & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done

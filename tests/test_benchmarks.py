@@ -387,6 +387,10 @@ def test_b3_b4_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     assert b3["train"] == b1["train"] | {"epochs": 16, "patience": 16}
     assert b4 == b3 | {"train": b3["train"] | {"backbone_lr_mult": 1.0}}
     assert b1["train"]["backbone_lr_mult"] < 1.0
+    c = bench.table_c(datasets)  # C36: C29 from B3's backbone instead of C10_DEFAULT's
+    c36 = c["C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)"]
+    assert c36 == c[bench.C29] | {"backbone_from": bench.B3}
+    assert c[bench.C29]["backbone_from"] == bench.C10_DEFAULT
 
 
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
