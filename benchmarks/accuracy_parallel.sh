@@ -35,11 +35,11 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
 later=("(B1)" "(B2)" "(B3)" C17 C20 C22 C26 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
-echo "phase 1: B1-B4 and every row that starts from ImageNet weights"
+echo "phase 1: B1-B5 and every row that starts from ImageNet weights"
 pids=()
 bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
 bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
-bench b3 --tables B --only B3 B4 --seeds 0 "$@" & pids+=($!)
+bench b3 --tables B --only B3 B4 B5 --seeds 0 "$@" & pids+=($!)
 for seed in 0 1 2; do
     skip=("${later[@]}")
     [ "$seed" = 0 ] || skip+=("${once[@]}")

@@ -379,13 +379,14 @@ def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     assert all(m == models[0] for m in models)
 
 
-def test_b3_b4_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
+def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     bench = load("accuracy")
     rows = bench.table_b(datasets)
     b1, b3, b4 = rows[bench.B1], rows[bench.B3], rows[bench.B4]
     assert b3["model"] == b1["model"] | {"image_size": 160}
     assert b3["train"] == b1["train"] | {"epochs": 16, "patience": 16}
     assert b4 == b3 | {"train": b3["train"] | {"backbone_lr_mult": 1.0}}
+    assert rows[bench.B5] == b3 | {"model": b3["model"] | {"image_size": 224}}
     assert b1["train"]["backbone_lr_mult"] < 1.0
     c = bench.table_c(datasets)  # C36: C29 from B3's backbone instead of C10_DEFAULT's
     c36 = c["C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)"]
