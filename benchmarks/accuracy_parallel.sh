@@ -39,7 +39,8 @@ echo "phase 1: B1-B5 and every row that starts from ImageNet weights"
 pids=()
 bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
 bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
-bench b3 --tables B --only B3 B4 B5 --seeds 0 "$@" & pids+=($!)
+# B6 and B7 (B3 and B4 + test-time flip) after their runs, in the same process
+bench b3 --tables B --only B3 B4 B5 B6 B7 --seeds 0 "$@" & pids+=($!)
 for seed in 0 1 2; do
     skip=("${later[@]}")
     [ "$seed" = 0 ] || skip+=("${once[@]}")

@@ -123,6 +123,32 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
     assert all(torch.equal(init[k], b1_backbone[k]) for k in init)
 
 
+@pytest.mark.slow
+def test_table_b_flip_rows_evaluate_their_runs_checkpoint_on_photo_and_mirror(
+    datasets, tmp_path, monkeypatch
+):
+    bench = load("accuracy")
+    results = tmp_path / "acc.json"
+    args = ["--quick", "--data", str(datasets), "--seeds", "0", "--tables", "B"]
+    args += ["--results", str(results), "--runs-dir", str(tmp_path / "runs")]
+    assert bench.main([*args, "--only", "B6"]) == 0  # no B3 run yet: skipped, not failed
+    assert json.loads(results.read_text())["runs"] == {}
+    calls = []
+    evaluate = bench.evaluate
+
+    def spy(checkpoint, **kwargs):
+        calls.append((str(checkpoint), kwargs.get("flip_tta", False)))
+        return evaluate(checkpoint, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", spy)
+    assert bench.main([*args, "--only", "B3", "B6"]) == 0
+    runs = json.loads(results.read_text())["runs"]
+    b3, b6 = runs[f"{bench.B3}|seed0"], runs["B6 B3 + test-time flip|seed0"]
+    assert calls[-1] == (b3["checkpoint"], True)  # B6: B3's model, photo + mirror
+    assert b6["metrics"].keys() == b3["metrics"].keys()
+    assert all(0 <= v <= 1 for v in b6["metrics"].values())
+
+
 def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
     """C13 / C14 start from the default shipped at C10_DEFAULT, read from git."""
     import torch
@@ -387,6 +413,8 @@ def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     assert b3["train"] == b1["train"] | {"epochs": 16, "patience": 16}
     assert b4 == b3 | {"train": b3["train"] | {"backbone_lr_mult": 1.0}}
     assert rows[bench.B5] == b3 | {"model": b3["model"] | {"image_size": 224}}
+    assert rows["B6 B3 + test-time flip"] == {"tta_of": bench.B3}
+    assert rows["B7 B4 + test-time flip"] == {"tta_of": bench.B4}
     assert b1["train"]["backbone_lr_mult"] < 1.0
     c = bench.table_c(datasets)  # C36: C29 from B3's backbone instead of C10_DEFAULT's
     c36 = c["C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)"]
