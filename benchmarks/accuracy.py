@@ -593,6 +593,13 @@ def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
     return {"metrics": metrics, "train_seconds": time.time() - t0}
 
 
+def row_config(data: Path, name: str, quick: bool) -> Config:
+    """The config of row `name` (any table) without its markers, cut down for --quick: the
+    data and outputs that a flip or a soup of that row's runs is measured on."""
+    raw = without_marker((table_a(data) | table_b(data) | table_c(data))[name])
+    return config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
+
+
 def run_tta(
     store: dict, source_name: str, seed: int, data: Path, quick: bool
 ) -> dict[str, Any] | None:
@@ -600,8 +607,7 @@ def run_tta(
     src = store["runs"].get(f"{source_name}|seed{seed}")
     if not src or not Path(src.get("checkpoint", "")).is_file():
         return None
-    raw = without_marker((table_a(data) | table_b(data) | table_c(data))[source_name])
-    cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
+    cfg = row_config(data, source_name, quick)
     result = evaluate(src["checkpoint"], split="test", config=cfg, flip_tta=True)
     return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
 
@@ -616,8 +622,7 @@ def run_soup(
         print(f"skipped: needs the checkpoints of {rows} seed {seed} on this machine")
         return None
     average_checkpoints(paths, out)
-    raw = without_marker((table_a(data) | table_c(data))[rows[0]])
-    cfg = config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
+    cfg = row_config(data, rows[0], quick)
     return measured(out, cfg) | {"train_seconds": 0.0}
 
 
