@@ -21,7 +21,7 @@ quick=""
 for arg in "$@"; do [ "$arg" != --quick ] || quick=-quick; done
 RESULTS=${RESULTS:-benchmarks/results/accuracy$quick.json}
 mkdir -p "$OUT"
-# nine processes at once in phase 1: share the CPUs instead of each taking all of them
+# ten processes at once in phase 1: share the CPUs instead of each taking all of them
 cpus=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus >= 8 ? cpus / 8 : 1))}
 bench() {  # bench NAME ARGS...: one accuracy.py process with its own results file and log
@@ -32,15 +32,16 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 # rows that need a finished run's checkpoint (a B row's backbone, a flip, a teacher, a soup)
-later=("(B1)" "(B2)" "(B3)" C17 C20 C22 C26 "test-time flip" "model soup")
+later=("(B1)" "(B2)" "(B3)" B8 C17 C20 C22 C26 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
-echo "phase 1: B1-B5 and every row that starts from ImageNet weights"
+echo "phase 1: B1-B9 and every row that starts from ImageNet weights"
 pids=()
 bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
 bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
-# B6 and B7 (B3 and B4 + test-time flip) after their runs, in the same process
-bench b3 --tables B --only B3 B4 B5 B6 B7 --seeds 0 "$@" & pids+=($!)
+# B6-B9 (flips of B3 and B4; B8 taught by B4) after the runs they need, in the same process
+bench b3 --tables B --only B3 B4 B5 B6 B7 B8 B9 --seeds 0 "$@" & pids+=($!)
+bench b4 --tables B --only B4 --seeds 1 2 "$@" & pids+=($!)  # for B10, B4's ensemble
 for seed in 0 1 2; do
     skip=("${later[@]}")
     [ "$seed" = 0 ] || skip+=("${once[@]}")
@@ -58,6 +59,8 @@ for seed in 0 1 2; do
         "$OUT/a$seed.json" "$OUT/c$seed.json" >/dev/null
     bench "p$seed" --tables A C --seeds "$seed" --only "${later[@]}" "$@" & pids+=($!)
 done
+python benchmarks/accuracy.py --results "$OUT/pb.json" --merge "$OUT"/b?.json >/dev/null
+bench pb --tables B --seeds 0 --only B10 "$@" & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 [ "$failed" = 0 ] || exit 1
 

@@ -149,6 +149,34 @@ def test_table_b_flip_rows_evaluate_their_runs_checkpoint_on_photo_and_mirror(
     assert all(0 <= v <= 1 for v in b6["metrics"].values())
 
 
+@pytest.mark.slow
+def test_table_b_ensemble_row_averages_every_seed_of_its_row_on_photo_and_mirror(
+    datasets, tmp_path, monkeypatch
+):
+    bench = load("accuracy")
+    monkeypatch.setattr(bench, "SEEDS", (0, 1))  # two quick runs suffice
+    results = tmp_path / "acc.json"
+    b10 = "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip"
+    args = ["--quick", "--data", str(datasets), "--tables", "B", "--results", str(results)]
+    args += ["--runs-dir", str(tmp_path / "runs"), "--only", "B4", "B10"]
+    assert bench.main([*args, "--seeds", "0"]) == 0  # seed 1 missing: B10 skipped
+    assert list(json.loads(results.read_text())["runs"]) == [f"{bench.B4}|seed0"]
+    calls = []
+    evaluate = bench.evaluate
+
+    def spy(checkpoint, **kwargs):
+        calls.append((checkpoint, kwargs["split"], kwargs.get("flip_tta", False)))
+        return evaluate(checkpoint, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", spy)
+    assert bench.main([*args, "--seeds", "1"]) == 0  # B4 seed 1, then B10 once
+    runs = json.loads(results.read_text())["runs"]
+    members = [runs[f"{bench.B4}|seed{s}"]["checkpoint"] for s in (0, 1)]
+    assert runs[f"{b10}|seed0"]["checkpoints"] == members
+    assert calls[-2:] == [(members, "test", True), (members, "val", True)]
+    assert runs[f"{b10}|seed0"]["metrics"].keys() == runs[f"{bench.B4}|seed0"]["metrics"].keys()
+
+
 def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
     """C13 / C14 start from the default shipped at C10_DEFAULT, read from git."""
     import torch
@@ -415,6 +443,10 @@ def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     assert rows[bench.B5] == b3 | {"model": b3["model"] | {"image_size": 224}}
     assert rows["B6 B3 + test-time flip"] == {"tta_of": bench.B3}
     assert rows["B7 B4 + test-time flip"] == {"tta_of": bench.B4}
+    assert rows[bench.B8] == b4 | {"teacher_from": bench.B4}  # self-distillation
+    assert rows["B9 B8 + test-time flip"] == {"tta_of": bench.B8}
+    b10 = "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip"
+    assert rows[b10] == {"ensemble_of": bench.B4, "flip": True}
     assert b1["train"]["backbone_lr_mult"] < 1.0
     c = bench.table_c(datasets)  # C36: C29 from B3's backbone instead of C10_DEFAULT's
     c36 = c["C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)"]
@@ -448,6 +480,6 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     rows = bench.table_a(datasets) | bench.table_b(datasets) | bench.table_c(datasets)
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
-        needs_run = "tta_of" in raw or "soup_of" in raw or start in rows
+        needs_run = any(k in raw for k in ("tta_of", "soup_of", "ensemble_of")) or start in rows
         needs_run = needs_run or raw.get("teacher_from") in rows
         assert bench.selects(later, name) == needs_run, name

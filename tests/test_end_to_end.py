@@ -4,6 +4,7 @@ import csv
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,39 @@ def test_limit_cpu_threads_caps_torch_unless_omp_num_threads_is_set(monkeypatch)
         assert limit_cpu_threads(cap=8) == 2  # a cap never adds threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluate_an_ensemble_averages_its_models_outputs(tmp_path, capsys):
+    """Several models evaluated together: each photo's probabilities are the mean of the
+    models' (the metrics follow from them); a model with another input size is refused with a
+    message naming its file."""
+    from beautytag.data import BeautyDataset
+    from beautytag.evaluate import evaluate, run_dataset
+    from beautytag.model import load_checkpoint, save_checkpoint
+
+    a = make_tiny_model(tmp_path / "a.pt", limit=16)
+    model, cfg, _ = load_checkpoint(a)
+    with torch.no_grad():  # a second model: the same one with other heads
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+    b = tmp_path / "b.pt"
+    save_checkpoint(b, model, cfg)
+    samples = read_samples(cfg, splits=["val"])
+    ds = BeautyDataset(samples, cfg)
+    one, two = (run_dataset(load_checkpoint(p)[0], ds)[0] for p in (a, b))
+    both, targets, masks = run_dataset([load_checkpoint(p)[0] for p in (a, b)], ds)
+    assert not np.allclose(one["category"], two["category"])
+    for name in one:
+        assert np.allclose(both[name], (one[name] + two[name]) / 2, atol=1e-6), name
+    result = evaluate([a, b], split="val")
+    m = masks["category"].astype(bool)
+    right = both["category"][m].argmax(-1) == targets["category"][m]
+    assert result["metrics"]["category"]["accuracy"] == pytest.approx(float(right.mean()))
+
+    capsys.readouterr()
+    assert main(["evaluate", str(a), str(b), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["metrics"] == json.loads(json.dumps(result["metrics"]))
+    c = make_tiny_model(tmp_path / "c.pt", model={"image_size": 96}, limit=16)
+    assert main(["evaluate", str(a), str(c), "--split", "val", "--out", str(tmp_path / "x")]) == 2
+    assert f"{c}: another input size or normalisation than {a}" in capsys.readouterr().err

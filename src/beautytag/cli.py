@@ -50,9 +50,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from beautytag.evaluate import evaluate
 
     cfg = load_config(args.config) if args.config else None
-    out = args.out or str(Path(args.model).with_suffix("")) + f"-eval-{args.split}"
+    first = str(Path(args.model[0]).with_suffix(""))
+    out = args.out or first + ("-ensemble" if len(args.model) > 1 else "") + f"-eval-{args.split}"
     result = evaluate(
-        resolve_model(args.model),
+        [resolve_model(m) for m in args.model],
         split=args.split,
         out_dir=out,
         config=cfg,
@@ -231,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="measure a model on a labelled split")
-    e.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
+    e.add_argument(
+        "model",
+        nargs="+",
+        help="a checkpoint (.pt), or a shipped model: default, accurate; several: an ensemble "
+        "(their outputs averaged)",
+    )
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--config", help="evaluate on this config's data instead of the model's")
     e.add_argument("--source", action="append", help="only this data source (repeatable)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,30 @@ from beautytag.model import BeautyTagNet, load_checkpoint
 
 @torch.inference_mode()
 def run_dataset(
-    model: BeautyTagNet,
+    model: BeautyTagNet | Sequence[BeautyTagNet],
     ds: BeautyDataset,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     flip_tta: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Model outputs (probabilities for classes, Lab for shades), targets and masks."""
-    model.eval()
-    outs: dict[str, list] = {a.name: [] for a in model.schema.attributes}
-    tgts: dict[str, list] = {a.name: [] for a in model.schema.attributes}
-    msks: dict[str, list] = {a.name: [] for a in model.schema.attributes}
+    """Model outputs (probabilities for classes, Lab for shades), targets and masks. Several
+    models (same outputs): an ensemble, their outputs averaged."""
+    models = [model] if isinstance(model, BeautyTagNet) else list(model)
+    attributes = models[0].schema.attributes
+    for m in models:
+        m.eval()
+    outs: dict[str, list] = {a.name: [] for a in attributes}
+    tgts: dict[str, list] = {a.name: [] for a in attributes}
+    msks: dict[str, list] = {a.name: [] for a in attributes}
 
     def probs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        y = model(x)
-        return {a.name: activate(a.kind, y[a.name]) for a in model.schema.attributes}
+        ys = [m(x) for m in models]
+        return {a.name: sum(activate(a.kind, y[a.name]) for y in ys) / len(ys) for a in attributes}
 
     for x, targets, masks in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = normalize(x.to(device), ds.cfg.model.mean, ds.cfg.model.std)
         out = mirror_averaged(probs, x) if flip_tta else probs(x)
-        for a in model.schema.attributes:
+        for a in attributes:
             outs[a.name].append(out[a.name].float().cpu())
             tgts[a.name].append(targets[a.name])
             msks[a.name].append(masks[a.name])
@@ -103,7 +107,7 @@ def compute_metrics(
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     split: str = "test",
     out_dir: str | Path | None = None,
     config: Config | None = None,
@@ -115,8 +119,10 @@ def evaluate(
     """Evaluate a checkpoint on a split of its config's data (or of `config`'s data and label
     sources; the model's own preprocessing is kept). Writes report.json, report.md,
     confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
-    `out_dir` is given."""
-    model, cfg, _ = load_checkpoint(checkpoint, device)
+    `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
+    ensemble, their outputs averaged."""
+    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    models, cfg = load_ensemble(paths, device)
     if config is not None:
         check_same_outputs(cfg, config)
         cfg = dataclasses.replace(
@@ -126,11 +132,11 @@ def evaluate(
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)
-    outputs, targets, masks = run_dataset(model, ds, batch_size, device, flip_tta)
+    outputs, targets, masks = run_dataset(models, ds, batch_size, device, flip_tta)
     matrices = confusion_matrices(cfg, outputs, targets, masks)
     classes = {a.name: a.classes for a in cfg.schema.attributes}
     result = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": ", ".join(str(p) for p in paths),
         "split": split,
         "sources": sources or [src.name for src in cfg.data.sources],
         "flip_tta": flip_tta,
@@ -146,6 +152,33 @@ def evaluate(
         write_report(result, cfg, matrices, out)
         write_mistakes(mistakes(cfg, ds, outputs, targets, masks), out / "mistakes.csv")
     return result
+
+
+def load_ensemble(
+    paths: Sequence[str | Path], device: str | torch.device = "cpu"
+) -> tuple[list[BeautyTagNet], Config]:
+    """The models of `paths` and the first one's config; a ValueError naming the file if one
+    has other outputs or another preprocessing (input size, normalisation) than the first."""
+    if not paths:
+        raise ValueError("no model to evaluate")
+    models, cfgs = [], []
+    for path in paths:
+        model, cfg, _ = load_checkpoint(path, device)
+        models.append(model)
+        cfgs.append(cfg)
+    first = cfgs[0].model
+    for path, cfg in zip(paths[1:], cfgs[1:], strict=True):
+        try:
+            check_same_outputs(cfgs[0], cfg)
+        except ValueError as e:
+            raise ValueError(f"{path}: not the same outputs as {paths[0]}: {e}") from None
+        ours = (cfg.model.image_size, cfg.model.mean, cfg.model.std)
+        if ours != (first.image_size, first.mean, first.std):
+            raise ValueError(
+                f"{path}: another input size or normalisation than {paths[0]}, so the two "
+                "cannot share one batch"
+            )
+    return models, cfgs[0]
 
 
 def confusion_matrices(
