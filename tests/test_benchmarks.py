@@ -483,3 +483,53 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
         needs_run = any(k in raw for k in ("tta_of", "soup_of", "ensemble_of")) or start in rows
         needs_run = needs_run or raw.get("teacher_from") in rows
         assert bench.selects(later, name) == needs_run, name
+
+
+def test_catalogue_transfer_reads_catalogue_outputs_through_the_default_label_mapping(
+    datasets, tmp_path, capsys
+):
+    """A catalogue model's articleType / baseColour become the default's category / colour
+    as the default's own labels are made (unknown type: Other; colour map; non-family colour:
+    no label, so wrong), scored on the Personal Care photos next to the default."""
+    import torch
+
+    from beautytag.config import config_from_dict
+    from beautytag.data import label_from_row
+    from beautytag.engine import resolve_model
+    from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
+
+    from .conftest import make_tiny_model
+
+    ct, bench = load("catalogue_transfer"), load("accuracy")
+    target = load_checkpoint(resolve_model("default"))[1]
+    read = lambda a, v: label_from_row(target.schema[a], "fashion", {ct.READ_AS[a]: v})  # noqa: E731
+    assert (read("category", "Lipstick"), read("category", "Tshirts")) == ("Lipstick", "Other")
+    assert (read("color", "Navy Blue"), read("color", "Multi")) == ("Blue", None)
+    truth = [{"category": "Other", "color": "Blue"}, {"category": "Lipstick", "color": None}]
+    predicted = [{"category": "Other", "color": None}, {"category": "Other", "color": "Red"}]
+    assert ct.scores(predicted, truth) == {
+        "category": {"n": 2, "accuracy": 0.5},
+        "color": {"n": 1, "accuracy": 0.0},  # the unlabelled colour is not counted
+    }
+
+    cfg = config_from_dict(bench.catalogue_raw(datasets, **{"model.image_size": 64}))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "cat.pt", BeautyTagNet(cfg, pretrained=False), cfg)
+    args = ["--data", str(datasets), "--results", str(tmp_path)]
+    assert ct.main([str(tmp_path / "cat.pt"), *args]) == 0
+    rows = json.loads((tmp_path / "catalogue_transfer.json").read_text())["rows"]
+    assert [(r["model"], r["split"]) for r in rows] == [
+        ("default (its own heads)", "val"),
+        ("cat.pt", "val"),
+        ("default (its own heads)", "test"),
+        ("cat.pt", "test"),
+    ]
+    for ours, theirs in zip(rows[::2], rows[1::2], strict=True):  # the same labelled photos
+        for a in ("category", "color"):
+            assert ours["metrics"][a]["n"] == theirs["metrics"][a]["n"] > 100
+            assert 0 <= theirs["metrics"][a]["accuracy"] <= 1
+    assert "| cat.pt | test |" in (tmp_path / "catalogue_transfer.md").read_text()
+    tiny = make_tiny_model(tmp_path / "tiny.pt")
+    capsys.readouterr()
+    assert ct.main([str(tiny), *args]) == 2
+    assert "tiny.pt: not a whole-catalogue model" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""Does a whole-catalogue model (Table B) tag the cosmetics photos as well as the default?
+
+A Table B model predicts the catalogue's articleType and baseColour, which are the sources of
+the default's `category` and `color` labels on the Personal Care photos. Here its predicted
+values are read through the shipped default's own label mapping (``data.label_from_row``: an
+articleType that is not one of the default's categories becomes Other, a baseColour goes
+through the colour map; a colour outside the families is simply wrong) and scored against the
+default's labels on the Personal Care val and test splits, next to the shipped default on the
+same photos. Writes benchmarks/results/catalogue_transfer.json and .md.
+
+    python benchmarks/catalogue_transfer.py CHECKPOINT [CHECKPOINT ...] [--tta-flip]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchlib import git_revision
+from torch.utils.data import DataLoader
+
+from beautytag.config import Config
+from beautytag.data import BeautyDataset, label_from_row, read_samples
+from beautytag.engine import resolve_model
+from beautytag.evaluate import evaluate, mirror_averaged
+from beautytag.images import normalize
+from beautytag.model import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+# the default's attribute -> the catalogue column (a Table B attribute) it is read from
+READ_AS = {"category": "articleType", "color": "baseColour"}
+
+
+@torch.inference_mode()
+def catalogue_predictions(
+    checkpoint: str | Path, target: Config, split: str, flip: bool = False
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """For each Personal Care photo of `split` (labelled as `target`, the default's config):
+    the catalogue model's predictions read as `target`'s labels, and the true labels."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    missing = sorted(set(READ_AS.values()) - set(cfg.schema.names))
+    if missing:
+        raise ValueError(f"{checkpoint}: not a whole-catalogue model (no {missing} outputs)")
+    samples = read_samples(target, splits=[split], sources=["fashion"])
+    photos = BeautyDataset(samples, dataclasses.replace(target, model=cfg.model))
+
+    def probs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: torch.softmax(v.float(), -1) for k, v in model(x).items()}
+
+    predicted: list[dict[str, object]] = []
+    for x, _, _ in DataLoader(photos, batch_size=64, shuffle=False):
+        x = normalize(x, cfg.model.mean, cfg.model.std)
+        out = mirror_averaged(probs, x) if flip else probs(x)
+        for i in range(len(x)):
+            row = {
+                col: cfg.schema[col].classes[int(out[col][i].argmax())] for col in READ_AS.values()
+            }
+            predicted.append({a: label_from_row(target.schema[a], "fashion", row) for a in READ_AS})
+    return predicted, [s.labels for s in photos.samples]
+
+
+def scores(predicted: list[dict], truth: list[dict]) -> dict[str, dict[str, Any]]:
+    """Accuracy per attribute over the photos that have that label."""
+    out = {}
+    for a in READ_AS:
+        pairs = [(p[a], t[a]) for p, t in zip(predicted, truth, strict=True) if t.get(a)]
+        right = sum(p == t for p, t in pairs)
+        out[a] = {"n": len(pairs), "accuracy": right / len(pairs) if pairs else None}
+    return out
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# A whole-catalogue model on the cosmetics photos",
+        "",
+        f"`{result['command']}` at revision {result['revision']}. Personal Care photos of "
+        "fashion-products-small; a catalogue model's articleType and baseColour read through "
+        "the default's label mapping as `category` and `color`"
+        + (" (photo + mirror)" if result["flip"] else "")
+        + ".",
+        "",
+        "| model | split | category accuracy | n | color accuracy | n |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        c, k = r["metrics"]["category"], r["metrics"]["color"]
+        lines.append(
+            f"| {r['model']} | {r['split']} | {c['accuracy']:.3f} | {c['n']} "
+            f"| {k['accuracy']:.3f} | {k['n']} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+", help="Table B checkpoints (benchmarks/accuracy.py)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--default", default="default", help="the model whose labels are scored")
+    ap.add_argument("--tta-flip", action="store_true", help="photo + mirror, for every model")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if not (args.data / "fashion-products-small").is_dir():
+        print(f"skipped: no datasets at {args.data} (pass --data)", file=sys.stderr)
+        return 0
+    default_path = resolve_model(args.default)
+    _, target, _ = load_checkpoint(default_path)
+    target = dataclasses.replace(
+        target, data=dataclasses.replace(target.data, root=str(args.data.resolve()))
+    )
+    rows = []
+    for split in ("val", "test"):
+        ref = evaluate(
+            default_path, split=split, config=target, sources=["fashion"], flip_tta=args.tta_flip
+        )["metrics"]
+        metrics = {a: {"n": ref[a]["n"], "accuracy": ref[a]["accuracy"]} for a in READ_AS}
+        rows.append(
+            {"model": f"{args.default} (its own heads)", "split": split, "metrics": metrics}
+        )
+        for ckpt in args.checkpoints:
+            try:
+                predicted, truth = catalogue_predictions(ckpt, target, split, args.tta_flip)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            rows.append(
+                {"model": Path(ckpt).name, "split": split, "metrics": scores(predicted, truth)}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "command": "python benchmarks/catalogue_transfer.py " + " ".join(argv or sys.argv[1:]),
+        "revision": git_revision(),
+        "flip": args.tta_flip,
+        "rows": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "catalogue_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.results / "catalogue_transfer.md")
+    print((args.results / "catalogue_transfer.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
