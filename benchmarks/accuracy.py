@@ -437,13 +437,18 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def run_checkpoint(store: dict, name: str, seed: int) -> Path | None:
+    """The checkpoint of the finished run of row `name` (that seed), if it is on this machine."""
+    path = store["runs"].get(f"{name}|seed{seed}", {}).get("checkpoint", "")
+    return Path(path) if path and Path(path).is_file() else None
+
+
 def checkpoint_of(store: dict, name: str, out: Path, seed: int = 0) -> Path | None:
     """The checkpoint of run `name` (that seed) on this machine, or for a revision in
     ``SHIPPED`` the model shipped at that revision (written to `out` from git, or from the
     folder $BEAUTYTAG_SHIPPED_DIR where there is no git); None if not to be had."""
     if name not in SHIPPED:
-        src = Path(store["runs"].get(f"{name}|seed{seed}", {}).get("checkpoint", ""))
-        return src if src.is_file() else None
+        return run_checkpoint(store, name, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     copies = os.environ.get("BEAUTYTAG_SHIPPED_DIR")  # set where the checkout has no .git
     if copies:  # that folder holds REVISION.pt for each revision in SHIPPED
@@ -623,11 +628,11 @@ def run_tta(
     store: dict, source_name: str, seed: int, data: Path, quick: bool
 ) -> dict[str, Any] | None:
     """The row `source_name`'s checkpoint of this seed, on its test data, photo + mirror."""
-    src = store["runs"].get(f"{source_name}|seed{seed}")
-    if not src or not Path(src.get("checkpoint", "")).is_file():
+    checkpoint = run_checkpoint(store, source_name, seed)
+    if checkpoint is None:
         return None
     cfg = row_config(data, source_name, quick)
-    result = evaluate(src["checkpoint"], split="test", config=cfg, flip_tta=True)
+    result = evaluate(checkpoint, split="test", config=cfg, flip_tta=True)
     return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
 
 
@@ -636,8 +641,8 @@ def run_soup(
 ) -> dict[str, Any] | None:
     """The weights of the rows' checkpoints of this seed averaged (written to `out`), on the
     test and validation data of the first row's config; None if a checkpoint is not here."""
-    paths = [store["runs"].get(f"{r}|seed{seed}", {}).get("checkpoint", "") for r in rows]
-    if not all(paths) or not all(Path(p).is_file() for p in paths):
+    paths = [run_checkpoint(store, r, seed) for r in rows]
+    if None in paths:
         print(f"skipped: needs the checkpoints of {rows} seed {seed} on this machine")
         return None
     average_checkpoints(paths, out)
@@ -650,13 +655,12 @@ def run_ensemble(
 ) -> dict[str, Any] | None:
     """The row `source_name`'s runs of every seed (SEEDS) as one ensemble, their outputs
     averaged, on the row's test and validation data; None if a checkpoint is not here."""
-    runs = [store["runs"].get(f"{source_name}|seed{s}", {}) for s in SEEDS]
-    paths = [r.get("checkpoint", "") for r in runs]
-    if not all(paths) or not all(Path(p).is_file() for p in paths):
+    paths = [run_checkpoint(store, source_name, s) for s in SEEDS]
+    if None in paths:
         print(f"skipped: needs the checkpoints of {source_name} seeds {list(SEEDS)} here")
         return None
     cfg = row_config(data, source_name, quick)
-    return measured(paths, cfg, flip) | {"train_seconds": 0.0}
+    return measured([str(p) for p in paths], cfg, flip) | {"train_seconds": 0.0}
 
 
 def shade_samples(data: Path) -> tuple[list, list]:
