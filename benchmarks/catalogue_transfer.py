@@ -29,7 +29,7 @@ from beautytag.data import BeautyDataset, label_from_row, read_samples
 from beautytag.engine import resolve_model
 from beautytag.evaluate import evaluate, mirror_averaged
 from beautytag.images import normalize
-from beautytag.model import load_checkpoint
+from beautytag.model import BeautyTagNet, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -38,16 +38,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 READ_AS = {"category": "articleType", "color": "baseColour"}
 
 
-@torch.inference_mode()
-def catalogue_predictions(
-    checkpoint: str | Path, target: Config, split: str, flip: bool = False
-) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """For each Personal Care photo of `split` (labelled as `target`, the default's config):
-    the catalogue model's predictions read as `target`'s labels, and the true labels."""
+def load_catalogue_model(checkpoint: str | Path) -> tuple[BeautyTagNet, Config]:
+    """A Table B model and its config; a ValueError naming the file if it is not one."""
     model, cfg, _ = load_checkpoint(checkpoint)
     missing = sorted(set(READ_AS.values()) - set(cfg.schema.names))
     if missing:
         raise ValueError(f"{checkpoint}: not a whole-catalogue model (no {missing} outputs)")
+    return model, cfg
+
+
+@torch.inference_mode()
+def catalogue_predictions(
+    model: BeautyTagNet, cfg: Config, target: Config, split: str, flip: bool = False
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """For each Personal Care photo of `split` (labelled as `target`, the default's config):
+    the catalogue model's (`cfg`'s) predictions read as `target`'s labels, and the true
+    labels."""
     samples = read_samples(target, splits=[split], sources=["fashion"])
     photos = BeautyDataset(samples, dataclasses.replace(target, model=cfg.model))
 
@@ -114,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     target = dataclasses.replace(
         target, data=dataclasses.replace(target.data, root=str(args.data.resolve()))
     )
+    try:
+        models = {ckpt: load_catalogue_model(ckpt) for ckpt in args.checkpoints}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = []
     for split in ("val", "test"):
         ref = evaluate(
@@ -123,12 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {"model": f"{args.default} (its own heads)", "split": split, "metrics": metrics}
         )
-        for ckpt in args.checkpoints:
-            try:
-                predicted, truth = catalogue_predictions(ckpt, target, split, args.tta_flip)
-            except (FileNotFoundError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+        for ckpt, (model, cfg) in models.items():
+            predicted, truth = catalogue_predictions(model, cfg, target, split, args.tta_flip)
             rows.append(
                 {"model": Path(ckpt).name, "split": split, "metrics": scores(predicted, truth)}
             )
