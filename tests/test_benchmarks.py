@@ -421,6 +421,14 @@ def test_c33_is_c29_with_twice_its_epochs(datasets):
     assert c33 == c29 | {"train": c29["train"] | {"epochs": 60, "patience": 60}}
 
 
+def test_c37_is_c29_at_112_px(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c29, c37 = rows[bench.C29], rows[bench.C37]
+    assert c37 == c29 | {"model": c29["model"] | {"image_size": 112}}
+    assert c29["model"]["image_size"] == 96
+
+
 def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
