@@ -32,15 +32,16 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 # rows that need a finished run's checkpoint (a B row's backbone, a flip, a teacher, a soup)
-later=("(B1)" "(B2)" "(B3)" B8 C17 C20 C22 C26 "test-time flip" "model soup")
+later=("(B1)" "(B2)" "(B3)" B8 B11 C17 C20 C22 C26 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
-echo "phase 1: B1-B9 and every row that starts from ImageNet weights"
+echo "phase 1: B1-B9, B11 and every row that starts from ImageNet weights"
 pids=()
 bench b1 --tables B --only B1 --seeds 0 "$@" & pids+=($!)  # one seed each: the big runs
 bench b2 --tables B --only B2 --seeds 0 "$@" & pids+=($!)
-# B6-B9 (flips of B3 and B4; B8 taught by B4) after the runs they need, in the same process
-bench b3 --tables B --only B3 B4 B5 B6 B7 B8 B9 --seeds 0 "$@" & pids+=($!)
+# B6-B9 and B11 (flips of B3 and B4; B8 taught by B4, B11 by B8) after the runs they
+# need, in the same process
+bench b3 --tables B --only B3 B4 B5 B6 B7 B8 B9 B11 --seeds 0 "$@" & pids+=($!)
 bench b4 --tables B --only B4 --seeds 1 2 "$@" & pids+=($!)  # for B10, B4's ensemble
 for seed in 0 1 2; do
     skip=("${later[@]}")

@@ -453,6 +453,7 @@ def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     assert rows["B7 B4 + test-time flip"] == {"tta_of": bench.B4}
     assert rows[bench.B8] == b4 | {"teacher_from": bench.B4}  # self-distillation
     assert rows["B9 B8 + test-time flip"] == {"tta_of": bench.B8}
+    assert rows[bench.B11] == b4 | {"teacher_from": bench.B8}  # a second generation
     b10 = "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip"
     assert rows[b10] == {"ensemble_of": bench.B4, "flip": True}
     assert b1["train"]["backbone_lr_mult"] < 1.0
