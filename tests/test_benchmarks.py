@@ -429,6 +429,18 @@ def test_c37_is_c29_at_112_px(datasets):
     assert c29["model"]["image_size"] == 96
 
 
+def test_c38_is_c37_taught_by_c31_of_the_same_seed(datasets, tmp_path, capsys):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c37, c38 = rows[bench.C37], rows[bench.C38]
+    assert c38 == c37 | {"teacher_from": bench.C31}
+    assert rows[bench.C31]["teacher_from"] == bench.C28_ACCURATE
+    c38 = c38 | {"backbone_from": None}  # the teacher alone
+    # without C31's run of that seed the row is skipped, not run untaught
+    assert bench.resolve_markers({"runs": {}}, bench.C38, c38, 1, tmp_path / "init.pt") is None
+    assert f"needs the checkpoint of {bench.C31} seed 1" in capsys.readouterr().out
+
+
 def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
