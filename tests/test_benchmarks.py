@@ -441,6 +441,13 @@ def test_c38_is_c37_taught_by_c31_of_the_same_seed(datasets, tmp_path, capsys):
     assert f"needs the checkpoint of {bench.C31} seed 1" in capsys.readouterr().out
 
 
+def test_c39_is_c29_taught_by_c31_of_the_same_seed(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c39 = rows["C39 as C29, taught by C31 of the same seed"]
+    assert c39 == rows[bench.C29] | {"teacher_from": bench.C31}
+
+
 def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
