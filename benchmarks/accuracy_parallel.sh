@@ -10,8 +10,8 @@
 # skipped when the script is started again, and a run already in $RESULTS is kept as it is
 # (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
 # checkpoint (domain pre-training from B1, B2 or B3, test-time flip, a teacher) wait until that
-# run is done (C26 needs C23 of phase 1, C38 and C39 need C31); within phase 2 a row runs after the
-# rows it needs (C22 after C21).
+# run is done (C26 needs C23 of phase 1, C38 and C39 need C31); within phase 2 a row runs
+# after the rows it needs (C22 after C21).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
