@@ -31,8 +31,9 @@ trained further as C10), C14 from all of that model (``model.init``); git gives 
 C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
 is on this machine. C23-C25, C27, C29, C33 and C37 are taught by the default shipped at
 revision C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and C31 by
-the `accurate` model shipped at C28_ACCURATE. C32, C34 and C35 average the weights of other
-rows' runs of the same seed (``soup_of``): skipped until those runs are on this machine.
+the `accurate` model shipped at C28_ACCURATE, C38 and C39 by C31's run of the same seed.
+C32, C34 and C35 average the weights of other rows' runs of the same seed (``soup_of``):
+skipped until those runs are on this machine.
 B8 is taught by B4's run of the same seed, B11 by B8's; B10 averages the outputs of B4's
 runs of every seed (``ensemble_of``, one run): skipped until they are here.
 """
@@ -192,6 +193,7 @@ def table_c(data: Path) -> dict[str, dict]:
     # C23 (C15 taught by the shipped default), the start of rows C25-C27 and C29-C31
     c23 = pixel24 | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT}
     c29 = apply(c23, {"train.epochs": 30, "train.patience": 30})  # C23 trained all 30 epochs
+    c37 = apply(c29, {"model.image_size": 112})  # C29 at 112 px, the start of C38
     return {
         "C1 predict the training mean colour": {"baseline": "mean"},
         "C2 k-means dominant colour of product pixels": {"baseline": "kmeans"},
@@ -355,7 +357,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # C29's 0.591, then its best seed if that seed's whole-validation category is not
         # below 0.837), and serve.py keeps its p99 under 100 ms at concurrency 8 (ONNX,
         # catalogue photos; the default at 96 px: 55.8 ms).
-        C37: apply(c29, {"model.image_size": 112}),
+        C37: c37,
         # C37 taught by C31 of the same seed instead of the C16 default: C37's 112 px raised
         # test category on every seed, C31's teacher (the 192 px accurate) raised colour; do
         # the two add up? C31 is 96 px and sees the batch scaled to 96 px (train.teach).
@@ -365,7 +367,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # mean validation score (--pick) is above C29's (0.591) and its mean whole-validation
         # category not below C29's (0.801), its best seed by validation score replaces the
         # shipped default, provided serve.py keeps its p99 under 100 ms at concurrency 8.
-        C38: apply(c29, {"model.image_size": 112}) | {"teacher_from": C31},
+        C38: c37 | {"teacher_from": C31},
         # C29 taught by C31 of the same seed (both 96 px): does the 192 px accurate's colour
         # reach the default through C31 as teacher? C31 costs 2.5 hours a run on this CPU
         # (its teacher reads 192 px), C29 and this row about 1 hour. Shipping rule: C38's,
