@@ -373,7 +373,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # (its teacher reads 192 px), C29 and this row about 1 hour. Shipping rule: C38's,
         # fixed before its runs (row means against C29's), without the serving test (the
         # network is the shipped default's).
-        "C39 as C29, taught by C31 of the same seed": c29 | {"teacher_from": C31},
+        C39: c29 | {"teacher_from": C31},
     }
 
 
@@ -402,11 +402,12 @@ C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
 C23 = "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)"
 C27 = "C27 as C23, twice the epochs (as C9)"
 C30 = "C30 as C23, taught by the shipped accurate (C28 seed 0, 192 px)"
-C29 = "C29 as C27, all 30 epochs (no early stopping) (shipped: default)"
+C29 = "C29 as C27, all 30 epochs (no early stopping) (shipped: default before C39)"
 C31 = "C31 as C30, all 30 epochs (as C29)"
 C33 = "C33 as C29, 60 epochs"
 C37 = "C37 as C29 @ 112 px"
 C38 = "C38 as C37, taught by C31 of the same seed"
+C39 = "C39 as C29, taught by C31 of the same seed (shipped: default)"
 C28 = (
     "C28 accurate (C5, 192 px) from the catalogue, pixel colour head, taught by the default "
     "(shipped: accurate)"

@@ -373,7 +373,7 @@ def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(dat
     assert {k: v for k, v in c27.items() if k != "train"} == {
         k: v for k, v in c23.items() if k != "train"
     }
-    c29 = rows["C29 as C27, all 30 epochs (no early stopping) (shipped: default)"]
+    c29 = rows[bench.C29]
     assert c29["train"] | {"patience": 8} == c27["train"] and c29["train"]["patience"] >= 30
     assert {k: v for k, v in c29.items() if k != "train"} == {
         k: v for k, v in c27.items() if k != "train"
@@ -383,7 +383,7 @@ def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(dat
 def test_c31_is_c29_taught_by_the_accurate_model(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
-    c29 = rows["C29 as C27, all 30 epochs (no early stopping) (shipped: default)"]
+    c29 = rows[bench.C29]
     c31 = rows["C31 as C30, all 30 epochs (as C29)"]
     assert c31 == c29 | {"teacher_from": bench.C28_ACCURATE}
     assert c31 == rows[bench.C30] | {"train": c29["train"]}
@@ -444,7 +444,7 @@ def test_c38_is_c37_taught_by_c31_of_the_same_seed(datasets, tmp_path, capsys):
 def test_c39_is_c29_taught_by_c31_of_the_same_seed(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
-    c39 = rows["C39 as C29, taught by C31 of the same seed"]
+    c39 = rows[bench.C39]
     assert c39 == rows[bench.C29] | {"teacher_from": bench.C31}
 
 
