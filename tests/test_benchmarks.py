@@ -460,6 +460,20 @@ def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     assert all(m == models[0] for m in models)
 
 
+def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c40 = rows["C40 C39 and C33 averaged (model soup)"]["soup_of"]
+    c41 = rows["C41 C39 and C29 averaged (model soup)"]["soup_of"]
+    c42 = rows["C42 C29, C31, C33 and C39 averaged (model soup)"]["soup_of"]
+    assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, bench.C29]
+    assert c42 == [bench.C29, bench.C31, bench.C33, bench.C39]
+    starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in c42}
+    assert len(starts) == 1  # one start: the weights can be averaged
+    models = [bench.without_marker(rows[r])["model"] for r in c42]
+    assert all(m == models[0] for m in models)
+
+
 def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     bench = load("accuracy")
     rows = bench.table_b(datasets)
