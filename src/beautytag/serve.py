@@ -20,7 +20,8 @@ Other answers: 400 no file or a malformed form, 401 missing or wrong ``X-API-Key
 is set; ``/``, ``/healthz`` and ``/openapi.json`` stay open), 413 body over the size limit
 (checked from Content-Length and while reading), 503 with ``Retry-After`` when the queue is
 full or the images ahead would take more than half the timeout at the model's recent speed
-(so that overload is answered with 503 at once, not 504 later), 504 when a request takes
+(its recent calls' average, or the call running now if that is slower: so that overload is
+answered with 503 at once, not 504 later), 504 when a request takes
 longer than the timeout.
 
 Requests are decoded in a thread pool; decoded images go to a bounded queue that one
@@ -149,6 +150,7 @@ class MicroBatcher:
         self.queue_size = max(1, settings.queue_size)
         self.metrics = metrics
         self.seconds_per_image = 0.0  # model time per image, moving average of recent calls
+        self.call: tuple[float, int] | None = None  # (start, images) of the call running now
         self.model_thread: ThreadPoolExecutor | None = None
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None
@@ -196,6 +198,14 @@ class MicroBatcher:
             for f in futures:  # on timeout: the batcher skips cancelled items
                 f.cancel()
 
+    def seconds_per_image_now(self) -> float:
+        """The model's time per image: the moving average, or more if the call running now
+        has already taken longer per image (the machine just got slower, e.g. under load)."""
+        if self.call is None:
+            return self.seconds_per_image
+        started, images = self.call
+        return max(self.seconds_per_image, (time.perf_counter() - started) / images)
+
     async def run_model(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the model thread (one model call at a time)."""
         self.start()
@@ -230,6 +240,7 @@ class MicroBatcher:
                 continue
             self.metrics.batch_size.observe(len(items))
             t0 = time.perf_counter()
+            self.call = (t0, len(items))
             try:
                 x = torch.stack([t for t, _ in items])
                 preds = await self.run_model(self.engine.predict_tensors, x)
@@ -239,6 +250,8 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            finally:
+                self.call = None
             seconds = time.perf_counter() - t0
             self.metrics.inference.observe(seconds)
             rate = 0.3 if self.seconds_per_image else 1.0  # the first call sets it
@@ -535,7 +548,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 # to this request, so overload is answered with 503 at once instead of piling
                 # up decode work and memory, or answering 504 later
                 limit = settings.queue_size + settings.max_batch
-                ahead_s = (inflight + len(files)) * batcher.seconds_per_image
+                ahead_s = (inflight + len(files)) * batcher.seconds_per_image_now()
                 left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
                     raise busy("queue full")
