@@ -11,7 +11,7 @@
 # (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
 # checkpoint (domain pre-training from B1, B2 or B3, test-time flip, a teacher) wait until that
 # run is done (C26 needs C23 of phase 1, C38 and C39 need C31); within phase 2 a row runs
-# after the rows it needs (C22 after C21).
+# after the rows it needs (C22 after C21, C43 after the soup C40, after C39).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
@@ -32,7 +32,7 @@ bench() {  # bench NAME ARGS...: one accuracy.py process with its own results fi
         { echo "$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 # rows that need a finished run's checkpoint (a B row's backbone, a flip, a teacher, a soup)
-later=("(B1)" "(B2)" "(B3)" B8 B11 C17 C20 C22 C26 C38 C39 "test-time flip" "model soup")
+later=("(B1)" "(B2)" "(B3)" B8 B11 C17 C20 C22 C26 C38 C39 C43 "test-time flip" "model soup")
 once=(A1 C1 C2)                 # not trained: one run, whatever the seed
 
 echo "phase 1: B1-B9, B11 and every row that starts from ImageNet weights"

@@ -463,7 +463,7 @@ def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
 def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
-    c40 = rows["C40 C39 and C33 averaged (model soup)"]["soup_of"]
+    c40 = rows[bench.C40]["soup_of"]
     c41 = rows["C41 C39 and C29 averaged (model soup)"]["soup_of"]
     c42 = rows["C42 C29, C31, C33 and C39 averaged (model soup)"]["soup_of"]
     assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, bench.C29]
@@ -472,6 +472,17 @@ def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets
     assert len(starts) == 1  # one start: the weights can be averaged
     models = [bench.without_marker(rows[r])["model"] for r in c42]
     assert all(m == models[0] for m in models)
+
+
+def test_c43_is_c29_taught_by_the_c40_soup_of_the_same_seed(datasets, tmp_path, capsys):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c43 = rows["C43 as C29, taught by C40 of the same seed"]
+    assert c43 == rows[bench.C29] | {"teacher_from": bench.C40}
+    assert "soup_of" in rows[bench.C40]
+    key = "C43 as C29, taught by C40 of the same seed|seed0"
+    assert bench.resolve_markers({"runs": {}}, key, c43, 0, tmp_path / "init.pt") is None
+    assert f"needs the checkpoint of {bench.C40} seed 0" in capsys.readouterr().out
 
 
 def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
