@@ -365,17 +365,17 @@ def test_admission_sees_a_model_call_that_is_slower_than_the_recent_ones(engine)
     """Under overload the model can slow down many times over (CPUs shared with the clients):
     the call running now counts, not only the average of the calls before it."""
     slow = Wrapped(engine, delay=0.05)
-    app = create_app(slow, ServeSettings(timeout_s=1.5, max_wait_ms=0))
+    app = create_app(slow, ServeSettings(timeout_s=3.0, max_wait_ms=0))
     data = {"files": files(("a.jpg", jpeg()))}
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             first = await c.post("/v1/predict", **data)  # learnt: 0.05 s per image
-            slow.delay = 1.0
+            slow.delay = 2.0
             second = asyncio.create_task(c.post("/v1/predict", **data))
             await _wait_for(lambda: len(slow.sizes) == 2)
-            await asyncio.sleep(0.5)  # the call of the second image has taken 0.5 s so far
+            await asyncio.sleep(0.8)  # the call of the second image has taken 0.8 s so far
             third = await c.post("/v1/predict", **data)
             second = await second
             await app.state.batcher.stop()
@@ -383,7 +383,7 @@ def test_admission_sees_a_model_call_that_is_slower_than_the_recent_ones(engine)
 
     first, second, third = asyncio.run(scenario())
     assert first.status_code == 200 and second.status_code == 200
-    # 2 images at >= 0.5 s each ahead > half the 1.5 s timeout: 503 now, where the average
+    # 2 images at >= 0.8 s each ahead > half the 3 s timeout: 503 now, where the average
     # (0.05 s) would have admitted it to wait out the slow call and time out (504)
     assert third.status_code == 503 and "s of images ahead" in third.json()["detail"]
     assert app.state.batcher.call is None
