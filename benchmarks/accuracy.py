@@ -33,7 +33,7 @@ is on this machine. C23-C25, C27, C29, C33 and C37 are taught by the default shi
 revision C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and C31 by
 the `accurate` model shipped at C28_ACCURATE, C38 and C39 by C31's run of the same seed,
 C43 by C40's (a soup).
-C32, C34 and C35 average the weights of other rows' runs of the same seed (``soup_of``):
+C32, C34, C35 and C40-C42 average the weights of other rows' runs of the same seed (``soup_of``):
 skipped until those runs are on this machine.
 B8 is taught by B4's run of the same seed, B11 by B8's; B10 averages the outputs of B4's
 runs of every seed (``ensemble_of``, one run): skipped until they are here.
@@ -386,12 +386,13 @@ def table_c(data: Path) -> dict[str, dict]:
         C40: {"soup_of": [C39, C33]},
         "C41 C39 and C29 averaged (model soup)": {"soup_of": [C39, C29]},
         "C42 C29, C31, C33 and C39 averaged (model soup)": {"soup_of": [C29, C31, C33, C39]},
-        # C40 (C39 and C33 averaged) has whole-test category 0.827 (the best 96 px row, C35:
-        # 0.829) with C39's colour, and the second-best mean validation score (0.616), but not
-        # C39's validation category. C29 taught by C40 of the same seed (96 px, about 1 hour a run
-        # here): does one model learn what the soup knows? Shipping rule, fixed before its
-        # runs: C40's (C38's against C39's row: mean validation score above 0.595, mean
-        # whole-validation category not below 0.807; then its best seed by validation score).
+        # C40 (C39 and C33 averaged) has whole-test category 0.827 (the best 96 px row is C35
+        # at 0.829) with C39's colour, and the second-best mean validation score (0.616), but
+        # not C39's validation category. C29 taught by C40 of the same seed (96 px, about 1
+        # hour a run here): does one model learn what the soup knows? Shipping rule, fixed
+        # before its runs: C40's (C38's against C39's row: mean validation score above 0.595,
+        # mean whole-validation category not below 0.807; then its best seed by validation
+        # score).
         "C43 as C29, taught by C40 of the same seed": c29 | {"teacher_from": C40},
     }
 

@@ -448,16 +448,22 @@ def test_c39_is_c29_taught_by_c31_of_the_same_seed(datasets):
     assert c39 == rows[bench.C29] | {"teacher_from": bench.C31}
 
 
+def assert_one_start(bench, rows: dict, names: list[str]) -> None:
+    """The rows start from one backbone and init with one model config: their runs of a seed
+    can be averaged (a model soup)."""
+    starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in names}
+    assert len(starts) == 1  # one start: the weights can be averaged
+    models = [bench.without_marker(rows[r])["model"] for r in names]
+    assert all(m == models[0] for m in models)
+
+
 def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
     c34 = rows["C34 C29, C31 and C33 averaged (model soup)"]["soup_of"]
     c35 = rows["C35 C31 and C33 averaged (model soup)"]["soup_of"]
     assert c34 == [bench.C29, bench.C31, bench.C33] and c35 == [bench.C31, bench.C33]
-    starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in c34}
-    assert len(starts) == 1  # one start: the weights can be averaged
-    models = [bench.without_marker(rows[r])["model"] for r in c34]
-    assert all(m == models[0] for m in models)
+    assert_one_start(bench, rows, c34)
 
 
 def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets):
@@ -468,10 +474,7 @@ def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets
     c42 = rows["C42 C29, C31, C33 and C39 averaged (model soup)"]["soup_of"]
     assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, bench.C29]
     assert c42 == [bench.C29, bench.C31, bench.C33, bench.C39]
-    starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in c42}
-    assert len(starts) == 1  # one start: the weights can be averaged
-    models = [bench.without_marker(rows[r])["model"] for r in c42]
-    assert all(m == models[0] for m in models)
+    assert_one_start(bench, rows, c42)
 
 
 def test_c43_is_c29_taught_by_the_c40_soup_of_the_same_seed(datasets, tmp_path, capsys):
