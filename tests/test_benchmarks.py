@@ -488,6 +488,33 @@ def test_c43_is_c29_taught_by_the_c40_soup_of_the_same_seed(datasets, tmp_path, 
     assert f"needs the checkpoint of {bench.C40} seed 0" in capsys.readouterr().out
 
 
+def test_c44_is_c29_taught_by_the_three_shipped_defaults_read_from_git(datasets, tmp_path):
+    """C44's teachers are the default.pt files of three revisions, written one file each and
+    named as a list in train.distill_from (an ensemble); C16_DEFAULT's is C29's own teacher."""
+    import torch
+
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    revisions = [bench.C16_DEFAULT, bench.C29_DEFAULT, bench.C39_DEFAULT]
+    assert rows[bench.C44] == rows[bench.C29] | {"teacher_from": revisions}
+    assert rows[bench.C29]["teacher_from"] == bench.C16_DEFAULT
+    for rev in revisions:
+        if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", rev]).returncode:
+            pytest.skip(f"no git history with revision {rev} here")
+    resolved = bench.resolve_markers({"runs": {}}, bench.C44, rows[bench.C44], 0, tmp_path / "i.pt")
+    teachers = [Path(p) for p in resolved["train"]["distill_from"]]
+    assert teachers == [tmp_path / f"i-teacher{i}.pt" for i in range(3)]
+    notes = []
+    for rev, path in zip(revisions, teachers, strict=True):
+        blob = f"{rev}:src/beautytag/weights/default.pt"
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", blob], capture_output=True)
+        assert path.read_bytes() == shown.stdout
+        notes.append(torch.load(path, weights_only=False)["note"])
+    assert len(set(notes)) == 3  # three different models
+    cfg = bench.config_from_dict(resolved)
+    assert cfg.train.distill_from == [str(p) for p in teachers]
+
+
 def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     bench = load("accuracy")
     rows = bench.table_b(datasets)
@@ -537,7 +564,9 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
         needs_run = any(k in raw for k in ("tta_of", "soup_of", "ensemble_of")) or start in rows
-        needs_run = needs_run or raw.get("teacher_from") in rows
+        teachers = raw.get("teacher_from") or []
+        teachers = [teachers] if isinstance(teachers, str) else teachers
+        needs_run = needs_run or any(t in rows for t in teachers)
         assert bench.selects(later, name) == needs_run, name
 
 

@@ -183,6 +183,42 @@ def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
     assert "train.distill_from: " in capsys.readouterr().err
 
 
+def test_several_teachers_teach_the_mean_of_their_outputs(raw_config, tmp_path):
+    """train.distill_from as a list: each teacher reads the batch at its own input size, and
+    the target is the mean of their raw outputs; a teacher that cannot teach is named."""
+    import torch.nn.functional as F
+
+    from beautytag.model import BeautyTagNet, save_checkpoint
+    from beautytag.train import load_teachers, teach
+
+    paths = []
+    for i, size in enumerate((64, 32)):
+        raw = raw_config | {"model": raw_config["model"] | {"image_size": size}}
+        cfg = config_from_dict(raw)
+        torch.manual_seed(i)
+        paths.append(tmp_path / f"t{i}.pt")
+        save_checkpoint(paths[-1], BeautyTagNet(cfg, pretrained=False), cfg)
+    raw_config["train"]["distill_from"] = [str(p) for p in paths]
+    teachers = load_teachers(config_from_dict(raw_config), torch.device("cpu"))
+    assert [size for _, size in teachers] == [64, 32]
+    x = torch.randn(2, 3, 64, 64)
+    (a, _), (b, _) = teachers
+    with torch.no_grad():
+        out_a = a(x)
+        out_b = b(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True))
+    soft = teach(teachers, x)
+    assert soft.keys() == out_a.keys()
+    for k in soft:
+        assert torch.allclose(soft[k], (out_a[k] + out_b[k]) / 2, atol=1e-6), k
+        assert not torch.allclose(soft[k], out_a[k]), k  # the second teacher counts
+    assert teach(teachers[:1], x)["category"].equal(out_a["category"])  # one teacher: its own
+
+    other = make_tiny_model(tmp_path / "other.pt", model={"mean": [0.4, 0.4, 0.4]})
+    raw_config["train"]["distill_from"] = [str(paths[0]), str(other)]
+    with pytest.raises(ValueError, match="other.pt: cannot teach this model: its input mean"):
+        load_teachers(config_from_dict(raw_config), torch.device("cpu"))
+
+
 def test_limit_cpu_threads_caps_torch_unless_omp_num_threads_is_set(monkeypatch):
     from beautytag.train import limit_cpu_threads
 

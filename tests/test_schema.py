@@ -77,6 +77,16 @@ def test_config_errors(raw_config, tmp_path):
         bad["train"][key] = value
         with pytest.raises(SchemaError, match=f"x.yaml: train.{key} {message}"):
             config_from_dict(bad, where="x.yaml")
+    for value in (3, ["default", 3], {"a": "default"}):  # a string or a list of strings only
+        bad = copy.deepcopy(raw_config)
+        bad["train"]["distill_from"] = value
+        with pytest.raises(SchemaError, match="x.yaml: train.distill_from: must be a string"):
+            config_from_dict(bad, where="x.yaml")
+    bad["train"]["distill_from"] = ["default", "accurate"]  # several teachers: an ensemble
+    assert config_from_dict(bad).train.distill_from == ["default", "accurate"]
+    bad["model"]["backbone"] = ["tf_efficientnet_lite0"]  # other string keys: no list
+    with pytest.raises(SchemaError, match="model.backbone: must be a string, got"):
+        config_from_dict(bad)
     bad = copy.deepcopy(raw_config)
     bad["data"]["sources"] = bad["data"]["sources"][:1]
     with pytest.raises(SchemaError, match="reads source 'shades'"):

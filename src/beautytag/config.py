@@ -63,7 +63,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # > 0: validate and keep a moving average of the weights
-    distill_from: str = ""  # a teacher model (checkpoint, default, accurate) to learn from
+    # a teacher model (checkpoint, default, accurate) to learn from, or a list of them (an
+    # ensemble: their raw outputs averaged)
+    distill_from: str | list[str] = ""
     distill_weight: float = 0.5  # share of the teacher's loss: (1 - w) labels + w teacher
     distill_temperature: float = 2.0  # softens the teacher's class probabilities
     balance: str = "none"  # none | sampler | weights
@@ -99,6 +101,8 @@ class Config:
         return root if root.is_absolute() else Path(self.base_dir) / root
 
 
+# string keys that also take a list of strings
+STR_OR_LIST = {("train", "distill_from")}
 CHOICES = {
     ("model", "attention"): ("none", "seed", "cbam"),
     ("train", "balance"): ("none", "sampler", "weights"),
@@ -142,7 +146,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 raise SchemaError(f"{where}.{key}: must be a number, got {value!r}")
             value = type(default)(value)
         elif isinstance(default, str) and not isinstance(value, str):
-            raise SchemaError(f"{where}.{key}: must be a string, got {value!r}")
+            if (where, key) not in STR_OR_LIST:
+                raise SchemaError(f"{where}.{key}: must be a string, got {value!r}")
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SchemaError(f"{where}.{key}: must be a string or a list of strings")
         choices = CHOICES.get((where, key))
         if choices and value not in choices:
             raise SchemaError(f"{where}.{key}: must be one of {choices}, got {value!r}")

@@ -6,7 +6,8 @@ cosine schedule (one warm-up epoch) over all epochs. The best epoch by ``monitor
 validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``. With
 ``ema_decay`` > 0, an exponential moving average of the weights (timm's ModelEmaV3, its
 decay warmed up from 0) is what is validated and kept. With ``distill_from``, a frozen
-teacher model's outputs are a second target (knowledge distillation, losses.distillation_loss).
+teacher model's outputs (or the mean of several teachers') are a second target (knowledge
+distillation, losses.distillation_loss).
 """
 
 from __future__ import annotations
@@ -116,33 +117,43 @@ def set_backbone_trainable(model: BeautyTagNet, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def load_teacher(cfg: Config, device: torch.device) -> tuple[BeautyTagNet, int] | None:
-    """The frozen model that ``train.distill_from`` names and its input size (None without
-    one); it must predict the same attributes and classes and normalise its input the same
-    way."""
-    if not cfg.train.distill_from:
-        return None
-    try:
-        path = resolve_model(cfg.train.distill_from)
-        teacher, teacher_cfg, _ = load_checkpoint(path, device)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"train.distill_from: {e}") from None
-    try:
-        check_same_outputs(teacher_cfg, cfg, ordered=False)  # outputs are read by name
-    except ValueError as e:
-        raise ValueError(f"{path}: cannot teach this model: {e}") from None
-    if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
-        raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
-    return teacher.requires_grad_(False), teacher_cfg.model.image_size
+Teacher = tuple[BeautyTagNet, int]  # a frozen model and its input size
 
 
-def teach(teacher: BeautyTagNet, size: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's raw outputs for a normalised batch, resized to the teacher's input size
-    (the letterboxed square scales as a whole)."""
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1])
-    with torch.no_grad():
-        return teacher(x)
+def load_teachers(cfg: Config, device: torch.device) -> list[Teacher]:
+    """The frozen models that ``train.distill_from`` names (none without one), each with its
+    input size; each must predict the same attributes and classes and normalise its input
+    the same way."""
+    names = cfg.train.distill_from
+    teachers = []
+    for name in [names] if isinstance(names, str) and names else list(names or []):
+        try:
+            path = resolve_model(name)
+            teacher, teacher_cfg, _ = load_checkpoint(path, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"train.distill_from: {e}") from None
+        try:
+            check_same_outputs(teacher_cfg, cfg, ordered=False)  # outputs are read by name
+        except ValueError as e:
+            raise ValueError(f"{path}: cannot teach this model: {e}") from None
+        if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
+            raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
+        teachers.append((teacher.requires_grad_(False), teacher_cfg.model.image_size))
+    return teachers
+
+
+def teach(teachers: list[Teacher], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teachers' raw outputs for a normalised batch, each teacher's input resized to its
+    size (the letterboxed square scales as a whole), averaged over the teachers (for
+    classes: mean logits, a geometric mean of their probabilities)."""
+    outputs = []
+    for teacher, size in teachers:
+        xs = x
+        if x.shape[-1] != size:
+            xs = F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1])
+        with torch.no_grad():
+            outputs.append(teacher(xs))
+    return {k: torch.stack([o[k] for o in outputs]).mean(0) for k in outputs[0]}
 
 
 @torch.no_grad()
@@ -195,7 +206,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         limit_cpu_threads()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(cfg, device)  # before the photos: a wrong teacher fails at once
+    teachers = load_teachers(cfg, device)  # before the photos: a wrong teacher fails at once
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
@@ -288,7 +299,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             masks = {k: v.to(device) for k, v in masks.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = model(x)
-                soft = None if teacher is None else teach(*teacher, x)
+                soft = teach(teachers, x) if teachers else None
             loss, parts = criterion(outputs, targets, masks)
             if soft is not None:
                 kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
