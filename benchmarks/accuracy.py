@@ -581,10 +581,10 @@ def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> 
             )
             return None
         out["model"] = out["model"] | {field: str(path)}
-    teachers = raw.get("teacher_from") or []
+    several = isinstance(raw.get("teacher_from"), list)
     paths = []  # distillation: a shipped default, or that row's run of the same seed; or several
-    for i, teacher in enumerate([teachers] if isinstance(teachers, str) else teachers):
-        file = init.stem + ("-teacher.pt" if isinstance(teachers, str) else f"-teacher{i}.pt")
+    for i, teacher in enumerate(teachers_of(raw)):
+        file = init.stem + (f"-teacher{i}.pt" if several else "-teacher.pt")
         path = checkpoint_of(store, teacher, init.with_name(file), seed)
         if path is None:
             if teacher in SHIPPED:
@@ -595,9 +595,14 @@ def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> 
             return None
         paths.append(str(path))
     if paths:
-        distill = paths[0] if isinstance(teachers, str) else paths
-        out["train"] = out["train"] | {"distill_from": distill}
+        out["train"] = out["train"] | {"distill_from": paths if several else paths[0]}
     return out
+
+
+def teachers_of(raw: dict) -> list[str]:
+    """The rows or shipped revisions that a row's "teacher_from" names: none, one or several."""
+    teachers = raw.get("teacher_from") or []
+    return [teachers] if isinstance(teachers, str) else list(teachers)
 
 
 def without_marker(raw: dict) -> dict:

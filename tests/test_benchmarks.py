@@ -564,9 +564,7 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
         needs_run = any(k in raw for k in ("tta_of", "soup_of", "ensemble_of")) or start in rows
-        teachers = raw.get("teacher_from") or []
-        teachers = [teachers] if isinstance(teachers, str) else teachers
-        needs_run = needs_run or any(t in rows for t in teachers)
+        needs_run = needs_run or any(t in rows for t in bench.teachers_of(raw))
         assert bench.selects(later, name) == needs_run, name
 
 

@@ -78,6 +78,13 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast and channels-last, on a GPU only
     out_dir: str = "runs/default"
 
+    @property
+    def teachers(self) -> list[str]:
+        """The models that ``distill_from`` names: none, one, or an ensemble."""
+        if isinstance(self.distill_from, str):
+            return [self.distill_from] if self.distill_from else []
+        return list(self.distill_from)
+
 
 @dataclass
 class Config:

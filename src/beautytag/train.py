@@ -124,9 +124,8 @@ def load_teachers(cfg: Config, device: torch.device) -> list[Teacher]:
     """The frozen models that ``train.distill_from`` names (none without one), each with its
     input size; each must predict the same attributes and classes and normalise its input
     the same way."""
-    names = cfg.train.distill_from
     teachers = []
-    for name in [names] if isinstance(names, str) and names else list(names or []):
+    for name in cfg.train.teachers:
         try:
             path = resolve_model(name)
             teacher, teacher_cfg, _ = load_checkpoint(path, device)
