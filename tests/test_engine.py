@@ -76,11 +76,14 @@ def test_same_image_same_answer_whatever_the_batch(tiny_model, photo_folder):
 
 
 def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
-    assert main(["predict", "--model", str(tiny_model), str(photo_folder)]) == 0
+    # a skipped photo makes the exit status 1; the others are still all written
+    assert main(["predict", "--model", str(tiny_model), str(photo_folder)]) == 1
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 7 and sum(r["error"] is not None for r in lines) == 3
     assert "7 images (3 skipped with errors)" in err and "images/s" in err
+    assert main(["predict", "--model", str(tiny_model), str(photo_folder / "a_good.jpg")]) == 0
+    assert "1 image (0 skipped with errors)" in capsys.readouterr().err
     csv_path = tmp_path / "out.csv"
     assert (
         main(
@@ -96,7 +99,7 @@ def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
                 str(photo_folder / "e_text.jpg"),
             ]
         )
-        == 0
+        == 1
     )
     rows = csv_path.read_text().splitlines()
     assert rows[0].startswith("file,error,category,category_score,color")

@@ -1,7 +1,9 @@
 """The ``beautytag`` command: train, evaluate, predict.
 
 Errors a user can cause (a bad config, a missing model, an unreadable folder) end with a
-one-line message and exit status 2, never a traceback.
+one-line message and exit status 2, never a traceback. ``predict`` skips a photo it cannot
+use, reports it and goes on; it then exits with status 1 (as ``cp`` or ``cat`` do when one
+file of several fails), so that a script notices.
 """
 
 from __future__ import annotations
@@ -132,10 +134,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             out.close()
     dt = time.perf_counter() - t0
     print(
-        f"{n} images ({bad} skipped with errors) in {dt:.1f} s: {n / dt if dt else 0:.1f} images/s",
+        f"{n} image{'' if n == 1 else 's'} ({bad} skipped with errors) in {dt:.1f} s: "
+        f"{n / dt if dt else 0:.1f} images/s",
         file=sys.stderr,
     )
-    return 0
+    return 1 if bad else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -245,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="report folder (default: beside the model)")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="attributes of photos (files or folders)")
+    r = sub.add_parser(
+        "predict",
+        help="attributes of photos (files or folders)",
+        epilog="exit status: 0 every photo predicted, 1 some skipped (each reported in the "
+        "output, the rest predicted), 2 nothing run (a usage or model error)",
+    )
     r.add_argument("paths", nargs="*")
     r.add_argument(
         "--model",
