@@ -959,6 +959,26 @@ def pick_table(store: dict, patterns: list[str]) -> list[str]:
     for score, key, run in sorted(scored, key=lambda t: -t[0]):
         parts = ", ".join(f"{k} {run['val_metrics'][k]:.3f}" for k in PICK_METRICS)
         lines.append(f"{score:.4f}  {key}  ({parts}; {run.get('checkpoint', '')})")
+    return lines + agreement([run for _, _, run in scored])
+
+
+def agreement(runs: list[dict]) -> list[str]:
+    """How far validation ranks these runs as the test split does: per metric of the score
+    (and the score), Pearson's r between the runs' validation and test values."""
+    lines = []
+    for name in ("score", *PICK_METRICS):
+        pairs = [
+            (pick_score(run), pick_score({"val_metrics": run.get("metrics", {})}))
+            if name == "score"
+            else (run["val_metrics"].get(name), run.get("metrics", {}).get(name))
+            for run in runs
+        ]
+        pairs = [(v, t) for v, t in pairs if v is not None and t is not None]
+        try:
+            r = f"{statistics.correlation(*zip(*pairs, strict=True)):+.2f}"
+        except (statistics.StatisticsError, TypeError, ValueError):  # < 2 runs, or constant
+            r = "-"
+        lines.append(f"validation vs test, {name}: r = {r} over {len(pairs)} runs")
     return lines
 
 

@@ -260,12 +260,31 @@ def test_accuracy_pick_ranks_runs_by_the_validation_score(tmp_path, capsys):
     results.write_text(json.dumps({"runs": runs}))
     assert bench.main(["--results", str(results), "--pick", "C10"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[:2] for line in lines[1:]] == [
+    assert [line.split("  ")[:2] for line in lines[1:3]] == [
         ["0.6000", "C10 x|seed1"],  # (1.0 + 4 * 0.5) / 5
         ["0.5200", "C10 x|seed0"],
     ]
     assert "b.pt" in lines[1]
+    # then how validation agrees with test over the ranked runs (these have no test metrics)
+    assert lines[3] == "validation vs test, score: r = - over 0 runs"
+    assert len(lines) == 4 + len(bench.PICK_METRICS)
     assert json.loads(results.read_text()) == {"runs": runs}  # only read
+
+
+def test_accuracy_pick_says_how_far_validation_agrees_with_test():
+    bench = load("accuracy")
+    val = dict.fromkeys(bench.PICK_METRICS, 0.5)
+
+    def run(v: float, t: float) -> dict:
+        return {"val_metrics": val | {"category.accuracy": v}, "metrics": {"category.accuracy": t}}
+
+    same = bench.agreement([run(0.6, 0.7), run(0.8, 0.9), run(0.7, 0.8)])
+    assert "validation vs test, category.accuracy: r = +1.00 over 3 runs" in same
+    flipped = bench.agreement([run(0.6, 0.9), run(0.8, 0.7), run(0.7, 0.8)])
+    assert "validation vs test, category.accuracy: r = -1.00 over 3 runs" in flipped
+    # the score needs all of PICK_METRICS on test; colour is constant on validation
+    assert "validation vs test, score: r = - over 0 runs" in same
+    assert "validation vs test, color.accuracy: r = - over 0 runs" in same
 
 
 def test_accuracy_only_takes_row_ids_whole_and_other_patterns_as_parts():
