@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -505,6 +506,28 @@ def test_c43_is_c29_taught_by_the_c40_soup_of_the_same_seed(datasets, tmp_path, 
     key = "C43 as C29, taught by C40 of the same seed|seed0"
     assert bench.resolve_markers({"runs": {}}, key, c43, 0, tmp_path / "init.pt") is None
     assert f"needs the checkpoint of {bench.C40} seed 0" in capsys.readouterr().out
+
+
+def test_c45_c46_are_c29_on_part_of_the_training_photos(datasets):
+    from beautytag.config import config_from_dict
+    from beautytag.data import read_samples
+
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    sizes = {}
+    for name, fraction in [
+        ("C45 as C29 on half the training photos", 0.5),
+        ("C46 as C29 on a quarter of the training photos", 0.25),
+        (bench.C29, 1.0),
+    ]:
+        changed = {"data.train_fraction": fraction} if fraction < 1 else {}
+        assert rows[name] == bench.apply(rows[bench.C29], changed)
+        cfg = config_from_dict(bench.without_marker(rows[name]))
+        sizes[fraction] = Counter(s.split for s in read_samples(cfg))
+    for fraction in (0.5, 0.25):  # rounded per source (two sources)
+        assert abs(sizes[fraction]["train"] - fraction * sizes[1.0]["train"]) <= 1
+    assert sizes[0.25]["val"] == sizes[0.5]["val"] == sizes[1.0]["val"]
+    assert sizes[0.25]["test"] == sizes[1.0]["test"]
 
 
 def test_c44_is_c29_taught_by_the_three_shipped_defaults_read_from_git(datasets, tmp_path):

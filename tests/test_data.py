@@ -1,4 +1,7 @@
+from collections import Counter
+
 import numpy as np
+import pytest
 import torch
 
 from beautytag.config import config_from_dict
@@ -10,7 +13,7 @@ from beautytag.data import (
     read_samples,
     summarise,
 )
-from beautytag.schema import parse_schema
+from beautytag.schema import SchemaError, parse_schema
 
 SCHEMA = parse_schema(
     [
@@ -91,6 +94,24 @@ def test_data_limit_keeps_a_spread_of_samples(raw_config, datasets):
     samples = read_samples(cfg, splits=["train"], sources=["fashion"])
     assert len(samples) == 20
     assert len({s.labels["category"] for s in samples}) > 3
+
+
+def test_data_train_fraction_thins_the_train_split_only(raw_config, datasets):
+    everything = read_samples(config_from_dict(raw_config), sources=["fashion"])
+    raw_config["data"]["train_fraction"] = 0.25
+    quarter = read_samples(config_from_dict(raw_config), sources=["fashion"])
+    by_split = lambda ss, split: [s.path for s in ss if s.split == split]  # noqa: E731
+    full, part = by_split(everything, "train"), by_split(quarter, "train")
+    assert len(part) == round(len(full) / 4) and set(part) < set(full)
+    assert by_split(quarter, "val") == by_split(everything, "val")
+    assert by_split(quarter, "test") == by_split(everything, "test")
+    cats = Counter(s.labels["category"] for s in quarter if s.split == "train")
+    assert cats.most_common(1)[0][0] == "Perfume and Body Mist" and len(cats) > 12
+    assert read_samples(config_from_dict(raw_config), sources=["fashion"]) == quarter  # same
+    for bad in (0, 1.5):
+        raw_config["data"]["train_fraction"] = bad
+        with pytest.raises(SchemaError, match="data.train_fraction must be in"):
+            config_from_dict(raw_config)
 
 
 def test_augmentation_never_changes_colour():

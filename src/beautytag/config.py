@@ -51,6 +51,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     augment: bool = True
     limit: int = 0  # if > 0: at most this many images per source and split (smoke tests)
+    train_fraction: float = 1.0  # < 1: train on this share of each source's train split
 
 
 @dataclass
@@ -197,6 +198,8 @@ def config_from_dict(
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
+    if not 0 < data.train_fraction <= 1:
+        raise SchemaError(f"{where}: data.train_fraction must be in (0, 1]")
     if not 0 <= train.distill_weight <= 1:
         raise SchemaError(f"{where}: train.distill_weight must be in [0, 1]")
     if not train.distill_temperature > 0:

@@ -117,10 +117,18 @@ def read_samples(
         rows = read_source(src, cfg.schema, cfg.data_root)
         for split in splits:
             part = [s for s in rows if s.split == split]
-            if 0 < cfg.data.limit < len(part):  # evenly spaced, so the class mix is kept
-                part = [part[i * len(part) // cfg.data.limit] for i in range(cfg.data.limit)]
+            if split == "train" and cfg.data.train_fraction < 1:
+                part = spread(part, max(1, round(len(part) * cfg.data.train_fraction)))
+            if 0 < cfg.data.limit < len(part):
+                part = spread(part, cfg.data.limit)
             out += part
     return out
+
+
+def spread(samples: list[Sample], n: int) -> list[Sample]:
+    """`n` of `samples`, evenly spaced, so that the class mix is kept (and the same `n` are
+    chosen every time)."""
+    return [samples[i * len(samples) // n] for i in range(n)] if n < len(samples) else samples
 
 
 def encode(schema: Schema, labels: dict[str, object]) -> tuple[dict, dict]:
