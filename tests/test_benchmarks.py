@@ -283,7 +283,7 @@ def test_accuracy_pick_says_how_far_validation_agrees_with_test():
     assert "validation vs test, category.accuracy: r = +1.00 over 3 runs" in same
     flipped = bench.agreement([run(0.6, 0.9), run(0.8, 0.7), run(0.7, 0.8)])
     assert "validation vs test, category.accuracy: r = -1.00 over 3 runs" in flipped
-    # the score needs all of PICK_METRICS on test; colour is constant on validation
+    # the score and colour need test values that these runs do not have
     assert "validation vs test, score: r = - over 0 runs" in same
     assert "validation vs test, color.accuracy: r = - over 0 runs" in same
 
