@@ -973,18 +973,17 @@ def pick_table(store: dict, patterns: list[str]) -> list[str]:
 def agreement(runs: list[dict]) -> list[str]:
     """How far validation ranks these runs as the test split does: per metric of the score
     (and the score), Pearson's r between the runs' validation and test values."""
+
+    def value(metrics: dict, name: str) -> float | None:
+        return pick_score({"val_metrics": metrics}) if name == "score" else metrics.get(name)
+
     lines = []
     for name in ("score", *PICK_METRICS):
-        pairs = [
-            (pick_score(run), pick_score({"val_metrics": run.get("metrics", {})}))
-            if name == "score"
-            else (run["val_metrics"].get(name), run.get("metrics", {}).get(name))
-            for run in runs
-        ]
+        pairs = [(value(r["val_metrics"], name), value(r.get("metrics", {}), name)) for r in runs]
         pairs = [(v, t) for v, t in pairs if v is not None and t is not None]
         try:
-            r = f"{statistics.correlation(*zip(*pairs, strict=True)):+.2f}"
-        except (statistics.StatisticsError, TypeError, ValueError):  # < 2 runs, or constant
+            r = f"{statistics.correlation([v for v, _ in pairs], [t for _, t in pairs]):+.2f}"
+        except statistics.StatisticsError:  # fewer than 2 runs, or constant values
             r = "-"
         lines.append(f"validation vs test, {name}: r = {r} over {len(pairs)} runs")
     return lines
