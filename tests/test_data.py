@@ -96,6 +96,15 @@ def test_data_limit_keeps_a_spread_of_samples(raw_config, datasets):
     assert len({s.labels["category"] for s in samples}) > 3
 
 
+def test_an_unknown_source_name_says_which_sources_there_are(raw_config):
+    cfg = config_from_dict(raw_config)
+    with pytest.raises(
+        ValueError,
+        match="no data source named fashion-products-small, x; this config has: fashion, shades",
+    ):
+        read_samples(cfg, sources=["fashion-products-small", "x", "fashion"])
+
+
 def test_data_train_fraction_thins_the_train_split_only(raw_config, datasets):
     everything = read_samples(config_from_dict(raw_config), sources=["fashion"])
     raw_config["data"]["train_fraction"] = 0.25

@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--config", help="evaluate on this config's data instead of the model's")
-    e.add_argument("--source", action="append", help="only this data source (repeatable)")
+    e.add_argument(
+        "--source",
+        action="append",
+        help="only this data source of the config, e.g. fashion (repeatable)",
+    )
     e.add_argument("--tta-flip", action="store_true", help="average with a mirrored copy")
     e.add_argument("--out", help="report folder (default: beside the model)")
     e.set_defaults(func=cmd_evaluate)

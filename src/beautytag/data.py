@@ -110,6 +110,12 @@ def read_samples(
     cfg: Config, splits: Sequence[str] = SPLITS, sources: Sequence[str] | None = None
 ) -> list[Sample]:
     """The samples of the chosen splits (and sources) of every configured source."""
+    names = [src.name for src in cfg.data.sources]
+    unknown = sorted(set(sources or []) - set(names))
+    if unknown:
+        raise ValueError(
+            f"no data source named {', '.join(unknown)}; this config has: {', '.join(names)}"
+        )
     out: list[Sample] = []
     for src in cfg.data.sources:
         if sources is not None and src.name not in sources:
