@@ -69,13 +69,22 @@ def test_config_errors(raw_config, tmp_path):
     with pytest.raises(SchemaError, match="unknown keys"):
         config_from_dict(bad)
     for key, value, message in (
-        ("distill_weight", 1.5, "must be in"),
-        ("distill_temperature", 0, "must be above 0"),
-        ("distill_temperature", float("nan"), "must be above 0"),
+        ("train.distill_weight", 1.5, "must be in"),
+        ("train.distill_temperature", 0, "must be above 0"),
+        ("train.distill_temperature", float("nan"), "must be above 0"),
+        ("train.epochs", 0, "must be 1 or more"),
+        ("train.batch_size", 0, "must be 1 or more"),
+        ("train.lr", -0.1, "must be above 0"),
+        ("train.patience", 0, "must be 1 or more"),
+        ("train.label_smoothing", 1.0, "must be in"),
+        ("model.image_size", 16, "must be 32 or more"),
+        ("model.dropout", -0.5, "must be in"),
+        ("data.limit", -1, "must be 0"),
     ):
         bad = copy.deepcopy(raw_config)
-        bad["train"][key] = value
-        with pytest.raises(SchemaError, match=f"x.yaml: train.{key} {message}"):
+        section, name = key.split(".")
+        bad[section][name] = value
+        with pytest.raises(SchemaError, match=f"x.yaml: {key} {message}"):
             config_from_dict(bad, where="x.yaml")
     for value in (3, ["default", 3], {"a": "default"}):  # a string or a list of strings only
         bad = copy.deepcopy(raw_config)
@@ -121,3 +130,19 @@ def test_check_same_outputs_names_the_attributes_that_differ(raw_config):
         check_same_outputs(cfg, config_from_dict(reordered))
     check_same_outputs(cfg, config_from_dict(reordered), ordered=False)  # read by name: fine
     check_same_outputs(cfg, config_from_dict(raw_config))
+
+
+def test_train_checks_the_command_line_overrides_before_training(tmp_path, capsys):
+    from beautytag.cli import main
+
+    out = tmp_path / "run"
+    for flag, value, message in (
+        ("--epochs", "0", "train.epochs must be 1 or more"),
+        ("--image-size", "8", "model.image_size must be 32 or more"),
+    ):
+        assert (
+            main(["train", str(ROOT / "configs" / "default.yaml"), "--out", str(out), flag, value])
+            == 2
+        )
+        assert f"beautytag train: error: command line: {message}" in capsys.readouterr().err
+    assert not out.exists()  # nothing was trained or written

@@ -29,7 +29,7 @@ def find_datasets() -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from beautytag.config import load_config
+    from beautytag.config import check_ranges, load_config
     from beautytag.train import train
 
     cfg = load_config(args.config)
@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.data.limit = args.limit
     if args.image_size is not None:
         cfg.model.image_size = args.image_size
+    check_ranges(cfg.model, cfg.data, cfg.train, "command line")
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0

@@ -177,6 +177,30 @@ def _build_source(raw: Any, where: str) -> SourceConfig:
     return src
 
 
+def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where: str) -> None:
+    """Numbers outside their range are errors that name the key (from a file or the CLI)."""
+    checks = [
+        ("model.image_size", model.image_size >= 32, "32 or more (pixels)"),
+        ("model.dropout", 0 <= model.dropout < 1, "in [0, 1)"),
+        ("model.pixel_colour_pool", model.pixel_colour_pool >= 1, "1 or more"),
+        ("data.limit", data.limit >= 0, "0 (no limit) or more"),
+        ("data.train_fraction", 0 < data.train_fraction <= 1, "in (0, 1]"),
+        ("train.epochs", train.epochs >= 1, "1 or more"),
+        ("train.freeze_epochs", train.freeze_epochs >= 0, "0 or more"),
+        ("train.batch_size", train.batch_size >= 1, "1 or more"),
+        ("train.lr", train.lr > 0, "above 0"),
+        ("train.label_smoothing", 0 <= train.label_smoothing < 1, "in [0, 1)"),
+        ("train.ema_decay", 0 <= train.ema_decay < 1, "in [0, 1)"),
+        ("train.distill_weight", 0 <= train.distill_weight <= 1, "in [0, 1]"),
+        ("train.distill_temperature", train.distill_temperature > 0, "above 0"),
+        ("train.patience", train.patience >= 1, "1 or more"),
+        ("train.workers", train.workers >= 0, "0 or more"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise SchemaError(f"{where}: {key} must be {rule}")
+
+
 def config_from_dict(
     raw: dict[str, Any], base_dir: str | Path = ".", where: str = "config"
 ) -> Config:
@@ -198,14 +222,7 @@ def config_from_dict(
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
-    if not 0 < data.train_fraction <= 1:
-        raise SchemaError(f"{where}: data.train_fraction must be in (0, 1]")
-    if not 0 <= train.distill_weight <= 1:
-        raise SchemaError(f"{where}: train.distill_weight must be in [0, 1]")
-    if not train.distill_temperature > 0:
-        raise SchemaError(f"{where}: train.distill_temperature must be above 0")
-    if model.pixel_colour_pool < 1:
-        raise SchemaError(f"{where}: model.pixel_colour_pool must be 1 or more")
+    check_ranges(model, data, train, where)
     for name in model.pixel_colour:
         if name not in schema.names or schema[name].kind == "shade":
             raise SchemaError(
