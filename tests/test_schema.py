@@ -102,7 +102,7 @@ def test_config_errors(raw_config, tmp_path):
         config_from_dict(bad)
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed")
-    with pytest.raises(SchemaError, match="broken.yaml: invalid YAML"):
+    with pytest.raises(SchemaError, match="broken.yaml: invalid YAML at line 1, column 17: "):
         load_config(path)
     with pytest.raises(SchemaError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

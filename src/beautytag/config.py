@@ -247,5 +247,9 @@ def load_config(path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SchemaError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SchemaError(
+            f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}"
+        ) from None
     return config_from_dict(raw, base_dir=path.resolve().parent, where=str(path))
