@@ -7,6 +7,7 @@ import torch
 from beautytag.config import config_from_dict
 from beautytag.data import (
     augment_batch,
+    cutmix_batch,
     encode,
     group_split,
     label_from_row,
@@ -137,3 +138,24 @@ def test_augmentation_never_changes_colour():
     assert residual.max() < 1.5 and t.min() > -0.01 and t.max() < 1.01
     assert np.mean(np.all(np.abs(pixels - product) < 1, axis=1)) > 0.1
     assert not torch.equal(y[0], y[1])  # samples are augmented differently
+
+
+def test_cutmix_pastes_one_box_of_another_photo_and_weighs_it_by_its_area():
+    torch.manual_seed(0)
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 40, 60).clone()
+    shares = []
+    for _ in range(20):
+        y, perm, lam = cutmix_batch(x)
+        assert y.shape == x.shape and sorted(perm.tolist()) == list(range(8))
+        own = (y == x)[:, 0]  # (B, H, W): where each photo is still itself
+        pasted = y[:, 0] == perm.view(8, 1, 1).float()  # the rest is its partner's, unchanged
+        assert torch.all(own | pasted)
+        moved = ~own[perm != torch.arange(8)]  # photos paired with another than themselves
+        assert torch.allclose(moved.float().mean((1, 2)), torch.tensor(1 - lam))
+        rows, cols = moved[0].any(1).nonzero(), moved[0].any(0).nonzero()
+        if len(rows):  # the pasted part is one rectangle
+            box = moved[0][rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert box.all()
+        shares.append(lam)
+    assert min(shares) < 0.3 and max(shares) > 0.7  # lambda spreads over (0, 1)
+    assert torch.equal(x, torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 40, 60))  # untouched

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -135,6 +136,24 @@ def test_train_keeps_the_moving_average_of_the_weights(raw_config, datasets, tmp
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     assert torch.allclose(resumed["ema"][key], straight["ema"][key], atol=1e-6)
     assert not torch.allclose(resumed["ema"][key], last["ema"][key])
+
+
+@pytest.mark.slow
+def test_train_with_cutmix_mixes_the_batches_and_their_labels(raw_config, datasets, tmp_path):
+    """train.cutmix: every batch mixed (1.0) trains to a finite loss other than the same
+    training unmixed (same seed, same batches); validation is not mixed."""
+    raw = raw_config
+    raw["data"]["limit"] = 64
+    raw["model"]["image_size"] = 64
+    raw["train"] |= {"epochs": 1, "freeze_epochs": 0, "batch_size": 16}
+    logs = {}
+    for share in (0.0, 1.0):
+        raw["train"] |= {"cutmix": share, "out_dir": str(tmp_path / f"cm{share}")}
+        (tmp_path / "cm.yaml").write_text(json.dumps(raw))
+        assert main(["train", str(tmp_path / "cm.yaml"), "--quiet"]) == 0
+        logs[share] = json.loads((tmp_path / f"cm{share}" / "metrics.jsonl").read_text())
+    assert math.isfinite(logs[1.0]["train_loss"])
+    assert logs[1.0]["train_loss"] != pytest.approx(logs[0.0]["train_loss"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ def test_config_errors(raw_config, tmp_path):
         ("model.image_size", 16, "must be 32 or more"),
         ("model.dropout", -0.5, "must be in"),
         ("data.limit", -1, "must be 0"),
+        ("train.cutmix", 1.5, "must be in"),
     ):
         bad = copy.deepcopy(raw_config)
         section, name = key.split(".")

@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # > 0: validate and keep a moving average of the weights
+    cutmix: float = 0.0  # the share of training batches that CutMix mixes (data.cutmix_batch)
     # a teacher model (checkpoint, default, accurate) to learn from, or a list of them (an
     # ensemble: their raw outputs averaged)
     distill_from: str | list[str] = ""
@@ -191,6 +192,7 @@ def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where
         ("train.lr", train.lr > 0, "above 0"),
         ("train.label_smoothing", 0 <= train.label_smoothing < 1, "in [0, 1)"),
         ("train.ema_decay", 0 <= train.ema_decay < 1, "in [0, 1)"),
+        ("train.cutmix", 0 <= train.cutmix <= 1, "in [0, 1]"),
         ("train.distill_weight", 0 <= train.distill_weight <= 1, "in [0, 1]"),
         ("train.distill_temperature", train.distill_temperature > 0, "above 0"),
         ("train.patience", train.patience >= 1, "1 or more"),

@@ -205,6 +205,21 @@ def augment_batch(
     return F.grid_sample(x.float() - 255.0, grid, align_corners=False) + 255.0
 
 
+def cutmix_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019): a random box of each photo replaced by the same box of
+    another photo of the batch. Returns the mixed batch, which photo each one's box came from,
+    and the share of each photo that is its own (its labels' weight; the rest is the other's).
+    Pixels move, none changes its colour."""
+    b, _, h, w = x.shape
+    lam = float(torch.rand(1))  # Beta(1, 1): the share of the photo to keep
+    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    top, left = int(torch.randint(0, h - bh + 1, (1,))), int(torch.randint(0, w - bw + 1, (1,)))
+    perm = torch.randperm(b).to(x.device)
+    mixed = x.clone()
+    mixed[:, :, top : top + bh, left : left + bw] = x[perm, :, top : top + bh, left : left + bw]
+    return mixed, perm, 1 - bh * bw / (h * w)
+
+
 class BeautyDataset(Dataset):
     """Samples with their letterboxed pixels in memory; returns (image, targets, masks)."""
 

@@ -7,7 +7,9 @@ validation split is kept as ``best.pt``; ``last.pt`` allows ``--resume``. With
 ``ema_decay`` > 0, an exponential moving average of the weights (timm's ModelEmaV3, its
 decay warmed up from 0) is what is validated and kept. With ``distill_from``, a frozen
 teacher model's outputs (or the mean of several teachers') are a second target (knowledge
-distillation, losses.distillation_loss).
+distillation, losses.distillation_loss). With ``cutmix``, that share of the batches is
+mixed by CutMix (data.cutmix_batch), each photo's loss weighing its own and the pasted box's
+labels by their areas.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from beautytag.config import Config, config_from_dict
-from beautytag.data import BeautyDataset, augment_batch, read_samples, summarise
+from beautytag.data import BeautyDataset, augment_batch, cutmix_batch, read_samples, summarise
 from beautytag.engine import resolve_model
 from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
@@ -291,6 +293,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             x = x.to(device, non_blocking=True)
             if cfg.data.augment:
                 x = augment_batch(x)
+            mix = None
+            if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
+                x, perm, lam = cutmix_batch(x)
+                mix = perm.to(device), lam
             x = normalize(x, cfg.model.mean, cfg.model.std)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -300,7 +306,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 outputs = model(x)
                 soft = teach(teachers, x) if teachers else None
             loss, parts = criterion(outputs, targets, masks)
-            if soft is not None:
+            if mix is not None:  # the boxes' labels weigh as much as the boxes' area
+                perm, lam = mix
+                other = {k: v[perm] for k, v in targets.items()}
+                other_masks = {k: v[perm] for k, v in masks.items()}
+                loss = lam * loss + (1 - lam) * criterion(outputs, other, other_masks)[0]
+            if soft is not None:  # the teachers saw the same (mixed) photos
                 kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
                 loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
                 parts["distill"] = float(kd.detach())
