@@ -296,7 +296,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             mix = None
             if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
                 x, perm, lam = cutmix_batch(x)
-                mix = perm.to(device), lam
+                mix = perm, lam
             x = normalize(x, cfg.model.mean, cfg.model.std)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
