@@ -141,7 +141,7 @@ def test_train_keeps_the_moving_average_of_the_weights(raw_config, datasets, tmp
 @pytest.mark.slow
 def test_train_with_cutmix_mixes_the_batches_and_their_labels(raw_config, datasets, tmp_path):
     """train.cutmix: every batch mixed (1.0) trains to a finite loss other than the same
-    training unmixed (same seed, same batches); validation is not mixed."""
+    training unmixed (same seed, the same photos in the same batches)."""
     raw = raw_config
     raw["data"]["limit"] = 64
     raw["model"]["image_size"] = 64
