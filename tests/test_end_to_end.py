@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from beautytag.cli import main
-from beautytag.config import config_from_dict
+from beautytag.config import config_from_dict, load_config
 from beautytag.data import read_samples
 
-from .conftest import make_tiny_model
+from .conftest import ROOT, make_tiny_model
 
 
 @pytest.mark.slow
@@ -289,3 +289,51 @@ def test_evaluate_an_ensemble_averages_its_models_outputs(tmp_path, capsys):
     c = make_tiny_model(tmp_path / "c.pt", model={"image_size": 96}, limit=16)
     assert main(["evaluate", str(a), str(c), "--split", "val", "--out", str(tmp_path / "x")]) == 2
     assert f"{c}: another input size or normalisation than {a}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_own_photos_example_config_fine_tunes_the_default(datasets, tmp_path, capsys):
+    """configs/own_photos.yaml, used as its comments say: a folder of photos + labels.csv
+    beside it; the default's colour head is kept, category gets a new head with its own
+    classes (unknown values -> Other), and the result predicts."""
+    import shutil
+
+    source = datasets / "fashion-products-small"
+    wanted = {"Lipstick", "Nail Polish", "Perfume and Body Mist", "Deodorant"}  # Deodorant: Other
+    rows = [
+        r
+        for r in csv.DictReader((source / "labels.csv").open())
+        if r["masterCategory"] == "Personal Care" and r["articleType"] in wanted
+    ][:80]
+    (tmp_path / "my-photos" / "img").mkdir(parents=True)
+    with (tmp_path / "my-photos" / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["file_name", "category", "color"])
+        for i, r in enumerate(rows):
+            shutil.copy(source / r["file_name"], tmp_path / "my-photos" / "img" / f"{i}.jpg")
+            out.writerow([f"img/{i}.jpg", r["articleType"], r["baseColour"] if i % 4 else ""])
+    config = tmp_path / "own_photos.yaml"
+    shutil.copy(ROOT / "configs" / "own_photos.yaml", config)
+
+    samples = read_samples(load_config(config))
+    assert {s.split for s in samples} == {"train", "val", "test"} and len(samples) == 80
+    assert Counter(s.labels["category"] for s in samples)["Other"] > 0  # the Deodorants
+    assert sum(s.labels["color"] is None for s in samples) == 20  # empty cells: unlabelled
+
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--quiet", "--epochs", "2", "--out", str(run)]) == 0
+    assert "new: heads.category.weight, heads.category.bias\n" in capsys.readouterr().out
+    assert main(["predict", "--model", str(run / "best.pt"), str(tmp_path / "my-photos")]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 80
+    classes = {
+        "Lipstick",
+        "Lip Gloss",
+        "Nail Polish",
+        "Mascara",
+        "Foundation and Primer",
+        "Perfume and Body Mist",
+        "Other",
+    }
+    assert {a["attributes"]["category"]["label"] for a in answers} <= classes
+    assert set(answers[0]["attributes"]) == {"category", "color"}
