@@ -293,10 +293,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             x = x.to(device, non_blocking=True)
             if cfg.data.augment:
                 x = augment_batch(x)
-            mix = None
+            perm = None  # with CutMix: which photo of the batch each photo's box came from
             if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
                 x, perm, lam = cutmix_batch(x)
-                mix = perm, lam
             x = normalize(x, cfg.model.mean, cfg.model.std)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -306,8 +305,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 outputs = model(x)
                 soft = teach(teachers, x) if teachers else None
             loss, parts = criterion(outputs, targets, masks)
-            if mix is not None:  # the boxes' labels weigh as much as the boxes' area
-                perm, lam = mix
+            if perm is not None:  # the boxes' labels weigh as much as the boxes' area
                 other = {k: v[perm] for k, v in targets.items()}
                 other_masks = {k: v[perm] for k, v in masks.items()}
                 loss = lam * loss + (1 - lam) * criterion(outputs, other, other_masks)[0]
