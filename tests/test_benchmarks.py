@@ -660,11 +660,14 @@ def test_catalogue_transfer_reads_catalogue_outputs_through_the_default_label_ma
     assert "tiny.pt: not a whole-catalogue model" in capsys.readouterr().err
 
 
-def test_c47_c48_are_c29_with_cutmix(datasets):
+def test_c47_c48_c49_are_c29_with_cutmix(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
     c47 = rows["C47 as C29 with CutMix on half the batches"]
     assert c47 == bench.apply(rows[bench.C29], {"train.cutmix": 0.5})
     c48 = rows["C48 as C29 with CutMix on every batch"]
     assert c48 == bench.apply(rows[bench.C29], {"train.cutmix": 1.0})
+    c49 = rows["C49 as C48, taught by the shipped default (C39 seed 0)"]
+    assert c49 == c48 | {"teacher_from": bench.C39_DEFAULT}
+    assert bench.teachers_of(c49) == [bench.C39_DEFAULT]
     assert bench.row_config(datasets, bench.C29, False).train.cutmix == 0  # C29 unmixed
