@@ -34,9 +34,9 @@ revision C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and
 the `accurate` model shipped at C28_ACCURATE, C38 and C39 by C31's run of the same seed,
 C43 by C40's (a soup), C44 by the defaults shipped at C16_DEFAULT, C29_DEFAULT and
 C39_DEFAULT together. C45 and C46 are C29 on half and a quarter of the training photos (a
-learning curve), C47 and C48 are C29 with CutMix.
-C32, C34, C35 and C40-C42 average the weights of other rows' runs of the same seed (``soup_of``):
-skipped until those runs are on this machine.
+learning curve), C47 and C48 are C29 with CutMix, C49 is C48 taught by C39_DEFAULT.
+C32, C34, C35, C40-C42 and C50-C52 average the weights of other rows' runs of the same seed
+(``soup_of``): skipped until those runs are on this machine.
 B8 is taught by B4's run of the same seed, B11 by B8's; B10 averages the outputs of B4's
 runs of every seed (``ensemble_of``, one run): skipped until they are here.
 """
@@ -424,7 +424,7 @@ def table_c(data: Path) -> dict[str, dict]:
         "C47 as C29 with CutMix on half the batches": apply(c29, {"train.cutmix": 0.5}),
         # C47 raised colour on every seed, by about a point. Does mixing every batch raise it
         # more? Shipping rule, fixed before its runs: C47's.
-        "C48 as C29 with CutMix on every batch": apply(c29, {"train.cutmix": 1.0}),
+        C48: apply(c29, {"train.cutmix": 1.0}),
         # C48 raised whole-test colour on every seed (0.563 against C29's 0.519) but not
         # validation category; C39 (the default's row) raised colour through its teacher. C48
         # taught by the shipped default (C39 seed 0, read from git; 96 px, so a run costs what
@@ -432,8 +432,19 @@ def table_c(data: Path) -> dict[str, dict]:
         # before its runs: C47's (C38's against C39's row: the row's mean validation score
         # above 0.595 and its mean whole-validation category not below 0.807; then its best
         # seed by validation score replaces the default).
-        "C49 as C48, taught by the shipped default (C39 seed 0)": apply(c29, {"train.cutmix": 1.0})
-        | {"teacher_from": C39_DEFAULT},
+        C49: apply(c29, {"train.cutmix": 1.0}) | {"teacher_from": C39_DEFAULT},
+        # C29, C48 and C49 of a seed start from the same weights. C48 has the best whole-test
+        # colour of any row, C29 (its control) the better macro-F1; C49 (C48 with the default
+        # as teacher) added nothing on its own. Soups of them (as C40; no training, the
+        # default's network): C48 with C29 (C50), with C49 (C51), and all three (C52). C29's
+        # checkpoints are those of its second runs (d2129f7; run_checkpoint). Shipping rule,
+        # fixed before their runs: C40's (C38's against C39's row: the row's mean validation
+        # score above 0.595 and its mean whole-validation category not below 0.807); if
+        # several pass, the one with the highest mean validation score; its best seed by
+        # validation score replaces the default.
+        "C50 C48 and C29 averaged (model soup)": {"soup_of": [C48, C29]},
+        "C51 C48 and C49 averaged (model soup)": {"soup_of": [C48, C49]},
+        "C52 C29, C48 and C49 averaged (model soup)": {"soup_of": [C29, C48, C49]},
     }
 
 
@@ -478,6 +489,8 @@ C37 = "C37 as C29 @ 112 px"
 C38 = "C38 as C37, taught by C31 of the same seed"
 C39 = "C39 as C29, taught by C31 of the same seed (shipped: default)"
 C40 = "C40 C39 and C33 averaged (model soup)"
+C48 = "C48 as C29 with CutMix on every batch"
+C49 = "C49 as C48, taught by the shipped default (C39 seed 0)"
 C44 = "C44 as C29, taught by the three shipped defaults as one ensemble (C16, C29, C39)"
 C28 = (
     "C28 accurate (C5, 192 px) from the catalogue, pixel colour head, taught by the default "
@@ -545,9 +558,16 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
 
 
 def run_checkpoint(store: dict, name: str, seed: int) -> Path | None:
-    """The checkpoint of the finished run of row `name` (that seed), if it is on this machine."""
-    path = store["runs"].get(f"{name}|seed{seed}", {}).get("checkpoint", "")
-    return Path(path) if path and Path(path).is_file() else None
+    """The checkpoint of the finished run of row `name` (that seed) if it is on this machine,
+    else that of a run of the same row and seed at another revision (``key|revision``, as
+    merge_runs adds them) that is; None if there is none."""
+    key = f"{name}|seed{seed}"
+    reruns = sorted(k for k in store["runs"] if k.startswith(key + "|"))
+    for k in [key, *reruns]:
+        path = store["runs"].get(k, {}).get("checkpoint", "")
+        if path and Path(path).is_file():
+            return Path(path)
+    return None
 
 
 def checkpoint_of(store: dict, name: str, out: Path, seed: int = 0) -> Path | None:

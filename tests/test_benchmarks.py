@@ -665,9 +665,40 @@ def test_c47_c48_c49_are_c29_with_cutmix(datasets):
     rows = bench.table_c(datasets)
     c47 = rows["C47 as C29 with CutMix on half the batches"]
     assert c47 == bench.apply(rows[bench.C29], {"train.cutmix": 0.5})
-    c48 = rows["C48 as C29 with CutMix on every batch"]
+    c48 = rows[bench.C48]
     assert c48 == bench.apply(rows[bench.C29], {"train.cutmix": 1.0})
-    c49 = rows["C49 as C48, taught by the shipped default (C39 seed 0)"]
+    c49 = rows[bench.C49]
     assert c49 == c48 | {"teacher_from": bench.C39_DEFAULT}
     assert bench.teachers_of(c49) == [bench.C39_DEFAULT]
     assert bench.row_config(datasets, bench.C29, False).train.cutmix == 0  # C29 unmixed
+
+
+def test_c50_c52_average_c48_with_runs_that_start_from_the_same_weights(datasets):
+    bench = load("accuracy")
+    rows = bench.table_c(datasets)
+    c50 = rows["C50 C48 and C29 averaged (model soup)"]["soup_of"]
+    c51 = rows["C51 C48 and C49 averaged (model soup)"]["soup_of"]
+    c52 = rows["C52 C29, C48 and C49 averaged (model soup)"]["soup_of"]
+    assert c50 == [bench.C48, bench.C29] and c51 == [bench.C48, bench.C49]
+    assert c52 == [bench.C29, bench.C48, bench.C49]
+    assert_one_start(bench, rows, c52)
+
+
+def test_run_checkpoint_falls_back_to_a_rerun_at_another_revision(tmp_path):
+    """A row's run whose checkpoint is gone is replaced by a rerun of the same row and seed
+    (merge_runs' ``key|revision``) whose checkpoint is here; the first run comes first."""
+    bench = load("accuracy")
+    first, rerun = tmp_path / "first.pt", tmp_path / "rerun.pt"
+    rerun.write_bytes(b"x")
+    store = {
+        "runs": {
+            "R|seed0": {"checkpoint": str(first)},
+            "R|seed0|abc1234": {"checkpoint": str(rerun)},
+            "R|seed1": {"checkpoint": str(rerun)},
+        }
+    }
+    assert bench.run_checkpoint(store, "R", 0) == rerun  # the first run's file is gone
+    first.write_bytes(b"x")
+    assert bench.run_checkpoint(store, "R", 0) == first
+    assert bench.run_checkpoint(store, "R", 2) is None
+    assert bench.run_checkpoint(store, "R2", 0) is None  # another row's name
