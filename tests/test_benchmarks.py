@@ -660,7 +660,7 @@ def test_catalogue_transfer_reads_catalogue_outputs_through_the_default_label_ma
     assert "tiny.pt: not a whole-catalogue model" in capsys.readouterr().err
 
 
-def test_c47_c48_c49_are_c29_with_cutmix(datasets):
+def test_c47_c48_c49_c53_are_c29_or_c33_with_cutmix(datasets):
     bench = load("accuracy")
     rows = bench.table_c(datasets)
     c47 = rows["C47 as C29 with CutMix on half the batches"]
@@ -670,6 +670,8 @@ def test_c47_c48_c49_are_c29_with_cutmix(datasets):
     c49 = rows[bench.C49]
     assert c49 == c48 | {"teacher_from": bench.C39_DEFAULT}
     assert bench.teachers_of(c49) == [bench.C39_DEFAULT]
+    c53 = rows["C53 as C33 with CutMix on every batch"]
+    assert c53 == bench.apply(rows["C33 as C29, 60 epochs"], {"train.cutmix": 1.0})
     assert bench.row_config(datasets, bench.C29, False).train.cutmix == 0  # C29 unmixed
 
 
