@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -343,6 +344,28 @@ def test_decompression_bomb_header_only() -> None:
     assert "too many pixels" in err.problem
     err = _error(_png_header(8_000, 6_000))
     assert "too many pixels" in err.problem and str(MAX_PIXELS) in err.problem
+
+
+def test_pixel_limit_counts_the_pixels_a_jpeg_is_decoded_at(tmp_path: Path) -> None:
+    """With min_size a large JPEG is decoded at a DCT scale (1/2 .. 1/8): the limit bounds
+    those pixels, so a 48-megapixel product photo is fine for a 96 px model."""
+    big = Image.new("RGB", (2000, 2000), (200, 120, 90))
+    jpeg = _save(big, tmp_path / "big.jpg", "JPEG")
+    img = load_image(jpeg, min_size=96, max_pixels=1_000_000)  # decoded at 1/8: 250 x 250
+    _assert_rgb(img, (250, 250))
+    assert "2000 x 2000 > 1000000" in _error(jpeg, max_pixels=1_000_000).problem  # full size
+    err = _error(jpeg, min_size=800, max_pixels=500_000)  # 1/2: 1000 x 1000 still too many
+    assert err.problem == "too many pixels (1000 x 1000 at the smallest decoding scale > 500000)"
+    png = _save(big, tmp_path / "big.png", "PNG")  # no scaled decoding for other formats
+    assert "too many pixels" in _error(png, min_size=96, max_pixels=1_000_000).problem
+
+
+def test_our_pixel_limit_replaces_pillows_warning(tmp_path: Path, monkeypatch) -> None:
+    jpeg = _save(Image.new("RGB", (1200, 1200)), tmp_path / "a.jpg", "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow would warn at 1.44 Mpx
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_rgb(load_image(jpeg, min_size=96), (150, 150))
 
 
 def test_absurd_dimensions() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height)
+MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height decoded)
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -88,14 +89,18 @@ def load_image(
     composited onto white and animated images give their first frame. With `min_size`, a
     JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whose
     sides are all still >= `min_size`: far less work for a photo much larger than the model
-    input (progressive JPEGs gain least). Any problem raises :class:`ImageError` naming the
-    file (`name`, else the path, else ``"<bytes>"``).
+    input (progressive JPEGs gain least). `max_pixels` bounds the pixels decoded, so such a
+    JPEG may be larger (a 48-megapixel photo decodes 0.75 megapixels for a 96 px model). Any
+    problem raises :class:`ImageError` naming the file (`name`, else the path, else
+    ``"<bytes>"``).
     """
     data, label = _read(source, name)
     if not data:
         raise ImageError(label, "not an image (empty file)")
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        with warnings.catch_warnings():  # max_pixels below is the limit, not Pillow's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except UnidentifiedImageError:
         raise ImageError(label, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -106,13 +111,14 @@ def load_image(
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageError(label, f"zero-size image ({width} x {height})")
-    if width * height > max_pixels:
-        raise ImageError(label, f"too many pixels ({width} x {height} > {max_pixels})")
     if max(width, height) > MAX_SIDE:
         raise ImageError(label, f"absurd dimensions ({width} x {height})")
-
     if min_size:
         img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
+    if img.size[0] * img.size[1] > max_pixels:
+        scaled = "" if img.size == (width, height) else " at the smallest decoding scale"
+        w, h = img.size
+        raise ImageError(label, f"too many pixels ({w} x {h}{scaled} > {max_pixels})")
     try:
         img.load()  # decode now (first frame of animations) so errors surface here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
