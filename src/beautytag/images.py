@@ -103,7 +103,7 @@ def load_image(
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except UnidentifiedImageError:
         raise ImageError(label, "not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:  # the warning is ignored just above
         raise ImageError(label, f"too many pixels ({e})") from None
     except Exception as e:  # any decoder failure means a bad file
         raise ImageError(label, f"truncated or corrupt image: {e}") from None
@@ -115,9 +115,9 @@ def load_image(
         raise ImageError(label, f"absurd dimensions ({width} x {height})")
     if min_size:
         img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
-    if img.size[0] * img.size[1] > max_pixels:
-        scaled = "" if img.size == (width, height) else " at the smallest decoding scale"
-        w, h = img.size
+    w, h = img.size  # what will be decoded
+    if w * h > max_pixels:
+        scaled = "" if (w, h) == (width, height) else " at the smallest decoding scale"
         raise ImageError(label, f"too many pixels ({w} x {h}{scaled} > {max_pixels})")
     try:
         img.load()  # decode now (first frame of animations) so errors surface here
