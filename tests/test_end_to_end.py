@@ -70,6 +70,13 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     top = report["most_confused"]["category"][0]
     pairs = Counter((r["true"], r["predicted"]) for r in wrong)
     assert top["count"] == max(pairs.values()) == pairs[top["true"], top["predicted"]]
+    # per class: the photos of each class and its misses add up to the test split and mistakes
+    rows = report["per_class"]["category"]
+    truth = Counter(s.labels["category"] for s in test)
+    assert {r["class"]: r["n"] for r in rows if r["n"]} == dict(truth)
+    missed = Counter(r["true"] for r in wrong)
+    assert all(r["n"] - r["correct"] == missed[r["class"]] for r in rows)
+    assert "| class | n | correct | recall |" in (tmp_path / "ev" / "report.md").read_text()
     assert report["sources"] == ["fashion"] and not report["flip_tta"]
     flip = ["evaluate", str(best), "--tta-flip", "--out", str(tmp_path / "flip")]
     assert main(flip) == 0

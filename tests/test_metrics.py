@@ -12,6 +12,7 @@ from beautytag.metrics import (
     most_confused,
     multilabel_f1,
     multilabel_map,
+    per_class,
     save_confusion_png,
     shade_stats,
     topk_accuracy,
@@ -40,6 +41,27 @@ def test_most_confused_lists_off_diagonal_cells_most_frequent_first() -> None:
     ]
     assert len(most_confused(cm, ["a", "b", "c"])) == 3  # only cells with mistakes
     assert most_confused(np.diag([3, 4]), ["a", "b"]) == []
+
+
+def test_per_class_counts_recall_precision_and_f1() -> None:
+    # rows true, columns predicted; class c is never true, class d neither true nor predicted
+    cm = np.array([[3, 1, 0, 0], [2, 2, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    rows = {r["class"]: r for r in per_class(cm, ["a", "b", "c", "d"])}
+    assert set(rows) == {"a", "b", "c"}
+    assert rows["a"] == {
+        "class": "a",
+        "n": 4,
+        "correct": 3,
+        "recall": 0.75,
+        "precision": 0.6,
+        "f1": pytest.approx(2 * 3 / (4 + 5)),
+    }
+    assert (rows["b"]["n"], rows["b"]["correct"], rows["b"]["precision"]) == (5, 2, 2 / 3)
+    assert rows["c"]["recall"] is None and rows["c"]["precision"] == 0.0 and rows["c"]["f1"] == 0
+    # the F1s of the classes present average to macro-F1
+    t, p = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 2, 0])
+    f1s = [r["f1"] for r in per_class(confusion_matrix(t, p, 3), ["a", "b", "c"])]
+    assert np.mean(f1s) == pytest.approx(macro_f1(t, p, 3))
 
 
 def test_macro_f1_hand_computed() -> None:

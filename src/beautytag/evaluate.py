@@ -146,6 +146,7 @@ def evaluate(
         "most_confused": {
             name: metrics.most_confused(cm, classes[name]) for name, cm in matrices.items()
         },
+        "per_class": {name: metrics.per_class(cm, classes[name]) for name, cm in matrices.items()},
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -269,8 +270,8 @@ def check_same_outputs(model_cfg: Config, data_cfg: Config, ordered: bool = True
 def write_report(
     result: dict[str, Any], cfg: Config, matrices: dict[str, np.ndarray], out: Path
 ) -> None:
-    """report.json, report.md (metrics and the most confused classes) and a confusion-matrix
-    PNG per single-label attribute."""
+    """report.json, report.md (metrics, the most confused classes and each class's recall and
+    precision) and a confusion-matrix PNG per single-label attribute."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
     flip = "; each photo averaged with its mirror image (test-time flip)"
@@ -298,6 +299,17 @@ def write_report(
         lines += [f"| {name} | {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
     if not any(result["most_confused"].values()):
         lines.append("| - | no mistakes | - | - |")
+    for name, rows in result["per_class"].items():
+        lines += [
+            "",
+            f"Per class, {name} (n: true photos of the class; the weakest recall first):",
+            "",
+            "| class | n | correct | recall | precision | F1 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sorted(rows, key=lambda r: (r["n"] == 0, r["recall"] or 0.0, -r["n"])):
+            cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("recall", "precision", "f1")]
+            lines.append(f"| {r['class']} | {r['n']} | {r['correct']} | {' | '.join(cells)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for a in cfg.schema.attributes:
         if a.name in matrices:

@@ -44,6 +44,29 @@ def most_confused(cm: np.ndarray, labels: list[str], k: int = 5) -> list[dict[st
     ]
 
 
+def per_class(cm: np.ndarray, labels: list[str]) -> list[dict[str, Any]]:
+    """Each class's support (true photos), hits, recall, precision and F1 from a confusion
+    matrix, for the classes that are true or predicted at least once; recall (precision) is
+    None for a class that is never true (never predicted)."""
+    cm = np.asarray(cm)
+    rows = []
+    for i, name in enumerate(labels):
+        n, predicted, hits = int(cm[i].sum()), int(cm[:, i].sum()), int(cm[i, i])
+        if n + predicted == 0:
+            continue
+        rows.append(
+            {
+                "class": name,
+                "n": n,
+                "correct": hits,
+                "recall": hits / n if n else None,
+                "precision": hits / predicted if predicted else None,
+                "f1": 2 * hits / (n + predicted),
+            }
+        )
+    return rows
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Unweighted mean F1 over the classes that occur in ``y_true`` or ``y_pred``.
 
