@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .conftest import ROOT
@@ -704,3 +705,33 @@ def test_run_checkpoint_falls_back_to_a_rerun_at_another_revision(tmp_path):
     assert bench.run_checkpoint(store, "R", 0) == first
     assert bench.run_checkpoint(store, "R", 2) is None
     assert bench.run_checkpoint(store, "R2", 0) is None  # another row's name
+
+
+def test_category_errors_knn_vote_weighs_the_nearest_training_photos():
+    bench = load("category_errors")
+    bank = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
+    labels = np.array([0, 0, 1, 1, 2])
+    votes = bench.knn_vote(np.array([[1.0, 0.05], [0.05, 1.0]]), bank, labels, k=2)
+    np.testing.assert_allclose(votes.sum(1), 1.0)
+    assert votes.shape == (2, 3) and votes[0, 0] == 1.0  # both neighbours are class 0
+    assert votes[1].argmax() == 1 and votes[1, 0] == 0  # class 1's two photos are nearest
+    # with all five as neighbours the nearer class still weighs most
+    assert bench.knn_vote(np.array([[0.0, 1.0]]), bank, labels, k=5)[0].argmax() == 1
+
+
+def test_category_errors_counts_errors_and_variants_on_the_shipped_default(datasets, tmp_path):
+    bench = load("category_errors")
+    out = tmp_path / "ce"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "category_errors.py"), "--out", str(out)]
+        + ["--models", "default"],
+        check=True,
+        capture_output=True,
+    )
+    r = json.loads(out.with_suffix(".json").read_text())["results"][0]
+    for split in ("val", "test"):
+        s = r[split]
+        assert 0.8 < s["accuracy"] == round(s["correct"] / s["n"], 4) < 1
+        assert 0 < s["errors_weak"] <= s["n"] - s["correct"]
+        assert all(abs(s[v] - s["correct"]) <= 0.1 * s["n"] for v in bench.VARIANTS)
+    assert "| default | test |" in out.with_suffix(".md").read_text()
