@@ -1,4 +1,4 @@
-"""The ``beautytag`` command: train, evaluate, predict.
+"""The ``beautytag`` command: train, evaluate, predict, serve and export.
 
 Errors a user can cause (a bad config, a missing model, an unreadable folder) end with a
 one-line message and exit status 2, never a traceback. ``predict`` skips a photo it cannot
