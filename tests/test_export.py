@@ -1,11 +1,13 @@
 """Export to ONNX / TorchScript, int8 quantisation, parity checks and the engine's backends."""
 
 import json
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from beautytag.cli import main
 from beautytag.config import config_from_dict
@@ -13,6 +15,7 @@ from beautytag.engine import Engine, expand_paths
 from beautytag.export import (
     ExportWrapper,
     accuracy_cost,
+    default_photos,
     export_model_onnx,
     export_onnx,
     export_torchscript,
@@ -248,3 +251,47 @@ def test_cli_export_prints_parity_then_predict_uses_the_onnx_file(
     assert json.loads(capsys.readouterr().out)["parity"]["labels_identical"]
     assert main([*argv, "--quantize", "dynamic"]) == 2  # int8 is ONNX only
     assert "onnx" in capsys.readouterr().err
+
+
+def test_cli_export_refuses_to_overwrite_the_model(tiny_model, tmp_path, capsys):
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(tiny_model, ckpt)
+    link = tmp_path / "link.pt"
+    link.symlink_to(ckpt)
+    before = ckpt.read_bytes()
+    for out in (ckpt, link):
+        assert main(["export", str(ckpt), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"beautytag export: error: {out}: the export would overwrite the model; "
+            "give another --out\n"
+        )
+    assert ckpt.read_bytes() == before
+
+
+def test_cli_export_out_must_end_as_its_format_does(tiny_model, tmp_path, capsys):
+    """predict and serve pick the runtime by suffix: a wrong or missing one is refused before
+    anything is written."""
+    no_suffix = tmp_path / "model"
+    assert main(["export", str(tiny_model), "--out", str(no_suffix)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"beautytag export: error: --out {no_suffix}: an ONNX file must end in .onnx\n"
+    onnx_name = tmp_path / "x.onnx"
+    argv = ["export", str(tiny_model), "--format", "torchscript", "--out", str(onnx_name)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"beautytag export: error: --out {onnx_name}: a TorchScript file must")
+    assert ".ts" in err and len(err.splitlines()) == 1
+    assert not no_suffix.exists() and not onnx_name.exists()
+
+
+def test_cli_export_checks_parity_on_at_most_96_given_photos(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(100):
+        Image.new("RGB", (16, 12), (2 * i, 100, 200 - i)).save(folder / f"p{i:03d}.png")
+    photos, source = default_photos([folder], n=96)
+    assert source == "given" and photos == sorted(folder.iterdir())[:96]
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tiny_model), "--out", str(out), "--photos", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["parity"]["photos"] == 96

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from beautytag.cli import build_parser
+from beautytag.cli import build_parser, main
 from beautytag.engine import Engine
 from beautytag.model import load_checkpoint
 from beautytag.serve import ServeSettings, create_app, gradcam
@@ -221,7 +223,7 @@ def test_queue_full_is_503_with_retry_after(engine):
     third, two, (first, second) = asyncio.run(scenario())
     assert third.status_code == 503 and third.headers["retry-after"] == "1"
     assert "queue full" in third.json()["detail"]
-    assert two.status_code == 503
+    assert two.status_code == 400  # more than the queue holds: never admitted, so no 503
     assert first.status_code == 200 and second.status_code == 200
 
 
@@ -396,3 +398,141 @@ def test_gradcam_explains_a_pixel_colour_head(tmp_path):
     cam, label = gradcam(model, torch.randn(1, 3, 64, 64), "color")
     assert cam.shape == (64, 64) and 0.0 <= cam.min() and cam.max() <= 1.0
     assert label in cfg.schema["color"].classes
+
+
+def test_an_idle_server_admits_after_a_slow_call_and_a_busy_one_still_says_503(engine):
+    """The speed estimate only changes when the model runs: after one slow call (3.5 s with
+    a 2 s timeout) an idle server must still admit, or it would answer 503 forever."""
+    gate = threading.Event()
+    slow = Wrapped(engine, gate=gate)
+    app = create_app(slow, ServeSettings(timeout_s=2.0, max_wait_ms=0))
+    data = {"files": files(("a.jpg", jpeg()))}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            app.state.batcher.start()
+            app.state.batcher.seconds_per_image = 3.5  # as after one 3.5 s call
+            first = asyncio.create_task(c.post("/v1/predict", **data))
+            await _wait_for(slow.called.is_set)  # admitted: the model holds its image
+            second = await c.post("/v1/predict", **data)  # 1 in flight: 7 s ahead > 1 s
+            gate.set()
+            first = await first
+            third = await c.post("/v1/predict", **data)  # idle again
+            await app.state.batcher.stop()
+            return first, second, third
+
+    first, second, third = asyncio.run(scenario())
+    assert first.status_code == 200 and third.status_code == 200
+    assert second.status_code == 503 and "s of images ahead" in second.json()["detail"]
+    assert second.headers["retry-after"] == "1"
+
+
+class KeepsImages:
+    """An engine whose ``load`` notes how many images it returned earlier are still alive."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self.images: list[weakref.ref] = []
+        self.alive: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def load(self, *args: Any, **kwargs: Any):
+        self.alive.append(sum(r() is not None for r in self.images))
+        img, x = self._engine.load(*args, **kwargs)
+        self.images.append(weakref.ref(img))
+        return img, x
+
+
+def test_predict_frees_each_full_size_image_once_decoded(make_client, engine):
+    """/v1/predict needs only the model inputs: a request's decoded photos must not all be
+    held until its last one is decoded (10 photos of 6000 x 6000 px would hold 1 GB)."""
+    rec = KeepsImages(engine)
+    c = make_client(rec, workers=1)  # one decoding thread: the files are decoded in turn
+    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(4))))
+    assert r.status_code == 200 and len(r.json()["results"]) == 4
+    assert rec.alive == [0, 0, 0, 0]
+    r = c.post("/v1/explain?attribute=category", content=jpeg())  # explain keeps its image
+    assert r.status_code == 200
+
+
+def test_too_many_images_for_the_queue_is_400_not_503(make_client):
+    c = make_client(queue_size=2, max_batch=1)
+    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(3))))
+    assert r.status_code == 400 and "retry-after" not in r.headers
+    assert r.json()["detail"] == "too many images (3): at most 2 per request"
+    r = c.post("/v1/predict", files=files(("a.jpg", jpeg()), ("b.jpg", jpeg())))
+    assert r.status_code == 200
+
+
+def test_explain_renders_in_a_decoding_thread_within_the_timeout(make_client, monkeypatch):
+    """The overlay and the PNG work on the full-size photo: off the event loop, and a slow
+    one is cut by the request's timeout (504) like the rest of the request."""
+    import beautytag.serve
+
+    threads: list[str] = []
+    release = threading.Event()
+    real = beautytag.serve.overlay
+
+    def slow_overlay(*args: Any, **kwargs: Any):
+        threads.append(threading.current_thread().name)
+        release.wait(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(beautytag.serve, "overlay", slow_overlay)
+    c = make_client(timeout_s=1.0)
+    t0 = time.perf_counter()
+    r = c.post("/v1/explain?attribute=category", content=jpeg())
+    release.set()
+    assert r.status_code == 504 and time.perf_counter() - t0 < 3
+    assert threads and threads[0].startswith("beautytag-decode")
+    r = c.post("/v1/explain?attribute=category", content=jpeg())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_batch", 0),
+        ("max_batch", -1),
+        ("queue_size", 0),
+        ("max_files", 0),
+        ("workers", 0),
+        ("max_request_bytes", 0),
+        ("max_pixels", -5),
+        ("timeout_s", 0),
+        ("timeout_s", math.nan),
+        ("max_wait_ms", -1),
+    ],
+)
+def test_settings_are_validated(setting, value):
+    with pytest.raises(ValueError, match=f"^{setting} must be"):
+        ServeSettings(**{setting: value})
+
+
+def test_settings_limits_that_still_work():
+    s = ServeSettings(max_batch=1, queue_size=1, workers=1, max_wait_ms=0, timeout_s=0.01)
+    assert s.max_batch == 1 and s.max_wait_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--max-batch", "0"], "max_batch must be at least 1, got 0"),
+        (["--queue-size", "-3"], "queue_size must be at least 1, got -3"),
+        (["--timeout", "0"], "timeout_s must be more than 0, got 0.0"),
+        (["--threads", "-1"], "threads must be at least 1, got -1"),
+    ],
+)
+def test_cli_serve_refuses_a_bad_setting_before_loading_the_model(
+    monkeypatch, capsys, flag, message
+):
+    def no_engine(*args: Any, **kwargs: Any):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("beautytag.serve.Engine", no_engine)
+    assert main(["serve", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err == f"beautytag serve: error: {message}\n"

@@ -169,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from beautytag.engine import resolve_model
+    from beautytag.engine import TORCHSCRIPT_SUFFIXES, resolve_model
     from beautytag.export import (
         accuracy_cost,
         default_photos,
@@ -185,8 +185,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{model}: model file not found")
     if args.quantize and args.format != "onnx":
         raise ValueError("--quantize needs --format onnx")
-    suffix = ".onnx" if args.format == "onnx" else ".ts"
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(suffix)
+    onnx = args.format == "onnx"
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if onnx else ".ts")
+    if out.exists() and out.samefile(model):
+        raise ValueError(f"{out}: the export would overwrite the model; give another --out")
+    suffixes = {".onnx"} if onnx else TORCHSCRIPT_SUFFIXES  # predict and serve go by suffix
+    if out.suffix.lower() not in suffixes:
+        kind, ends = "an ONNX" if onnx else "a TorchScript", ", ".join(sorted(suffixes))
+        raise ValueError(f"--out {out}: {kind} file must end in {ends}")
     photos, source = default_photos(args.photos, n=96)
     if args.photos and not photos:
         raise ValueError(f"no photos found in {args.photos}")
@@ -195,9 +201,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             print("no real photos found: parity runs on synthetic images", file=sys.stderr)
             photos = synthetic_photos(tmp, 32)
         check, calibration = photos[:32], photos[32:] or photos  # default: disjoint sets
-        if args.photos:
+        if args.photos:  # at most 96 (default_photos): the first 64 calibrate
             check, calibration = photos, photos[:64]
-        if args.format == "onnx":
+        if onnx:
             export_onnx(model, out, opset=args.opset)
         else:
             export_torchscript(model, out)
@@ -306,11 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")
     x.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    x.add_argument("--out", help="output file (default: MODEL with .onnx or .ts)")
+    x.add_argument(
+        "--out",
+        help="output file, not the model itself; must end in .onnx for onnx, .ts (or .torchscript, "
+        ".jit) for torchscript (default: MODEL with .onnx or .ts)",
+    )
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
     x.add_argument("--quantize", choices=["dynamic", "static"], help="also write an int8 ONNX")
     x.add_argument(
-        "--photos", nargs="+", help="photos or folders for the parity check and calibration"
+        "--photos",
+        nargs="+",
+        help="photos or folders for the parity check (the first 96 photos found) and static "
+        "calibration (the first 64)",
     )
     x.add_argument(
         "--accuracy-split",

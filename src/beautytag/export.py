@@ -327,13 +327,13 @@ def synthetic_photos(folder: str | Path, n: int = 32, seed: int = 0) -> list[Pat
 
 
 def default_photos(paths: Sequence[str | os.PathLike] | None, n: int = 32) -> tuple[list, str]:
-    """Photos for parity/calibration and where they came from: the given files/folders,
-    else the first `n` of ../shared/datasets/beauty-shades/images, else none
+    """At most `n` photos for parity/calibration and where they came from: the first of the
+    given files/folders, else of ../shared/datasets/beauty-shades/images, else none
     (``"synthetic"``: the caller makes some with :func:`synthetic_photos`)."""
     from beautytag.cli import find_datasets
 
     if paths:
-        return expand_paths(paths), "given"
+        return expand_paths(paths)[:n], "given"
     datasets = find_datasets()
     folder = datasets / "beauty-shades" / "images" if datasets else None
     if folder is not None and folder.is_dir():

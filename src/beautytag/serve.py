@@ -16,13 +16,14 @@ Endpoints (all JSON unless said otherwise):
 * ``GET /healthz`` - ``{"status": "ok", ...}``; ``GET /metrics`` - Prometheus text;
   ``GET /openapi.json``; ``GET /`` - the web page (``web/index.html``).
 
-Other answers: 400 no file or a malformed form, 401 missing or wrong ``X-API-Key`` (when a key
-is set; ``/``, ``/healthz`` and ``/openapi.json`` stay open), 413 body over the size limit
-(checked from Content-Length and while reading), 503 with ``Retry-After`` when the queue is
-full or the images ahead would take more than half the timeout at the model's recent speed
-(its recent calls' average, or the call running now if that is slower: so that overload is
-answered with 503 at once, not 504 later), 504 when a request takes
-longer than the timeout.
+Other answers: 400 no file, a malformed form or more images than the queue holds
+(``queue_size``: such a request could never be admitted), 401 missing or wrong ``X-API-Key``
+(when a key is set; ``/``, ``/healthz`` and ``/openapi.json`` stay open), 413 body over the size
+limit (checked from Content-Length and while reading), 503 with ``Retry-After`` when the queue
+is full or, while other images are in flight, the images ahead would take more than half the
+timeout at the model's recent speed (its recent calls' average, or the call running now if that
+is slower: so that overload is answered with 503 at once, not 504 later; an idle server always
+admits, so one slow call cannot lock it out), 504 when a request takes longer than the timeout.
 
 Requests are decoded in a thread pool; decoded images go to a bounded queue that one
 background task drains in micro-batches (at most ``max_batch`` images, waiting at most
@@ -86,6 +87,17 @@ class ServeSettings:
     timeout_s: float = 10.0  # whole request; longer -> 504
     api_key: str | None = None  # required in X-API-Key when set
     workers: int = 2  # decoding threads
+
+    def __post_init__(self) -> None:
+        """Refuse settings the service cannot run with (ValueError naming the setting)."""
+        counts = ["max_batch", "queue_size", "max_files", "workers"]
+        for name in [*counts, "max_request_bytes", "max_pixels"]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be more than 0, got {self.timeout_s}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
 
 
 class Result(BaseModel):
@@ -420,7 +432,7 @@ _BODY_DOC = {
 
 def _error_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
-        400: "no file, or a malformed form",
+        400: "no file, a malformed form, or more images than one request may hold",
         401: "missing or wrong X-API-Key",
         413: "body too large, or an image with too many pixels",
         415: "not an image",
@@ -466,6 +478,17 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         except Exception as e:  # noqa: BLE001 - whatever else a file can do, it is its fault
             raise ImageError(name, f"cannot process image: {e}") from None
 
+    def decode_tensor(data: bytes, name: str) -> torch.Tensor:
+        """Only the model input: the full-size image is freed in the thread, not held until
+        the whole request is decoded."""
+        return decode(data, name)[1]
+
+    def render(img: Image.Image, cam: np.ndarray, size: int) -> bytes:
+        """The explanation as PNG bytes (CPU work on the full-size photo: run in a thread)."""
+        buf = io.BytesIO()
+        overlay(img, cam, size).save(buf, format="PNG")
+        return buf.getvalue()
+
     async def read_images(request: Request, filename: str | None) -> list[tuple[str, bytes]]:
         """(name, bytes) of the request's images, multipart or raw body."""
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
@@ -481,11 +504,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         data = await request.body()
         return [(filename or RAW_NAME, data)] if data else []
 
-    async def decode_all(
-        files: list[tuple[str, bytes]],
-    ) -> list[tuple[Image.Image, torch.Tensor] | ImageError]:
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(decoder, decode, data, name) for name, data in files]
+    async def in_thread(fn: Any, *args: Any) -> Any:
+        """Run ``fn`` in the decoding thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(decoder, fn, *args)
+
+    async def decode_all(files: list[tuple[str, bytes]]) -> list[torch.Tensor | BaseException]:
+        """The model inputs of ``files`` in order, or each one's exception."""
+        jobs = [in_thread(decode_tensor, data, name) for name, data in files]
         return list(await asyncio.gather(*jobs, return_exceptions=True))
 
     def no_file() -> HTTPException:
@@ -543,23 +568,27 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 files = await read_images(request, filename)
                 if not files:
                     raise no_file()
+                if len(files) > settings.queue_size:  # could never be admitted: not a 503
+                    most = settings.queue_size
+                    raise HTTPException(
+                        400, f"too many images ({len(files)}): at most {most} per request"
+                    )
                 # admission: images in flight (decoding, queued or in the model) are bounded by
-                # queue_size + max_batch, and by what the model can answer in half the time left
-                # to this request, so overload is answered with 503 at once instead of piling
-                # up decode work and memory, or answering 504 later
+                # queue_size + max_batch, and, while others are in flight, by what the model can
+                # answer in half the time left to this request, so overload is answered with 503
+                # at once instead of piling up decode work and memory, or answering 504 later.
+                # An idle server always admits: the speed estimate only changes when the model
+                # runs, so one slow call must not lock every later request out.
                 limit = settings.queue_size + settings.max_batch
                 ahead_s = (inflight + len(files)) * batcher.seconds_per_image_now()
                 left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
                     raise busy("queue full")
-                if ahead_s > left_s / 2:
+                if inflight > 0 and ahead_s > left_s / 2:
                     raise busy(f"about {ahead_s:.1f} s of images ahead of this request")
                 inflight += len(files)
                 try:
-                    decoded = [
-                        d[1] if isinstance(d, tuple) else d  # keep only the tensors
-                        for d in await decode_all(files)
-                    ]
+                    decoded = await decode_all(files)
                     for d in decoded:
                         if isinstance(d, BaseException) and not isinstance(d, ImageError):
                             raise d
@@ -626,21 +655,19 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     raise no_file()
                 if len(files) > 1:
                     raise HTTPException(400, "explain takes one image")
-                (decoded,) = await decode_all(files)
-                if isinstance(decoded, ImageError):
-                    raise all_bad([decoded])
-                if isinstance(decoded, BaseException):
-                    raise decoded
-                img, x = decoded
+                ((file, data),) = files
+                try:
+                    img, x = await in_thread(decode, data, file)
+                except ImageError as e:
+                    raise all_bad([e]) from None
                 cam, label = await batcher.run_model(gradcam, model, x[None], name)
+                png = await in_thread(render, img, cam, size or engine.cfg.model.image_size)
         except TimeoutError:
             raise timed_out() from None
         finally:
             explaining -= 1
-        buf = io.BytesIO()
-        overlay(img, cam, size or engine.cfg.model.image_size).save(buf, format="PNG")
         return Response(
-            buf.getvalue(),
+            png,
             media_type="image/png",
             headers={"X-Beautytag-Attribute": name, "X-Beautytag-Label": label},
         )
@@ -665,11 +692,12 @@ def serve(
     model for /v1/explain."""
     import uvicorn
 
+    limits = ServeSettings(**settings)  # a bad setting fails here, before the model loads
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
-    engine = Engine(
-        model_path, batch_size=settings.get("max_batch", 16), threads=threads, backend=backend
-    )
-    app = create_app(engine, ServeSettings(**settings))
+    engine = Engine(model_path, batch_size=limits.max_batch, threads=threads, backend=backend)
+    app = create_app(engine, limits)
     size = engine.cfg.model.image_size
     for n in (1, engine.batch_size):  # first calls allocate; keep that out of answers
         engine.predict_tensors(torch.zeros(n, 3, size, size))
