@@ -3,6 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from beautytag.config import config_from_dict
 from beautytag.data import (
@@ -159,3 +160,47 @@ def test_cutmix_pastes_one_box_of_another_photo_and_weighs_it_by_its_area():
         shares.append(lam)
     assert min(shares) < 0.3 and max(shares) > 0.7  # lambda spreads over (0, 1)
     assert torch.equal(x, torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 40, 60))  # untouched
+
+
+def folder_config(root, rows: str, **source) -> object:
+    """A config reading `root`/photos/labels.csv (text `rows`) with two photos in it."""
+    folder = root / "photos"
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 40), (200, 30, 60)).save(folder / "img" / f"{name}.jpg")
+    (folder / "labels.csv").write_bytes(rows.encode("utf-8"))
+    schema = [
+        {"name": "category", "kind": "single", "classes": ["Lipstick", "Mascara", "Other"],
+         "sources": {"mine": {"column": "category", "other": "Other"}}},
+        {"name": "color", "kind": "single", "classes": ["Red", "Pink"],
+         "sources": {"mine": {"column": "color"}}},
+    ]  # fmt: skip
+    src = {"name": "mine", "path": "photos", "split_column": "split"} | source
+    return config_from_dict({"attributes": schema, "data": {"root": str(root), "sources": [src]}})
+
+
+def test_labels_csv_as_spreadsheets_write_it(tmp_path):
+    # Excel's byte-order mark, spaces after commas in the header, Windows paths, a short row
+    # (no trailing cells), class names and split names in another letter case
+    rows = (
+        "\ufefffile_name, category, color,split\r\n"
+        "img\\a.jpg,lipstick,RED,Train\r\n"
+        "img\\b.jpg,Mascara\r\n"
+        "img/c.jpg,Blusher,pink,Validation\r\n"
+    )
+    samples = read_samples(folder_config(tmp_path, rows))
+    assert [(s.path.name, s.split) for s in samples] == [("a.jpg", "train"), ("c.jpg", "val")]
+    assert all(s.path.is_file() for s in samples)
+    a, c = (s.labels for s in samples)
+    assert a == {"category": "Lipstick", "color": "Red"}
+    assert c == {"category": "Other", "color": "Pink"}  # not a class: its 'other'
+
+
+def test_a_column_the_config_reads_must_be_in_labels_csv(tmp_path):
+    rows = "file_name,categry,color,split\nimg/a.jpg,Lipstick,Red,train\n"
+    with pytest.raises(SchemaError, match=r"labels.csv: no column 'category' \(the config of"):
+        read_samples(folder_config(tmp_path, rows))
+    rows = "file_name,category,color\nimg/a.jpg,Lipstick,Red\n"  # no split column
+    with pytest.raises(SchemaError, match="no column 'split'"):
+        read_samples(folder_config(tmp_path, rows))
+    assert read_samples(folder_config(tmp_path, rows, split_by="file_name"))  # no split column

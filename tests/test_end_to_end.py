@@ -344,3 +344,12 @@ def test_the_own_photos_example_config_fine_tunes_the_default(datasets, tmp_path
     }
     assert {a["attributes"]["category"]["label"] for a in answers} <= classes
     assert set(answers[0]["attributes"]) == {"category", "color"}
+
+
+@pytest.mark.parametrize("flag", ["--top-k", "--batch-size"])
+def test_predict_counts_must_be_1_or_more(flag, capsys):
+    for value in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", flag, value, "photo.jpg"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be a whole number of 1 or more" in capsys.readouterr().err

@@ -109,6 +109,37 @@ def test_config_errors(raw_config, tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_config_names_and_split_fractions_are_checked(raw_config):
+    for section_key, value, message in (
+        ("train.monitor", "category.macro-f1", "train.monitor must be 'loss' or an attribute"),
+        ("train.monitor", "colour.accuracy", "known: category.accuracy"),
+        ("train.monitor", "shade.accuracy", "got 'shade.accuracy'"),
+    ):
+        bad = copy.deepcopy(raw_config)
+        section, key = section_key.split(".")
+        bad[section][key] = value
+        with pytest.raises(SchemaError, match=f"x.yaml: .*{message}"):
+            config_from_dict(bad, where="x.yaml")
+    good = copy.deepcopy(raw_config)
+    good["train"]["monitor"] = "shade.median_de2000"
+    assert config_from_dict(good).train.monitor == "shade.median_de2000"
+    bad = copy.deepcopy(raw_config)
+    bad["train"] |= {"balance": "sampler", "balance_attribute": "Category"}
+    with pytest.raises(SchemaError, match="balance_attribute must name a single-label attribute"):
+        config_from_dict(bad)
+    bad["train"]["balance_attribute"] = "function"  # tags: not one class per photo
+    with pytest.raises(SchemaError, match="got 'function'"):
+        config_from_dict(bad)
+    for fractions, message in (
+        ({"val_fraction": 15}, r"sources\[1\].val_fraction: must be in \[0, 1\)"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be below 1"),
+    ):
+        bad = copy.deepcopy(raw_config)
+        bad["data"]["sources"][1] |= fractions
+        with pytest.raises(SchemaError, match=message):
+            config_from_dict(bad)
+
+
 def test_schema_round_trips_through_dict(raw_config):
     cfg = config_from_dict(raw_config)
     again = config_from_dict(cfg.to_dict())

@@ -18,6 +18,17 @@ from pathlib import Path
 from beautytag import __version__
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
+
+
 def find_datasets() -> Path | None:
     """``../shared/datasets`` beside the current folder or beside this checkout, if any."""
     here = Path(__file__).resolve()
@@ -273,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     r.add_argument("--output", "-o", help="write here instead of standard output")
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--top-k", type=int, default=3)
+    r.add_argument("--batch-size", type=positive_int, default=32)
+    r.add_argument("--top-k", type=positive_int, default=3)
     r.add_argument("--threshold", type=float, default=0.5, help="for multi-label tags")
     r.add_argument(
         "--tta-flip",

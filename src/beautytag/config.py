@@ -110,6 +110,13 @@ class Config:
         return root if root.is_absolute() else Path(self.base_dir) / root
 
 
+# what train.monitor can name after "<attribute>.", by the attribute's kind (as evaluate computes)
+METRICS = {
+    "single": ("accuracy", "macro_f1", "top3_accuracy"),
+    "multi": ("mAP", "micro_f1", "macro_f1"),
+    "shade": ("median_de2000", "mean_de2000", "share_under_5"),
+}
+
 # string keys that also take a list of strings
 STR_OR_LIST = {("train", "distill_from")}
 CHOICES = {
@@ -175,7 +182,32 @@ def _build_source(raw: Any, where: str) -> SourceConfig:
     }
     if src.split_by is None and src.split_column is None:
         raise SchemaError(f"{where}: needs 'split_column' or 'split_by'")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(src, key) < 1:
+            raise SchemaError(f"{where}.{key}: must be in [0, 1), got {getattr(src, key)}")
+    if src.val_fraction + src.test_fraction >= 1:
+        raise SchemaError(f"{where}: val_fraction + test_fraction must be below 1 (no training)")
     return src
+
+
+def check_names(schema: Schema, train: TrainConfig, where: str) -> None:
+    """train.monitor and train.balance_attribute must name what the schema has."""
+    if train.monitor != "loss":
+        name, _, metric = train.monitor.partition(".")
+        kind = schema[name].kind if name in schema.names else None
+        known = [f"{a.name}.{m}" for a in schema.attributes for m in METRICS[a.kind]]
+        if kind is None or metric not in METRICS[kind]:
+            raise SchemaError(
+                f"{where}: train.monitor must be 'loss' or an attribute's metric, got "
+                f"{train.monitor!r}; known: {', '.join(known)}"
+            )
+    if train.balance != "none":
+        single = [a.name for a in schema.attributes if a.kind == "single"]
+        if train.balance_attribute not in single:
+            raise SchemaError(
+                f"{where}: train.balance_attribute must name a single-label attribute "
+                f"({', '.join(single) or 'none'}), got {train.balance_attribute!r}"
+            )
 
 
 def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where: str) -> None:
@@ -225,6 +257,7 @@ def config_from_dict(
     if not isinstance(model.pixel_colour, list):
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
     check_ranges(model, data, train, where)
+    check_names(schema, train, where)
     for name in model.pixel_colour:
         if name not in schema.names or schema[name].kind == "shade":
             raise SchemaError(

@@ -57,7 +57,7 @@ def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object 
     if spec is None:
         return None
     if attr.kind == "shade":
-        cells = [row.get(c, "").strip() for c in spec.columns or []]
+        cells = [(row.get(c) or "").strip() for c in spec.columns or []]
         if any(c == "" for c in cells):
             return None
         try:
@@ -66,20 +66,43 @@ def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object 
             return None
         return lab if all(math.isfinite(v) for v in lab) else None
     if spec.rule is not None:
-        text = " ".join(row.get(c, "") for c in (spec.columns or [spec.column]))
+        text = " ".join(row.get(c) or "" for c in (spec.columns or [spec.column]))
         value = RULES[spec.rule](text)
     else:
-        value = row.get(spec.column or "", "").strip() or None
+        value = (row.get(spec.column or "") or "").strip() or None
     if value is None:
         return None
     if attr.kind == "multi":
         tags = value if isinstance(value, list) else [t.strip() for t in str(value).split(",")]
-        tags = [spec.map.get(t, t) for t in tags if t]
-        return [t for t in tags if t in attr.classes]
-    value = spec.map.get(str(value), str(value))
+        tags = [as_class(attr, spec.map.get(t, t)) for t in tags if t]
+        return [t for t in tags if t is not None]
+    value = as_class(attr, spec.map.get(str(value), str(value)))
+    return spec.other if value is None else value  # 'other' collects unknown values, if set
+
+
+def as_class(attr: Attribute, value: str) -> str | None:
+    """`value` as one of the attribute's classes, whatever its letter case (None if none)."""
     if value in attr.classes:
         return value
-    return spec.other  # None unless an 'other' class collects unknown values
+    folded = {c.casefold(): c for c in attr.classes}
+    return folded.get(value.casefold())
+
+
+def source_columns(src: SourceConfig, schema: Schema) -> set[str]:
+    """Every column of a source's labels.csv that the config reads."""
+    cols = {"file_name", *src.filter}
+    cols.add(src.split_by if src.split_by else src.split_column or "")
+    for a in schema.attributes:
+        spec = a.sources.get(src.name)
+        if spec is not None:
+            cols.update(spec.columns or [spec.column or ""])
+    return cols - {""}
+
+
+def split_name(value: str) -> str:
+    """A split column's value as train / val / test, whatever its case ("validation" is val)."""
+    value = value.strip().lower()
+    return "val" if value in ("validation", "valid") else value
 
 
 def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
@@ -89,20 +112,26 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
     if not csv_path.is_file():
         raise SchemaError(f"source {src.name!r}: {csv_path} not found")
     samples = []
-    with csv_path.open(newline="", encoding="utf-8") as f:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's leading BOM
         reader = csv.DictReader(f)
-        if "file_name" not in (reader.fieldnames or []):
-            raise SchemaError(f"{csv_path}: no 'file_name' column")
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+        missing = sorted(source_columns(src, schema) - set(reader.fieldnames))
+        if missing:
+            raise SchemaError(
+                f"{csv_path}: no column {', '.join(map(repr, missing))} (the config of source "
+                f"{src.name!r} reads it; the file has {', '.join(reader.fieldnames) or 'none'})"
+            )
         for row in reader:
-            if any(row.get(col, "") not in vals for col, vals in src.filter.items()):
+            if any((row.get(col) or "") not in vals for col, vals in src.filter.items()):
                 continue
             if src.split_by:
-                group = row.get(src.split_by, "")
+                group = row.get(src.split_by) or ""
                 split = group_split(group, src.val_fraction, src.test_fraction)
             else:
-                group, split = "", row.get(src.split_column or "", "").strip()
+                group, split = "", split_name(row.get(src.split_column or "") or "")
             labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
-            samples.append(Sample(folder / row["file_name"], src.name, split, group, labels))
+            name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
+            samples.append(Sample(folder / name, src.name, split, group, labels))
     return samples
 
 

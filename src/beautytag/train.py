@@ -84,7 +84,7 @@ def make_loader(ds: BeautyDataset, cfg: Config, generator: torch.Generator) -> D
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=cfg.train.workers,
-        drop_last=len(ds) > 64,
+        drop_last=len(ds) > max(64, cfg.train.batch_size),  # never every batch
         generator=generator,
         persistent_workers=cfg.train.workers > 0,
     )
@@ -95,8 +95,16 @@ def monitor_value(cfg: Config, val_loss: float, val_metrics: dict[str, dict]) ->
     if cfg.train.monitor == "loss":
         return -val_loss
     attr, _, metric = cfg.train.monitor.partition(".")
+    if metric not in val_metrics[attr]:
+        raise ValueError(f"train.monitor is {cfg.train.monitor} but no validation photo has {attr}")
     value = val_metrics[attr][metric]
     return -value if metric in LOWER_IS_BETTER else value
+
+
+def mismatch(e: RuntimeError) -> str:
+    """The first problem that ``load_state_dict`` reports (its message lists them all)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0] if lines else "unknown"
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -213,8 +221,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
     train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg)
     val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
-    if len(train_ds) == 0:
-        raise ValueError("no training images: check data.root and the sources' filters")
+    for split, ds in (("training", train_ds), ("validation", val_ds)):
+        if len(ds) == 0:
+            raise ValueError(
+                f"no {split} images: check data.root, the sources' filters and their splits "
+                "(a split_column's values must be train / val / test; split_by hashes a column "
+                "into val_fraction and test_fraction)"
+            )
 
     model = BeautyTagNet(cfg)
     if cfg.model.init:
@@ -254,9 +267,18 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     )
 
     start_epoch, best, bad_epochs, elapsed = 0, -math.inf, 0, 0.0
-    if resume and (out / "last.pt").is_file():
+    if resume and not (out / "last.pt").is_file():
+        print(f"warning: nothing to resume in {out} (no last.pt): training from the start")
+        resume = False
+    if resume:
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(
+                f"{out / 'last.pt'}: cannot resume, its model differs from this config's "
+                f"({mismatch(e)}); train without --resume or into another --out"
+            ) from None
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -313,6 +335,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
                 loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
                 parts["distill"] = float(kd.detach())
+            if not loss.requires_grad:  # no photo of the batch is labelled, and no teacher
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

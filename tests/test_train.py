@@ -1,0 +1,73 @@
+"""Training on a user's own small folder of photos: the cases that used to fail late or
+silently (no real photos needed)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from beautytag.config import config_from_dict
+from beautytag.train import train
+
+
+def own_folder(tmp_path, rows: list[str], classes=("Lipstick", "Mascara"), **train_cfg):
+    """A config for `tmp_path`/photos: one 40 x 40 photo per row `name,category,split`."""
+    folder = tmp_path / "photos"
+    folder.mkdir(exist_ok=True)
+    for i, row in enumerate(rows):
+        name = row.split(",")[0]
+        Image.new("RGB", (40, 40), (40 * (i % 6), 90, 160)).save(folder / name)
+    (folder / "labels.csv").write_text("file_name,category,split\n" + "\n".join(rows) + "\n")
+    attribute = {"name": "category", "kind": "single", "classes": list(classes)}
+    source = {"name": "mine", "path": "photos"}
+    out = str(tmp_path / "run")
+    raw = {
+        "model": {"weights": "none", "attention": "none", "image_size": 32},
+        "attributes": [attribute | {"sources": {"mine": {"column": "category"}}}],
+        "data": {"root": str(tmp_path), "augment": False, "sources": [source]},
+        "train": {"epochs": 1, "freeze_epochs": 0, "batch_size": 4, "out_dir": out} | train_cfg,
+    }
+    return config_from_dict(raw)
+
+
+def photos(n: int, split: str, labelled: bool = True) -> list[str]:
+    label = lambda i: ("Lipstick", "Mascara")[i % 2] if labelled else ""  # noqa: E731
+    return [f"{split}{i}.jpg,{label(i)},{split}" for i in range(n)]
+
+
+def epochs_logged(cfg) -> list[dict]:
+    with open(f"{cfg.train.out_dir}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_batches_without_any_label_are_skipped_not_a_crash(tmp_path):
+    # 12 unlabelled training photos first, then 4 labelled: most batches have no label at all
+    labelled = [r.replace(",tr", ",train") for r in photos(4, "tr")]
+    cfg = own_folder(tmp_path, photos(12, "train", labelled=False) + labelled + photos(4, "val"))
+    train(cfg, progress=False)
+    assert epochs_logged(cfg)[0]["train_loss"] > 0
+
+
+def test_a_batch_larger_than_the_training_photos_still_trains(tmp_path):
+    cfg = own_folder(tmp_path, photos(70, "train") + photos(4, "val"), batch_size=128)
+    train(cfg, progress=False)
+    record = epochs_logged(cfg)[0]
+    assert record["images_per_s"] > 0 and record["train_loss"] > 0  # 0 steps before
+
+
+def test_no_validation_photos_is_an_error_before_training(tmp_path):
+    cfg = own_folder(tmp_path, photos(8, "train") + photos(2, "Test"))
+    with pytest.raises(ValueError, match="no validation images: check .* train / val / test"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_a_model_of_other_classes_and_says_when_there_is_nothing(tmp_path, capsys):
+    rows = photos(8, "train") + photos(4, "val")
+    cfg = own_folder(tmp_path, rows)
+    train(cfg, resume=True, progress=False)  # nothing to resume: starts, and says so
+    assert "nothing to resume" in capsys.readouterr().out
+    assert len(epochs_logged(cfg)) == 1
+    other = own_folder(tmp_path, rows, classes=("Lipstick", "Mascara", "Other"), epochs=2)
+    with pytest.raises(ValueError, match="cannot resume, its model differs .*heads.category"):
+        train(other, resume=True, progress=False)
