@@ -13,7 +13,7 @@ from beautytag.train import train
 def own_folder(tmp_path, rows: list[str], classes=("Lipstick", "Mascara"), **train_cfg):
     """A config for `tmp_path`/photos: one 40 x 40 photo per row `name,category,split`."""
     folder = tmp_path / "photos"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(rows):
         name = row.split(",")[0]
         Image.new("RGB", (40, 40), (40 * (i % 6), 90, 160)).save(folder / name)
@@ -71,3 +71,14 @@ def test_resume_refuses_a_model_of_other_classes_and_says_when_there_is_nothing(
     other = own_folder(tmp_path, rows, classes=("Lipstick", "Mascara", "Other"), epochs=2)
     with pytest.raises(ValueError, match="cannot resume, its model differs .*heads.category"):
         train(other, resume=True, progress=False)
+
+
+def test_a_photo_in_both_training_and_validation_is_reported(tmp_path, capsys):
+    rows = photos(8, "train") + photos(4, "val") + ["train0.jpg,Lipstick,val"]
+    train(own_folder(tmp_path, rows), progress=False)
+    out = capsys.readouterr().out
+    assert "warning: photos in both the training and the validation split" in out
+    assert "flatter validation: 1, e.g." in out
+    assert "train0.jpg" in out
+    train(own_folder(tmp_path / "clean", photos(8, "train") + photos(4, "val")), progress=False)
+    assert "warning" not in capsys.readouterr().out

@@ -296,3 +296,12 @@ def summarise(samples: Sequence[Sample], schema: Schema) -> dict[str, dict[str, 
             a.name: sum(s.labels.get(a.name) is not None for s in part) for a in schema.attributes
         }
     return out
+
+
+def in_several_splits(samples: Sequence[Sample]) -> list[Path]:
+    """Photos listed in more than one split (a photo in both train and val flatters
+    validation), in order of first appearance."""
+    splits: dict[Path, set[str]] = {}
+    for s in samples:
+        splits.setdefault(s.path.resolve(), set()).add(s.split)
+    return [path for path, seen in splits.items() if len(seen) > 1]

@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from beautytag.config import Config, config_from_dict
-from beautytag.data import BeautyDataset, augment_batch, cutmix_batch, read_samples, summarise
+from beautytag.data import (
+    BeautyDataset,
+    augment_batch,
+    cutmix_batch,
+    in_several_splits,
+    read_samples,
+    summarise,
+)
 from beautytag.engine import resolve_model
 from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
@@ -219,6 +226,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
+    if shared := in_several_splits(samples):
+        print(
+            "warning: photos in both the training and the validation split (listed twice in "
+            f"labels.csv?), which flatter validation: {len(shared)}, e.g. {shared[0]}"
+        )
     train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg)
     val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
     for split, ds in (("training", train_ds), ("validation", val_ds)):
