@@ -50,7 +50,7 @@ def test_fixed_weights_are_the_schema_lambdas():
     assert float(total) == pytest.approx(expected, rel=1e-5)
 
 
-def test_uncertainty_weighting_is_learned_and_clamped():
+def test_uncertainty_weighting_is_learned_and_bounded():
     outputs, targets, masks = batch()
     loss_fn = MultiTaskLoss(SCHEMA, weighting="uncertainty")
     total, parts = loss_fn(outputs, targets, masks)
@@ -60,8 +60,14 @@ def test_uncertainty_weighting_is_learned_and_clamped():
     with torch.no_grad():
         loss_fn.log_vars["cat"].fill_(100.0)
     assert loss_fn.task_weights()["cat"] == pytest.approx(
-        float(torch.exp(torch.tensor(-LOGVAR_LIMIT)))
+        float(torch.exp(torch.tensor(-LOGVAR_LIMIT))), rel=1e-6
     )
+    # past its bound a log-variance still has a gradient, so a task's weight can come back
+    with torch.no_grad():
+        loss_fn.log_vars["cat"].fill_(-1.2 * LOGVAR_LIMIT)
+    loss_fn.zero_grad()
+    loss_fn(outputs, targets, masks)[0].backward()
+    assert float(loss_fn.log_vars["cat"].grad) != 0.0
 
 
 def test_shade_loss_is_zero_when_right_and_grows_linearly():

@@ -11,6 +11,7 @@ from beautytag.config import config_from_dict
 from beautytag.images import normalize
 from beautytag.model import (
     BeautyTagNet,
+    ColourPoolShadeHead,
     PixelColourHead,
     WeightsError,
     average_checkpoints,
@@ -249,3 +250,21 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="model file not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_the_colour_heads_do_their_colour_maths_in_float32_under_autocast():
+    # mixed precision (bf16 on a GPU) rounds a* = 500 (fx - fy) to whole Lab units: the heads
+    # that read pixels must give what they give in float32
+    torch.manual_seed(0)
+    head = ColourPoolShadeHead(8, [0.5] * 3, [0.5] * 3)
+    nn.init.normal_(head.correct.weight, std=0.1)
+    pixels = PixelColourHead(8, 4, [0.5] * 3, [0.5] * 3)
+    nn.init.normal_(pixels.colour.weight)
+    fmap, emb = torch.randn(4, 8, 3, 3), torch.randn(4, 8)
+    image = torch.rand(4, 3, 32, 32) * 2 - 1
+    exact = head(fmap, emb, image), pixels.histogram(fmap, image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(fmap, emb, image), pixels.histogram(fmap, image)
+    for a, b in zip(exact, mixed, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,9 @@ that are labelled for it.
 
 Weights are either the schema's fixed lambdas, or learned by uncertainty weighting
 (Kendall, Gal & Cipolla 2018): L = sum_i exp(-s_i) L_i + s_i, with s_i = log sigma_i^2
-clamped to [-LOGVAR_LIMIT, LOGVAR_LIMIT] so a task cannot be switched off entirely.
+kept inside (-LOGVAR_LIMIT, LOGVAR_LIMIT) so a task cannot be switched off entirely: s_i =
+LOGVAR_LIMIT tanh(r_i / LOGVAR_LIMIT) of a learned r_i, smooth, so that a task whose loss
+fell very low can come back (a clamp has no gradient past its bounds).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from beautytag.schema import Schema
 
 LOGVAR_LIMIT = 4.0
 SHADE_SCALE = 10.0
+
+
+def bounded(log_var: torch.Tensor) -> torch.Tensor:
+    """A learned log-variance kept smoothly inside (-LOGVAR_LIMIT, LOGVAR_LIMIT)."""
+    return LOGVAR_LIMIT * torch.tanh(log_var / LOGVAR_LIMIT)
 
 
 def shade_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ class MultiTaskLoss(nn.Module):
                 continue
             parts[a.name] = float(loss.detach())
             if self.log_vars is not None:
-                s = self.log_vars[a.name].clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
+                s = bounded(self.log_vars[a.name])
                 total = total + torch.exp(-s) * loss + s
             else:
                 total = total + a.weight * loss
@@ -94,10 +101,7 @@ class MultiTaskLoss(nn.Module):
         """The weight each task currently gets (lambda, or exp(-s) when learned)."""
         if self.log_vars is None:
             return {a.name: a.weight for a in self.schema.attributes}
-        return {
-            k: float(torch.exp(-v.detach().clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)))
-            for k, v in self.log_vars.items()
-        }
+        return {k: float(torch.exp(-bounded(v.detach()))) for k, v in self.log_vars.items()}
 
 
 def distillation_loss(

@@ -188,10 +188,11 @@ class ColourPoolShadeHead(nn.Module):
         )
 
     def forward(self, fmap: torch.Tensor, emb: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        rgb = image_rgb(image, self.mean, self.std)
-        w = product_weights(self.where(fmap), rgb, self.background)
-        lin = (srgb_to_linear_torch(rgb) * w).sum(dim=(2, 3))  # (B, 3)
-        return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
+        with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
+            rgb = image_rgb(image, self.mean, self.std)
+            w = product_weights(self.where(fmap.float()), rgb, self.background)
+            lin = (srgb_to_linear_torch(rgb) * w).sum(dim=(2, 3))  # (B, 3)
+            return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
 
 
 # The prototype colours' grid axes: L* 10..90 in steps of 20, a* and b* -75..75 in steps of 25
