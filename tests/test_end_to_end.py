@@ -353,3 +353,13 @@ def test_predict_counts_must_be_1_or_more(flag, capsys):
             main(["predict", flag, value, "photo.jpg"])
         assert exit_.value.code == 2
         assert f"argument {flag}: must be a whole number of 1 or more" in capsys.readouterr().err
+
+
+def test_evaluate_a_shipped_model_from_another_folder_finds_the_photos(
+    datasets, tmp_path, monkeypatch, capsys
+):
+    # the shipped model's config says ../shared/datasets: relative to where it was trained
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "default", "--split", "val", "--source", "shades"]) == 0
+    report = json.loads((tmp_path / "default-eval-val" / "report.json").read_text())
+    assert report["images"] > 0 and report["metrics"]["shade"]["n"] > 0

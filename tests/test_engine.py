@@ -116,6 +116,47 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "bad.yaml" in err and "Traceback" not in err
 
 
+def test_cli_predict_output_problems_are_one_line_and_never_lose_a_photo(
+    tiny_model, photo_folder, capsys, tmp_path
+):
+    photo = photo_folder / "a_good.jpg"
+    before = photo.read_bytes()
+    run = ["predict", "--model", str(tiny_model)]
+    assert main([*run, str(photo), "-o", str(photo)]) == 2  # would overwrite the photo
+    assert "would overwrite a photo to predict" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+    assert main([*run, str(photo), "-o", str(tmp_path)]) == 2  # a folder
+    assert "Is a directory" in capsys.readouterr().err
+    assert main([*run, str(photo), ""]) == 2  # would walk the current folder
+    assert "an empty path was given" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*run, "--format", "csv", str(tmp_path / "empty")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("file,error,category") and "warning: no image files in" in err
+
+
+def test_cli_predict_writes_a_file_name_that_is_not_utf8_as_its_bytes(tiny_model, tmp_path):
+    odd = Path(tmp_path.joinpath("b").__fspath__() + "\udcff.jpg")  # the bytes b"b\xff.jpg"
+    Image.new("RGB", (60, 80), (200, 30, 60)).save(odd, format="JPEG")
+    out = tmp_path / "out.csv"
+    assert (
+        main(["predict", "--model", str(tiny_model), "--format", "csv", "-o", str(out), str(odd)])
+        == 0
+    )
+    assert b"b\xff.jpg," in out.read_bytes()
+
+
+def test_engine_checks_its_counts_and_threshold(tiny_model):
+    for kwargs, name in (
+        ({"top_k": 0}, "top_k"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            Engine(tiny_model, **kwargs)
+
+
 def test_shipped_models_by_name(photo_folder, tmp_path, monkeypatch):
     """`--model accurate` finds the packaged file; a real file of that name wins."""
     assert resolve_model(None) == resolve_model("default") == default_model_path()

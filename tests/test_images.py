@@ -368,6 +368,17 @@ def test_our_pixel_limit_replaces_pillows_warning(tmp_path: Path, monkeypatch) -
         _assert_rgb(load_image(jpeg, min_size=96), (150, 150))
 
 
+def test_a_jpeg_past_pillows_own_limit_is_decoded_at_a_smaller_scale(tmp_path, monkeypatch):
+    """Pillow refuses to open an image of more than twice its limit (179 megapixels: a
+    200-megapixel phone photo); a JPEG that a DCT scale brings under ours is still read."""
+    jpeg = _save(Image.new("RGB", (1200, 1200), (30, 60, 200)), tmp_path / "a.jpg", "JPEG")
+    png = _save(Image.new("RGB", (1200, 1200)), tmp_path / "a.png", "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400_000)  # refuses above 0.8 Mpx
+    _assert_rgb(load_image(jpeg, min_size=96), (150, 150))
+    assert "too many pixels" in _error(jpeg).problem  # full size: refused
+    assert "too many pixels" in _error(png, min_size=96).problem  # no DCT scaling for PNG
+
+
 def test_absurd_dimensions() -> None:
     err = _error(_png_header(100_000, 1), max_pixels=10**12)
     assert "absurd" in err.problem

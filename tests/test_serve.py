@@ -536,3 +536,13 @@ def test_cli_serve_refuses_a_bad_setting_before_loading_the_model(
     assert main(["serve", *flag]) == 2
     err = capsys.readouterr().err
     assert err == f"beautytag serve: error: {message}\n"
+
+
+def test_cli_serve_runs_a_torchscript_file_with_torch_unless_told(monkeypatch):
+    seen = []
+    monkeypatch.setattr("beautytag.serve.serve", lambda model, **kw: seen.append(kw["backend"]))
+    assert main(["serve", "--model", "model.ts"]) == 0
+    assert main(["serve", "--model", "model.onnx"]) == 0
+    assert main(["serve"]) == 0  # the shipped default: exported to ONNX at start
+    assert main(["serve", "--model", "model.ts", "--backend", "auto"]) == 0
+    assert seen == ["torch", "onnxruntime", "onnxruntime", "auto"]

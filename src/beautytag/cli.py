@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
     return value
 
 
@@ -104,7 +116,7 @@ def csv_row(result: dict) -> dict[str, str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.engine import Engine
+    from beautytag.engine import Engine, expand_paths
 
     paths = args.paths
     if not paths:
@@ -125,25 +137,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         tta_flip=args.tta_flip,
     )
-    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    photos = expand_paths(paths)
+    target = Path(args.output) if args.output else None
+    if target and target.exists() and any(p.exists() and p.samefile(target) for p in photos):
+        raise ValueError(f"{args.output}: the output would overwrite a photo to predict")
+    # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
+    out = sys.stdout
+    if args.output:
+        out = open(args.output, "w", newline="", errors="surrogateescape")  # noqa: SIM115
+    elif hasattr(out, "reconfigure"):
+        out.reconfigure(errors="surrogateescape")
     writer = None
+    if args.format == "csv":
+        writer = csv.DictWriter(out, fieldnames=csv_fields(engine.schema))
+        writer.writeheader()
     t0, n, bad = time.perf_counter(), 0, 0
     try:
-        for result in engine.predict_files(paths):
+        for result in engine.predict_files(photos):
             n += 1
             bad += result["error"] is not None
-            if args.format == "jsonl":
+            if writer is None:
                 out.write(json.dumps(result) + "\n")
             else:
-                row = csv_row(result)
-                if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=csv_fields(engine.schema))
-                    writer.writeheader()
-                writer.writerow(row)
+                writer.writerow(csv_row(result))
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
+    if n == 0:
+        print(f"warning: no image files in {', '.join(map(str, paths))}", file=sys.stderr)
     dt = time.perf_counter() - t0
     print(
         f"{n} image{'' if n == 1 else 's'} ({bad} skipped with errors) in {dt:.1f} s: "
@@ -156,8 +178,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from beautytag.engine import TORCHSCRIPT_SUFFIXES
     from beautytag.serve import serve
 
+    backend = args.backend
+    if backend is None:  # ONNX Runtime, but a TorchScript file can only run with torch
+        suffix = Path(args.model or "").suffix.lower()
+        backend = "torch" if suffix in TORCHSCRIPT_SUFFIXES else "onnxruntime"
     key = args.api_key or os.environ.get("BEAUTYTAG_API_KEY") or None
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -171,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         workers=args.workers,
         threads=args.threads,
-        backend=args.backend,
+        backend=backend,
         api_key=key,
     )
     return 0
@@ -267,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this data source of the config, e.g. fashion (repeatable)",
     )
     e.add_argument("--tta-flip", action="store_true", help="average with a mirrored copy")
-    e.add_argument("--out", help="report folder (default: beside the model)")
+    e.add_argument(
+        "--out",
+        help="report folder (default: beside a checkpoint, NAME-eval-SPLIT here for a shipped "
+        "model)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser(
@@ -286,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="write here instead of standard output")
     r.add_argument("--batch-size", type=positive_int, default=32)
     r.add_argument("--top-k", type=positive_int, default=3)
-    r.add_argument("--threshold", type=float, default=0.5, help="for multi-label tags")
+    r.add_argument("--threshold", type=share, default=0.5, help="for multi-label tags")
     r.add_argument(
         "--tta-flip",
         action="store_true",
@@ -308,9 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--backend",
         choices=["onnxruntime", "torch", "auto"],
-        default="onnxruntime",
-        help="onnxruntime (default; a checkpoint is exported at start), torch, or auto (by "
-        "file type)",
+        help="onnxruntime (default; a checkpoint is exported at start; a TorchScript file runs "
+        "with torch), torch, or auto (by file type)",
     )
     v.add_argument(
         "--threads",
@@ -354,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SchemaError, WeightsError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"beautytag {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `beautytag predict ... | head`
         sys.stderr.close()
         return 0
+    except (SchemaError, WeightsError, ImageError, OSError, ValueError) as e:
+        print(f"beautytag {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

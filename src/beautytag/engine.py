@@ -63,10 +63,21 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(model)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (all of them where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders walked recursively for image files (sorted)."""
+    """Files as given; folders walked recursively for image files (sorted). An empty path
+    is an error (it would mean the current folder: an unset variable in a script?)."""
     out: list[Path] = []
-    for p in map(Path, paths):
+    for given in paths:
+        if str(given) == "":
+            raise ValueError("an empty path was given (an unset variable?); use . for this folder")
+        p = Path(given)
         if p.is_dir():
             out += sorted(
                 f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
@@ -136,7 +147,7 @@ class OnnxBackend:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.intra_op_num_threads = threads or usable_cpus()
         # idle worker threads sleep instead of spinning: decoding threads and the service's
         # event loop share the same CPUs, and spinning threads take CPU time from them
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -224,6 +235,11 @@ class Engine:
         threads: int | None = None,
         tta_flip: bool = False,
     ):
+        for name, value in (("batch_size", batch_size), ("top_k", top_k)):
+            if value < 1:
+                raise ValueError(f"{name} must be 1 or more, got {value}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.model_path = resolve_model(model_path)
         self.backend = load_backend(self.model_path, backend, device, threads)
         self.model = getattr(self.backend, "model", None)  # the nn.Module, torch backend only

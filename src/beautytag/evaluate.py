@@ -121,8 +121,12 @@ def evaluate(
     confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
     `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
     ensemble, their outputs averaged."""
+    from beautytag.cli import find_datasets
+
     paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     models, cfg = load_ensemble(paths, device)
+    if config is None and not cfg.data_root.is_dir() and find_datasets() is not None:
+        cfg.data.root = str(find_datasets())  # a relative root saved from another folder
     if config is not None:
         check_same_outputs(cfg, config)
         cfg = dataclasses.replace(

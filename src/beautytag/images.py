@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height decoded)
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
@@ -100,11 +100,18 @@ def load_image(
     try:
         with warnings.catch_warnings():  # max_pixels below is the limit, not Pillow's
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            try:
+                img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            except Image.DecompressionBombError as e:
+                if not (min_size and data.startswith(b"\xff\xd8\xff")):
+                    raise ImageError(label, f"too many pixels ({e})") from None
+                # a JPEG over Pillow's own limit (e.g. a 200-megapixel phone photo) is still
+                # decoded at 1/8 scale: its header only, past that check, and ours below
+                img = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(label, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:  # the warning is ignored just above
-        raise ImageError(label, f"too many pixels ({e})") from None
     except Exception as e:  # any decoder failure means a bad file
         raise ImageError(label, f"truncated or corrupt image: {e}") from None
 

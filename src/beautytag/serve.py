@@ -37,7 +37,6 @@ import gc
 import hmac
 import io
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -64,7 +63,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from beautytag import __version__
 from beautytag.color import lab_to_hex
-from beautytag.engine import Engine
+from beautytag.engine import Engine, usable_cpus
 from beautytag.images import ImageError, letterbox
 from beautytag.model import BeautyTagNet
 
@@ -695,7 +694,7 @@ def serve(
     limits = ServeSettings(**settings)  # a bad setting fails here, before the model loads
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    threads = threads or max(1, usable_cpus() - 1)
     engine = Engine(model_path, batch_size=limits.max_batch, threads=threads, backend=backend)
     app = create_app(engine, limits)
     size = engine.cfg.model.image_size
