@@ -138,3 +138,14 @@ def test_page_predicts_and_explains_a_photo(server, browser, engine, tmp_path: P
     assert browser.execute_script("return arguments[0].naturalWidth", heat) > 0
 
     assert browser.save_screenshot(str(tmp_path / "page.png"))
+
+    # a file that is not an image gets a card that says so; keyboard users reach the picker
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    browser.find_element(By.ID, "picker").send_keys(str(notes))
+    first = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card h2"))
+    wait.until(lambda d: first.text == "notes.txt")
+    assert "skipped: not an image" in browser.find_element(By.CSS_SELECTOR, "#cards .card").text
+    drop = browser.find_element(By.ID, "drop")
+    assert drop.get_attribute("tabindex") == "0" and drop.get_attribute("role") == "button"
+    assert card.find_element(By.TAG_NAME, "select").get_attribute("aria-label")

@@ -90,6 +90,9 @@ def test_healthz_and_page(client, engine):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "v1/predict" in page.text and "v1/explain" in page.text and "<script>" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # offline: no CDN
+    for path in ("/", "/healthz"):  # load balancers and health checkers probe with HEAD
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
 
 
 def test_predict_one_file_matches_the_engine(client, engine):

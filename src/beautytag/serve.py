@@ -527,11 +527,14 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     def timed_out() -> HTTPException:
         return HTTPException(504, f"request took longer than {settings.timeout_s} s")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse((resources.files("beautytag") / "web" / "index.html").read_text())
+    page_methods = ["GET", "HEAD"]  # HEAD: what load balancers and health checkers send
 
-    @app.get("/healthz", summary="Liveness and model info")
+    @app.api_route("/", methods=page_methods, response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        page = resources.files("beautytag") / "web" / "index.html"
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.api_route("/healthz", methods=page_methods, summary="Liveness and model info")
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
