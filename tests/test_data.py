@@ -204,3 +204,12 @@ def test_a_column_the_config_reads_must_be_in_labels_csv(tmp_path):
     with pytest.raises(SchemaError, match="no column 'split'"):
         read_samples(folder_config(tmp_path, rows))
     assert read_samples(folder_config(tmp_path, rows, split_by="file_name"))  # no split column
+
+
+def test_values_that_are_not_classes_are_reported_once_per_file(tmp_path, capsys):
+    rows = "file_name,category,color,split\nimg/a.jpg,Blusher,Teal,train\nimg/b.jpg,,Teal,val\n"
+    samples = read_samples(folder_config(tmp_path, rows))
+    assert [s.labels["color"] for s in samples] == [None, None]
+    err = capsys.readouterr().err
+    assert "labels.csv: 2 color values are not classes and stay unlabelled" in err
+    assert "Teal (2)" in err and "category" not in err  # category has an 'other' class

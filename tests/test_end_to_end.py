@@ -8,10 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from beautytag.cli import main
 from beautytag.config import config_from_dict, load_config
 from beautytag.data import read_samples
+from beautytag.model import BeautyTagNet, save_checkpoint
 
 from .conftest import ROOT, make_tiny_model
 
@@ -363,3 +365,16 @@ def test_evaluate_a_shipped_model_from_another_folder_finds_the_photos(
     assert main(["evaluate", "default", "--split", "val", "--source", "shades"]) == 0
     report = json.loads((tmp_path / "default-eval-val" / "report.json").read_text())
     assert report["images"] > 0 and report["metrics"]["shade"]["n"] > 0
+
+
+def test_evaluate_says_how_to_find_a_models_photos_when_they_are_not_there(
+    tmp_path, monkeypatch, capsys
+):
+    raw = yaml.safe_load((ROOT / "configs" / "own_photos.yaml").read_text())
+    raw["model"] |= {"init": "", "weights": "none", "image_size": 32}
+    cfg = config_from_dict(raw)
+    save_checkpoint(tmp_path / "own.pt", BeautyTagNet(cfg, pretrained=False), cfg)
+    monkeypatch.chdir(tmp_path)  # no my-photos/ here
+    assert main(["evaluate", str(tmp_path / "own.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "my-photos/labels.csv not found" in err and "pass --config" in err

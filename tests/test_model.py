@@ -221,6 +221,22 @@ def test_init_from_a_checkpoint_starts_where_that_model_is(small_cfg, tmp_path):
     assert torch.equal(old.heads["color"].weight, new.heads["color"].linear.weight)
 
 
+def test_init_keeps_a_head_whose_classes_are_listed_in_another_order_or_case(small_cfg, tmp_path):
+    torch.manual_seed(0)
+    old = BeautyTagNet(small_cfg, pretrained=False).eval()
+    save_checkpoint(tmp_path / "old.pt", old, small_cfg)
+    cfg = copy.deepcopy(small_cfg)
+    cfg.model.pixel_colour = ["color"]  # and a pixel colour head in place of a linear one
+    classes = small_cfg.schema["color"].classes
+    cfg.schema["color"].classes = [c.lower() for c in reversed(classes)]
+    new = BeautyTagNet(cfg, pretrained=False).eval()
+    fresh = init_from_checkpoint(new, tmp_path / "old.pt")
+    assert not any(k.startswith("heads.color.linear") for k in fresh)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():  # the same probabilities, class by class
+        torch.testing.assert_close(new(x)["color"], old(x)["color"].flip(-1))
+
+
 def test_average_checkpoints_is_the_mean_of_the_weights(small_cfg, tmp_path):
     models = []
     for seed in (0, 1):

@@ -112,6 +112,7 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
     if not csv_path.is_file():
         raise SchemaError(f"source {src.name!r}: {csv_path} not found")
     samples = []
+    unknown: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
     with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's leading BOM
         reader = csv.DictReader(f)
         reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
@@ -130,8 +131,23 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
             else:
                 group, split = "", split_name(row.get(src.split_column or "") or "")
             labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
+            for a in schema.attributes:  # a value that is not a class is left unlabelled
+                spec = a.sources.get(src.name)
+                if a.kind == "single" and spec and spec.column and not spec.rule:
+                    value = (row.get(spec.column) or "").strip()
+                    if value and labels[a.name] is None:
+                        unknown[a.name][value] += 1
             name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
             samples.append(Sample(folder / name, src.name, split, group, labels))
+    for attr, values in unknown.items():
+        if values:
+            shown = ", ".join(f"{v} ({n})" for v, n in values.most_common(6))
+            more = f" and {len(values) - 6} more" if len(values) > 6 else ""
+            print(
+                f"warning: {csv_path}: {sum(values.values())} {attr} values are not classes "
+                f"and stay unlabelled (a map or an 'other' class would keep them): {shown}{more}",
+                file=sys.stderr,
+            )
     return samples
 
 

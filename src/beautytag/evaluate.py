@@ -24,6 +24,7 @@ from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
 from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.schema import SchemaError
 
 
 @torch.inference_mode()
@@ -132,7 +133,15 @@ def evaluate(
         cfg = dataclasses.replace(
             cfg, schema=config.schema, data=config.data, base_dir=config.base_dir
         )
-    samples = read_samples(cfg, splits=[split], sources=sources)
+    try:
+        samples = read_samples(cfg, splits=[split], sources=sources)
+    except SchemaError as e:
+        if config is not None or "not found" not in str(e):
+            raise
+        raise SchemaError(
+            f"{e} (the model's data paths are relative to where it was trained: run from there "
+            "or pass --config with its config file)"
+        ) from None
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)

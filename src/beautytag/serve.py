@@ -534,7 +534,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         page = resources.files("beautytag") / "web" / "index.html"
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
-    @app.api_route("/healthz", methods=page_methods, summary="Liveness and model info")
+    @app.get("/healthz", summary="Liveness and model info")
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -546,6 +546,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             "explain": isinstance(getattr(engine, "model", None), BeautyTagNet),
             "queue": settings.queue_size - batcher.room(),
         }
+
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
