@@ -144,7 +144,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
     out = sys.stdout
     if args.output:
-        out = open(args.output, "w", newline="", errors="surrogateescape")  # noqa: SIM115
+        out = open(  # noqa: SIM115
+            args.output, "w", newline="", encoding="utf-8", errors="surrogateescape"
+        )
     elif hasattr(out, "reconfigure"):
         out.reconfigure(errors="surrogateescape")
     writer = None
