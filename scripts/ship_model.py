@@ -40,22 +40,26 @@ def main() -> int:
         cfg.model = dataclasses.replace(cfg.model, weights="auto")
     cfg.model = dataclasses.replace(cfg.model, init="")  # where it started, not what it is
     out = ROOT / "src" / "beautytag" / "weights" / SHIPPED_MODELS[args.name]
-    save_checkpoint(out, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
+    # packed beside the shipped file, measured, and only then put in its place: a model that
+    # fails to load or evaluate leaves the shipped one as it was
+    new = out.with_suffix(".new.pt")
+    save_checkpoint(new, model, cfg, {"epoch": ckpt.get("epoch"), "note": args.note}, half=True)
     result: dict = {
         "checkpoint": args.checkpoint,
         "packed": str(out.relative_to(ROOT)),
-        "size_mb": round(out.stat().st_size / 2**20, 2),
+        "size_mb": round(new.stat().st_size / 2**20, 2),
         "note": args.note,
         "epoch": ckpt.get("epoch"),
         "command": " ".join(["python", *sys.argv]),
     }
     for split in ("test", "val"):
         for source in ("fashion", "shades"):
-            r = evaluate(out, split=split, config=data_cfg, sources=[source])
+            r = evaluate(new, split=split, config=data_cfg, sources=[source])
             result[f"{source}/{split}"] = {
                 "images": r["images"],
                 **{a: m for a, m in r["metrics"].items() if m.get("n")},
             }
+    new.replace(out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}_model.json").write_text(json.dumps(result, indent=2))
     lines = ["| data / split | attribute | n | metrics |", "| --- | --- | --- | --- |"]

@@ -158,6 +158,23 @@ def test_torchscript_export_parity(tiny_model, synthetic, tmp_path):
     assert r["max_abs_diff"] < 1e-3 and r["labels_identical"]
 
 
+def test_torchscript_export_follows_its_device(tmp_path):
+    # the colour heads' CIELAB matrices are buffers, not constants traced on the CPU: a GPU
+    # copy of the module would otherwise mix devices
+    model = make_tiny_model(tmp_path / "pix.pt", model={"pixel_colour": ["color"]})
+    path = export_torchscript(model, tmp_path / "pix.ts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path))
+
+    def code(m) -> str:
+        own = m.code if hasattr(m, "code") else ""
+        return own + "".join(code(c) for _, c in m.named_children())
+
+    assert "rgb_to_xyz_t" in code(module)  # read from the module, wherever it is
+    assert 'device("cpu")' not in code(module)
+
+
 def test_dynamic_quantisation_is_smaller_still_runs_and_reports_agreement(
     tiny_model, onnx_path, synthetic, tmp_path
 ):
@@ -165,6 +182,7 @@ def test_dynamic_quantisation_is_smaller_still_runs_and_reports_agreement(
     assert q.stat().st_size < 0.5 * onnx_path.stat().st_size
     meta = onnx_metadata(q)
     assert meta["quantization"]["mode"] == "dynamic" and meta["outputs"][0]["name"] == "category"
+    assert meta["quantization"]["calibration_photos"] == 0  # dynamic: none
     r = parity_check(tiny_model, q, synthetic)
     assert r["photos"] == 12 and 0.0 <= r["label_agreement"] <= 1.0
     assert np.isfinite(r["max_abs_diff"])
@@ -295,3 +313,10 @@ def test_cli_export_checks_parity_on_at_most_96_given_photos(tiny_model, tmp_pat
     out = tmp_path / "m.onnx"
     assert main(["export", str(tiny_model), "--out", str(out), "--photos", str(folder)]) == 0
     assert json.loads(capsys.readouterr().out)["parity"]["photos"] == 96
+
+
+def test_accuracy_cost_refuses_an_exported_model_of_another_checkpoint(tiny_model, tmp_path):
+    other = make_tiny_model(tmp_path / "other.pt", model={"image_size": 48})
+    onnx_file = export_onnx(other, tmp_path / "other.onnx")
+    with pytest.raises(ValueError, match="other.onnx: input size 48, the checkpoint's is 64"):
+        accuracy_cost(tiny_model, [onnx_file])

@@ -33,6 +33,7 @@ def test_default_config_is_valid():
         (attr(classes=["a"]), "at least two"),
         (attr(classes=["a", "a"]), "duplicate classes"),
         (attr(name="not an identifier"), "identifier"),
+        (attr(name="image"), "exported model's input"),
         (attr(weight=-1), "'weight'"),
         (attr(colour="x"), "unknown keys"),
         (attr(sources={"s": {"column": "c", "map": {"x": "zzz"}}}), "not a class"),

@@ -152,12 +152,24 @@ def srgb_to_linear_torch(rgb: torch.Tensor) -> torch.Tensor:
 _F_TO_LAB = np.array([[0.0, 500.0, 0.0], [116.0, -500.0, 200.0], [0.0, 0.0, -200.0]])
 
 
-def linear_rgb_to_lab_torch(lin: torch.Tensor) -> torch.Tensor:
+def lab_constants() -> dict[str, torch.Tensor]:
+    """The matrices of :func:`linear_rgb_to_lab_torch` (float32). A module registers them as
+    buffers and passes them in, so that a traced (TorchScript) copy follows its device."""
+    return {
+        "rgb_to_xyz_t": torch.tensor((_RGB_TO_XYZ / D65_WHITE[:, None]).T, dtype=torch.float32),
+        "f_to_lab": torch.tensor(_F_TO_LAB, dtype=torch.float32),
+        "lab_offset": torch.tensor([16.0, 0.0, 0.0]),
+    }
+
+
+def linear_rgb_to_lab_torch(
+    lin: torch.Tensor, constants: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Differentiable linear sRGB (..., 3) -> CIELAB (D65), the same formulas as
-    :func:`srgb_to_lab`; used inside the model so that it exports to ONNX."""
-    m = torch.tensor(_RGB_TO_XYZ / D65_WHITE[:, None], dtype=lin.dtype, device=lin.device)
-    t = lin @ m.T
+    :func:`srgb_to_lab`; used inside the model so that it exports to ONNX. `constants`:
+    :func:`lab_constants` on `lin`'s device (made here when not given)."""
+    c = constants or {k: v.to(lin) for k, v in lab_constants().items()}
+    t = lin @ c["rgb_to_xyz_t"]
     cube_root = torch.exp(torch.log(t.clamp_min(_EPS)) / 3.0)
     f = torch.where(t > _EPS, cube_root, (_KAPPA * t + 16.0) / 116.0)
-    lab = f @ torch.tensor(_F_TO_LAB, dtype=lin.dtype, device=lin.device)
-    return lab - torch.tensor([16.0, 0.0, 0.0], dtype=lin.dtype, device=lin.device)
+    return f @ c["f_to_lab"] - c["lab_offset"]

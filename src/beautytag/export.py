@@ -274,6 +274,7 @@ def quantize_onnx(
         except Exception:
             src = Path(onnx_path)
         exclude = _keep_float_nodes(onnx.load(str(src)), meta)
+        images: list = []  # the calibration photos (static only)
         if mode == "dynamic":
             quantize_dynamic(
                 src,
@@ -300,7 +301,7 @@ def quantize_onnx(
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
             )
     proto = onnx.load(str(out_path))
-    meta["quantization"] = {"mode": mode, "calibration_photos": len(list(calibration_images)[:64])}
+    meta["quantization"] = {"mode": mode, "calibration_photos": len(images)}
     set_onnx_metadata(proto, meta)
     onnx.save(proto, str(out_path))
     return out_path
@@ -422,6 +423,8 @@ def accuracy_cost(
 
     ref = load_backend(checkpoint, "torch")
     backends = [ref] + [load_backend(p, "auto") for p in exported_paths]
+    for path, backend in zip(exported_paths, backends[1:], strict=True):
+        _check_same_schema(ref.cfg, backend.cfg, str(path))
     cfg = ref.cfg
     if not cfg.data_root.is_dir() and find_datasets() is not None:
         cfg.data.root = str(find_datasets())  # a relative root saved from another folder

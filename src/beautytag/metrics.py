@@ -140,7 +140,7 @@ def multilabel_f1(
     return {"micro_f1": micro, "macro_f1": macro}
 
 
-def shade_stats(lab_true: np.ndarray, lab_pred: np.ndarray) -> dict[str, float]:
+def shade_stats(lab_true: np.ndarray, lab_pred: np.ndarray) -> dict[str, float | int]:
     """CIEDE2000 summary between true and predicted Lab shades, each (N, 3).
 
     Keys: ``median_de2000``, ``mean_de2000``, ``share_under_5`` (fraction with dE00 < 5), ``n``.
@@ -151,13 +151,13 @@ def shade_stats(lab_true: np.ndarray, lab_pred: np.ndarray) -> dict[str, float]:
             "median_de2000": math.nan,
             "mean_de2000": math.nan,
             "share_under_5": math.nan,
-            "n": 0.0,
+            "n": 0,
         }
     return {
         "median_de2000": float(np.median(de)),
         "mean_de2000": float(np.mean(de)),
         "share_under_5": float(np.mean(de < 5.0)),
-        "n": float(de.size),
+        "n": int(de.size),
     }
 
 

@@ -16,7 +16,7 @@ from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 
 from beautytag.attention import create_attention
-from beautytag.color import linear_rgb_to_lab_torch, srgb_to_linear_torch
+from beautytag.color import lab_constants, linear_rgb_to_lab_torch, srgb_to_linear_torch
 from beautytag.config import Config, config_from_dict
 from beautytag.schema import Attribute
 
@@ -163,6 +163,14 @@ def product_weights(
     return torch.softmax(logits.view(b, -1), -1).view(b, 1, h, w)
 
 
+LAB_BUFFERS = tuple(lab_constants())  # registered by the heads that compute CIELAB
+
+
+def lab_buffers(head: nn.Module) -> dict[str, torch.Tensor]:
+    """A head's copies of :func:`lab_constants` (on its device, traced as its own)."""
+    return {name: getattr(head, name) for name in LAB_BUFFERS}
+
+
 class ColourPoolShadeHead(nn.Module):
     """Predicts a shade by *reading it off the photo*: a spatial softmax over the image,
     computed from the feature map and pushed away from white background pixels, averages
@@ -181,6 +189,8 @@ class ColourPoolShadeHead(nn.Module):
         nn.init.zeros_(self.correct.bias)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for name, value in lab_constants().items():
+            self.register_buffer(name, value, persistent=False)
 
     def weights(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights summing to one over each image."""
@@ -193,7 +203,8 @@ class ColourPoolShadeHead(nn.Module):
             rgb = image_rgb(image, self.mean, self.std)
             w = product_weights(self.where(fmap.float()), rgb, self.background)
             lin = (srgb_to_linear_torch(rgb) * w).sum(dim=(2, 3))  # (B, 3)
-            return linear_rgb_to_lab_torch(lin) + 10.0 * self.correct(emb.float())
+            lab = linear_rgb_to_lab_torch(lin, lab_buffers(self))
+            return lab + 10.0 * self.correct(emb.float())
 
 
 # The prototype colours' grid axes: L* 10..90 in steps of 20, a* and b* -75..75 in steps of 25
@@ -251,6 +262,8 @@ class PixelColourHead(nn.Module):
         nn.init.zeros_(self.colour.bias)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for name, value in lab_constants().items():
+            self.register_buffer(name, value, persistent=False)
 
     def histogram(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 245) share of the product's pixels near each prototype colour
@@ -258,7 +271,8 @@ class PixelColourHead(nn.Module):
         with torch.autocast(image.device.type, enabled=False):  # colour maths in float32
             rgb = nn.functional.avg_pool2d(image_rgb(image, self.mean, self.std), self.pool)
             w = product_weights(self.where(fmap.float()), rgb, self.background).flatten(2)
-            lab = linear_rgb_to_lab_torch(srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2))
+            lin = srgb_to_linear_torch(rgb).flatten(2).transpose(1, 2)
+            lab = linear_rgb_to_lab_torch(lin, lab_buffers(self))
             # A softmax of -d^2 / 2s^2 over a grid factorises into one softmax per axis
             # (exp of a sum of squares is a product; so is its sum over the grid): 19
             # exponentials a pixel instead of 245, and no (B, HW, 245) distance tensor. Per

@@ -127,6 +127,7 @@ def parse_schema(raw: Any) -> Schema:
             f"'name' must be an identifier, got {name!r}",
         )
         where = f"attribute {name!r}"
+        _require(name != "image", where, "'image' is the name of an exported model's input")
         _require(name not in seen, where, "is defined twice")
         seen.add(name)
         unknown = set(item) - {"name", "kind", "classes", "weight", "sources"}
