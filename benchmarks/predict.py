@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import git_revision
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +88,15 @@ def main() -> int:
         "cli_summary": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "command": "python benchmarks/predict.py " + " ".join(sys.argv[1:]),
+        "revision": git_revision(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict.json").write_text(json.dumps(result, indent=2))
     md = [
         "# `beautytag predict` on real photos",
         "",
-        f"Command: `{result['command']}` (measured on {result['machine']}; wall time "
+        f"Command: `{result['command']}` at {result['revision']} (measured on "
+        f"{result['machine']}; wall time "
         "includes starting Python and loading the model).",
         "",
         "| files | answers | errors reported | exit code | traceback | wall s | images/s |",
