@@ -52,13 +52,17 @@ def main() -> int:
         "epoch": ckpt.get("epoch"),
         "command": " ".join(["python", *sys.argv]),
     }
-    for split in ("test", "val"):
-        for source in ("fashion", "shades"):
-            r = evaluate(new, split=split, config=data_cfg, sources=[source])
-            result[f"{source}/{split}"] = {
-                "images": r["images"],
-                **{a: m for a, m in r["metrics"].items() if m.get("n")},
-            }
+    try:
+        for split in ("test", "val"):
+            for source in ("fashion", "shades"):
+                r = evaluate(new, split=split, config=data_cfg, sources=[source])
+                result[f"{source}/{split}"] = {
+                    "images": r["images"],
+                    **{a: m for a, m in r["metrics"].items() if m.get("n")},
+                }
+    except BaseException:
+        new.unlink()  # not left beside the shipped weights (nor packed with them)
+        raise
     new.replace(out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}_model.json").write_text(json.dumps(result, indent=2))
