@@ -184,15 +184,18 @@ def test_dynamic_quantisation_is_smaller_still_runs_and_reports_agreement(
     assert meta["quantization"]["mode"] == "dynamic" and meta["outputs"][0]["name"] == "category"
     assert meta["quantization"]["calibration_photos"] == 0  # dynamic: none
     r = parity_check(tiny_model, q, synthetic)
-    assert r["photos"] == 12 and 0.0 <= r["label_agreement"] <= 1.0
-    assert np.isfinite(r["max_abs_diff"])
+    assert r["photos"] == 12 and r["label_agreement"] >= 0.75  # 0.94 at this commit
+    diffs = r["max_abs_diff_per_output"]
+    assert diffs["shade"] < 0.05  # its colour maths are kept in float (4 Lab units if not)
+    assert max(diffs[n] for n in ("category", "color", "finish", "function")) < 0.1
 
 
 def test_static_quantisation_calibrates_on_photos(tiny_model, onnx_path, synthetic, tmp_path):
     q = quantize_onnx(onnx_path, tmp_path / "tiny-int8-static.onnx", "static", synthetic[:6])
     assert q.stat().st_size < 0.5 * onnx_path.stat().st_size
     assert onnx_metadata(q)["quantization"] == {"mode": "static", "calibration_photos": 6}
-    assert 0.0 <= parity_check(tiny_model, q, synthetic)["label_agreement"] <= 1.0
+    r = parity_check(tiny_model, q, synthetic)
+    assert r["label_agreement"] >= 0.75 and r["max_abs_diff_per_output"]["shade"] < 2.0
     with pytest.raises(ValueError, match="calibration"):
         quantize_onnx(onnx_path, tmp_path / "x.onnx", "static", [])
 

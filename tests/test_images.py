@@ -190,12 +190,16 @@ def test_int32_tiff_out_of_range(tmp_path: Path) -> None:
 
 def test_exif_orientation_applied(tmp_path: Path) -> None:
     img = Image.new("RGB", (20, 10), (0, 200, 0))
+    img.paste((255, 0, 0), (0, 0, 6, 4))  # a red block in the stored top-left corner
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    path = _save(img, tmp_path / "o.jpg", "JPEG", exif=exif.tobytes())
+    path = _save(img, tmp_path / "o.jpg", "JPEG", exif=exif.tobytes(), quality=95)
     assert _probe(path).size == (20, 10)
     out = load_image(path)
     _assert_rgb(out, (10, 20))
+    # turned clockwise, the stored top-left corner is shown top right (JPEG: about red)
+    red, green = out.getpixel((8, 1)), out.getpixel((1, 1))
+    assert red[0] > 200 and red[1] < 60 and green[1] > 150 and green[0] < 60
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

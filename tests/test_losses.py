@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from beautytag.losses import LOGVAR_LIMIT, MultiTaskLoss, distillation_loss, shade_loss
 from beautytag.schema import parse_schema
@@ -88,6 +89,13 @@ def test_label_smoothing_and_class_weights_change_the_loss():
     )[1]["cat"]
     assert plain != pytest.approx(smooth)
     assert plain != pytest.approx(weighted)
+    # exactly PyTorch's cross-entropy with those settings (smoothing 0.2 towards uniform,
+    # each sample weighted by its class's weight, the mean over the summed weights)
+    y, t = outputs["cat"], targets["cat"]
+    assert smooth == pytest.approx(float(F.cross_entropy(y, t, label_smoothing=0.2)), rel=1e-6)
+    w = torch.tensor([5.0, 0.1, 0.1])
+    by_hand = (w[t] * -torch.log_softmax(y, -1)[torch.arange(len(t)), t]).sum() / w[t].sum()
+    assert weighted == pytest.approx(float(by_hand), rel=1e-5)
 
 
 def test_distillation_pulls_every_output_to_the_teacher():

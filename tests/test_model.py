@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 
+from beautytag.attention import SeedAttention
 from beautytag.color import linear_rgb_to_lab_torch, srgb_to_lab, srgb_to_linear_torch
 from beautytag.config import config_from_dict
 from beautytag.images import normalize
@@ -72,6 +73,14 @@ def test_outputs_per_attribute(small_cfg, attention):
     assert y["category"].shape == (2, len(small_cfg.schema["category"].classes))
     assert y["function"].shape == (2, 6)
     assert y["shade"].shape == (2, 3)
+    # the feature map the heads read is the backbone's through the chosen attention
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.backbone.forward_features(x)
+        expected = {"none": fmap, "seed": SeedAttention()(fmap), "cbam": fmap}[attention]
+        torch.testing.assert_close(model.features(x), expected)  # CBAM starts as the identity
+    assert type(model.attention).__name__ == {"none": "Identity", "seed": "SeedAttention",
+                                              "cbam": "CBAM"}[attention]  # fmt: skip
 
 
 def test_shade_head_starts_at_the_colour_of_the_product_pixels(small_cfg):
