@@ -15,8 +15,12 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from beautytag import __version__
+
+if TYPE_CHECKING:
+    from beautytag.config import Config
 
 
 def positive_int(text: str) -> int:
@@ -49,6 +53,13 @@ def find_datasets() -> Path | None:
         if cand.is_dir():
             return cand
     return None
+
+
+def use_found_datasets(cfg: Config) -> None:
+    """A model's data root saved relative to another folder (a shipped model's
+    ../shared/datasets): point it at :func:`find_datasets`' folder when it is not there."""
+    if not cfg.data_root.is_dir() and (found := find_datasets()) is not None:
+        cfg.data.root = str(found)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,7 +166,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writeheader()
     t0, n, bad = time.perf_counter(), 0, 0
     try:
-        for result in engine.predict_files(photos):
+        for result in engine.predict_items([(str(f), f) for f in photos]):
             n += 1
             bad += result["error"] is not None
             if writer is None:

@@ -122,13 +122,13 @@ def evaluate(
     confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
     `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
     ensemble, their outputs averaged."""
-    from beautytag.cli import find_datasets
+    from beautytag.cli import use_found_datasets
 
     paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     models, cfg = load_ensemble(paths, device)
-    if config is None and not cfg.data_root.is_dir() and find_datasets() is not None:
-        cfg.data.root = str(find_datasets())  # a relative root saved from another folder
-    if config is not None:
+    if config is None:
+        use_found_datasets(cfg)
+    else:
         check_same_outputs(cfg, config)
         cfg = dataclasses.replace(
             cfg, schema=config.schema, data=config.data, base_dir=config.base_dir

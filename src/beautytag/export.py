@@ -418,7 +418,7 @@ def accuracy_cost(
 ) -> dict[str, Any]:
     """Metrics of the checkpoint and of each exported model on a labelled split of the
     checkpoint's data, and each exported model's change (exported - PyTorch)."""
-    from beautytag.cli import find_datasets
+    from beautytag.cli import use_found_datasets
     from beautytag.data import BeautyDataset, read_samples
 
     ref = load_backend(checkpoint, "torch")
@@ -426,8 +426,7 @@ def accuracy_cost(
     for path, backend in zip(exported_paths, backends[1:], strict=True):
         _check_same_schema(ref.cfg, backend.cfg, str(path))
     cfg = ref.cfg
-    if not cfg.data_root.is_dir() and find_datasets() is not None:
-        cfg.data.root = str(find_datasets())  # a relative root saved from another folder
+    use_found_datasets(cfg)
     samples = read_samples(cfg, splits=[split])
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the model's data sources")

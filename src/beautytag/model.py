@@ -166,6 +166,15 @@ def product_weights(
 LAB_BUFFERS = tuple(lab_constants())  # registered by the heads that compute CIELAB
 
 
+def register_colour_buffers(head: nn.Module, mean: list[float], std: list[float]) -> None:
+    """What a head that reads the photo's colours needs, as (non-persistent) buffers: the
+    input normalisation (``mean``, ``std``) and :func:`lab_constants`."""
+    head.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+    head.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+    for name, value in lab_constants().items():
+        head.register_buffer(name, value, persistent=False)
+
+
 def lab_buffers(head: nn.Module) -> dict[str, torch.Tensor]:
     """A head's copies of :func:`lab_constants` (on its device, traced as its own)."""
     return {name: getattr(head, name) for name in LAB_BUFFERS}
@@ -187,10 +196,7 @@ class ColourPoolShadeHead(nn.Module):
         self.correct = nn.Linear(channels, 3)
         nn.init.zeros_(self.correct.weight)
         nn.init.zeros_(self.correct.bias)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        for name, value in lab_constants().items():
-            self.register_buffer(name, value, persistent=False)
+        register_colour_buffers(self, mean, std)
 
     def weights(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights summing to one over each image."""
@@ -260,10 +266,7 @@ class PixelColourHead(nn.Module):
         self.colour = nn.Linear(len(lab_prototypes()), num_outputs)
         nn.init.zeros_(self.colour.weight)
         nn.init.zeros_(self.colour.bias)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        for name, value in lab_constants().items():
-            self.register_buffer(name, value, persistent=False)
+        register_colour_buffers(self, mean, std)
 
     def histogram(self, fmap: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, 245) share of the product's pixels near each prototype colour
