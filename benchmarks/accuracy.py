@@ -51,7 +51,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -61,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from benchlib import git_revision, throughput
+from benchlib import git_file, git_revision, throughput
 
 from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
@@ -594,13 +593,7 @@ def checkpoint_of(store: dict, name: str, out: Path, seed: int = 0) -> Path | No
             return None
         out.write_bytes(src.read_bytes())
         return out
-    root = Path(__file__).resolve().parents[1]
-    blob = f"{name}:src/beautytag/weights/{SHIPPED[name]}"
-    shown = subprocess.run(["git", "-C", str(root), "show", blob], capture_output=True)
-    if shown.returncode:
-        return None
-    out.write_bytes(shown.stdout)
-    return out
+    return git_file(name, f"src/beautytag/weights/{SHIPPED[name]}", out)
 
 
 def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:

@@ -35,6 +35,22 @@ def git_revision() -> str:
         return "unknown"
 
 
+def git_file(revision: str, path: str, out: Path) -> Path | None:
+    """Write file `path` as committed at `revision` to `out` (e.g. a model shipped then);
+    None where git or that file is not to be had."""
+    try:
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{revision}:{path}"], capture_output=True
+        )
+    except OSError:
+        return None
+    if shown.returncode:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(shown.stdout)
+    return out
+
+
 @torch.inference_mode()
 def throughput(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -> dict:
     """images/s of ``fn(x)``: two warm-up calls, then calls until ``budget_s`` (at least 3).

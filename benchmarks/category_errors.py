@@ -44,21 +44,35 @@ VARIANTS = ("no_other", "knn", "scales")
 
 
 @torch.inference_mode()
-def outputs(model: BeautyTagNet, cfg: Config, split: str, sources: list[str] | None) -> dict:
-    """Category probabilities, embeddings and labels of the labelled photos of one split."""
+def outputs(
+    model: BeautyTagNet,
+    cfg: Config,
+    split: str,
+    sources: list[str] | None,
+    attributes: tuple[str, ...] = ("category",),
+) -> dict:
+    """Embeddings of the photos of one split that have a category, and per attribute its
+    probabilities ``p_ATTR`` and class indices ``y_ATTR`` (-1 where a photo has no label).
+    The category's are also ``p`` and ``y``."""
     samples = read_samples(cfg, splits=[split], sources=sources)
     ds = BeautyDataset([s for s in samples if s.labels.get("category") is not None], cfg)
-    probs, embs = [], []
+    probs: dict[str, list[torch.Tensor]] = {a: [] for a in attributes}
+    embs = []
     for i in range(0, len(ds.pixels), 128):
         x = torch.from_numpy(ds.pixels[i : i + 128]).permute(0, 3, 1, 2).float()
         x = normalize(x, cfg.model.mean, cfg.model.std)
         fmap = model.features(x)
         emb = model.pool(fmap).flatten(1)
-        probs.append(model.head("category", fmap, emb, x).softmax(-1))
+        for a in attributes:
+            probs[a].append(model.head(a, fmap, emb, x).softmax(-1))
         embs.append(emb)
-    classes = cfg.schema["category"].classes
-    y = np.array([classes.index(s.labels["category"]) for s in ds.samples])
-    return {"p": torch.cat(probs).numpy(), "emb": torch.cat(embs).numpy(), "y": y}
+    result = {"emb": torch.cat(embs).numpy()}
+    for a in attributes:
+        classes = cfg.schema[a].classes
+        labels = [s.labels.get(a) for s in ds.samples]
+        result[f"p_{a}"] = torch.cat(probs[a]).numpy()
+        result[f"y_{a}"] = np.array([-1 if v is None else classes.index(v) for v in labels])
+    return result | {"p": result["p_category"], "y": result["y_category"]}
 
 
 def knn_vote(emb: np.ndarray, bank: np.ndarray, labels: np.ndarray, k: int = 5) -> np.ndarray:
@@ -103,7 +117,11 @@ def measure(name: str) -> dict[str, Any]:
 
 
 def short(model: str) -> str:
-    """A shipped model's name, or a checkpoint's run folder (RUN/best.pt -> RUN)."""
+    """A shipped model's name, a checkpoint's run folder (RUN/best.pt -> RUN), or a file as
+    committed at a revision (REV:.../default.pt -> default@REV)."""
+    revision, _, committed = model.partition(":")
+    if committed and not Path(model).exists():
+        return f"{Path(committed).stem}@{revision}"
     path = Path(model)
     return model if len(path.parts) == 1 else path.parent.name
 

@@ -735,3 +735,72 @@ def test_category_errors_counts_errors_and_variants_on_the_shipped_default(datas
         assert 0 < s["errors_weak"] <= s["n"] - s["correct"]
         assert all(abs(s[v] - s["correct"]) <= 0.1 * s["n"] for v in bench.VARIANTS)
     assert "| default | test |" in out.with_suffix(".md").read_text()
+
+
+def fake_model(val_category, test_category, val_color=None, test_color=None):
+    """Probabilities (one-hot of the given answers, 2 classes) as ensembles.probabilities
+    returns them, against labels all 0 (colour: the last photo unlabelled)."""
+
+    def split(category, color):
+        category, color = np.array(category), np.array(color if color else category)
+        color_y = np.zeros(len(color), int)
+        color_y[-1] = -1
+        return {
+            "p_category": np.eye(2)[category],
+            "y_category": np.zeros(len(category), int),
+            "p_color": np.eye(2)[color],
+            "y_color": color_y,
+        }
+
+    return {"val": split(val_category, val_color), "test": split(test_category, test_color)}
+
+
+def test_ensembles_average_members_and_select_forward_on_validation_only():
+    bench = load("ensembles")
+    a = fake_model([0, 0, 1, 1], [0, 1, 1, 1])
+    b = fake_model([0, 1, 0, 1], [1, 0, 0, 0])
+    c = fake_model([1, 1, 1, 1], [0, 0, 0, 0])  # the best on test, the worst on validation
+    # averaged probabilities: a and b tie on photos 1 and 2 (argmax: class 0, right) and
+    # agree on 0 (right) and 3 (wrong)
+    assert bench.correct([a, b], "val", "category") == (3, 4)
+    assert bench.correct([a], "val", "color") == (2, 3)  # the unlabelled photo is not counted
+    assert bench.correct([a, c], "test", "category") == (4, 4)
+    steps = bench.greedy({"a": a, "b": b, "c": c}, 5)
+    assert steps == [["a"], ["a", "b"], ["a", "b", "c"]]  # c, best on test, is chosen last
+    s = bench.scores([a, b])
+    assert s["val"]["category"] == [3, 4] and s["test"]["color"] == [3, 3]
+
+
+def test_ensembles_group_seeds_and_name_committed_models():
+    bench = load("ensembles")
+    names = ["runs/C48-x-s0/best.pt", "runs/C48-x-s1/best.pt", "runs/C53-s0/best.pt", "default"]
+    assert bench.seed_groups(names) == {"C48-x": names[:2]}  # C53 has one seed here
+    assert bench.short("7260413:src/beautytag/weights/default.pt") == "default@7260413"
+    assert bench.short("runs/C48-x-s0/best.pt") == "C48-x-s0"
+    rows = bench.ensembles({n: fake_model([0, 1], [0, 0]) for n in names}, 2)
+    kinds = [r["kind"] for r in rows]
+    assert kinds == ["single"] * 4 + ["seeds", "all", "greedy", "greedy"]
+    assert rows[5]["members"] == names and rows[4]["name"] == "C48-x (its 2 seeds)"
+    table = "\n".join(bench.table(rows))
+    assert "| all 4 | 4 | 1 / 2 (0.500) | 1 / 1 (1.000) | **2 / 2 (1.000)** |" in table
+
+
+def test_ensembles_benchmark_on_the_shipped_models(datasets, tmp_path):
+    out = tmp_path / "ens"
+    models = ["default", "accurate", "HEAD:src/beautytag/weights/default.pt"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ensembles.py"), "--out", str(out)]
+        + ["--greedy", "2", "--models", *models],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"default", "accurate", "default@HEAD", "all 3", "greedy 1", "greedy 2"}
+    # the committed default is the shipped one: the same answers
+    assert rows["default"]["test"] == rows["default@HEAD"]["test"]
+    for r in rows.values():
+        for split, n in (("val", 178), ("test", 206)):
+            correct, total = r[split]["category"]
+            assert total == n and 0.8 * n < correct < n
+    assert "| all 3 | 3 |" in out.with_suffix(".md").read_text()
