@@ -168,7 +168,11 @@ def main() -> int:
     torch.set_num_threads(2)
     results = []
     for name in args.models:
-        results.append(measure(name))
+        try:
+            results.append(measure(name))
+        except (FileNotFoundError, ValueError) as e:  # a model that is not there or not ours
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(results[-1]), flush=True)
     command = "python benchmarks/category_errors.py --models " + " ".join(args.models)
     out = Path(args.out)

@@ -51,7 +51,7 @@ def probabilities(name: str) -> dict[str, dict[str, np.ndarray]]:
     if path and not Path(name).exists():
         with tempfile.TemporaryDirectory() as tmp:
             if git_file(revision, path, Path(tmp) / "model.pt") is None:
-                raise SystemExit(f"error: {name}: no such file at revision {revision}")
+                raise FileNotFoundError(f"{name}: no such file at revision {revision}")
             return probabilities(str(Path(tmp) / "model.pt"))
     model, cfg, _ = load_checkpoint(resolve_model(name))
     model.eval()
@@ -138,7 +138,11 @@ def main() -> int:
         print(f"skipped: {DATA / 'fashion-products-small'} not found", file=sys.stderr)
         return 0
     torch.set_num_threads(2)
-    models = {name: probabilities(name) for name in args.models}
+    try:
+        models = {name: probabilities(name) for name in args.models}
+    except (FileNotFoundError, ValueError) as e:  # a model that is not there or not ours
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = ensembles(models, args.greedy)
     command = f"python benchmarks/ensembles.py --greedy {args.greedy} --models " + " ".join(
         args.models

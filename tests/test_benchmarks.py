@@ -804,3 +804,25 @@ def test_ensembles_benchmark_on_the_shipped_models(datasets, tmp_path):
             correct, total = r[split]["category"]
             assert total == n and 0.8 * n < correct < n
     assert "| all 3 | 3 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("script", ["ensembles", "category_errors"])
+def test_ensembles_and_category_errors_name_a_missing_model_without_a_traceback(
+    datasets, tmp_path, script
+):
+    for model, problem in (
+        (str(tmp_path / "nope.pt"), "model file not found"),
+        (str(ROOT / "README.md"), "not a beautytag checkpoint"),
+        ("deadbee:src/beautytag/weights/default.pt", "no such file at revision deadbee"),
+    ):
+        if script == "category_errors" and ":" in model:
+            continue  # committed files: ensembles only
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / f"{script}.py")]
+            + ["--out", str(tmp_path / "out"), "--models", model],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2
+        assert f"error: {model}: {problem}" in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "out.json").exists()
