@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -179,7 +180,8 @@ def table_a(data: Path) -> dict[str, dict]:
         "A8 lite2 + cbam @ 128 px": table_a_raw(
             data, **{"model.backbone": "tf_efficientnet_lite2"}
         ),
-        "A8 cbam + test-time flip": {"tta_of": "A5 multi-task + cbam attention"},
+        # the GPU runs of A5 (60bd096), not its later CPU runs (a51ce19)
+        "A8 cbam + test-time flip": {"tta_of": at("A5 multi-task + cbam attention", "60bd096")},
         "A8 cbam, backbone pre-trained on the whole catalogue (B1)": table_a_raw(data)
         | {"backbone_from": B1},
     }
@@ -332,7 +334,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # either; no training. Shipping rule, fixed before its runs: C27's (the row's mean
         # validation score above C29's 0.591, then its best seed if that seed's
         # whole-validation category is not below 0.837).
-        "C32 C29 and C31 averaged (model soup)": {"soup_of": [C29, C31]},
+        "C32 C29 and C31 averaged (model soup)": {"soup_of": [at(C29, "ac73a83"), C31]},
         # distillation gains from much longer schedules ("a good teacher is patient", Beyer
         # et al. 2022), and from C23's 15 epochs to C29's 30 the mean validation score rose
         # (0.572 to 0.591) and colour with it: C29 with twice its epochs again. Shipping rule,
@@ -344,7 +346,7 @@ def table_c(data: Path) -> dict[str, dict]:
         # weights averaged (C34), and C31's with C33's (C35), as C32. Shipping rule, fixed
         # before their runs: C27's (the row's mean validation score above C29's 0.591, then its
         # best seed if that seed's whole-validation category is not below 0.837).
-        "C34 C29, C31 and C33 averaged (model soup)": {"soup_of": [C29, C31, C33]},
+        "C34 C29, C31 and C33 averaged (model soup)": {"soup_of": [at(C29, "ac73a83"), C31, C33]},
         "C35 C31 and C33 averaged (model soup)": {"soup_of": [C31, C33]},
         # C29 from the backbone of B3 (the catalogue at 160 px and 16 epochs) instead of
         # C10_DEFAULT's (B1's at 96 px, trained further as C10): does a better catalogue
@@ -387,8 +389,10 @@ def table_c(data: Path) -> dict[str, dict]:
         # pass, the one with the highest mean validation score; its best seed by validation
         # score replaces the default.
         C40: {"soup_of": [C39, C33]},
-        "C41 C39 and C29 averaged (model soup)": {"soup_of": [C39, C29]},
-        "C42 C29, C31, C33 and C39 averaged (model soup)": {"soup_of": [C29, C31, C33, C39]},
+        "C41 C39 and C29 averaged (model soup)": {"soup_of": [C39, at(C29, "ac73a83")]},
+        "C42 C29, C31, C33 and C39 averaged (model soup)": {
+            "soup_of": [at(C29, "ac73a83"), C31, C33, C39]
+        },
         # C40 (C39 and C33 averaged) has whole-test category 0.827 (the best 96 px row is C35
         # at 0.829) with C39's colour, and the second-best mean validation score (0.616), but
         # not C39's validation category. C29 taught by C40 of the same seed (96 px, about 1
@@ -438,14 +442,15 @@ def table_c(data: Path) -> dict[str, dict]:
         # colour of any row, C29 (its control) the better macro-F1; C49 (C48 with the default
         # as teacher) added nothing on its own. Soups of them (as C40; no training, the
         # default's network): C48 with C29 (C50), with C49 (C51), and all three (C52). C29's
-        # checkpoints are those of its second runs (d2129f7; run_checkpoint). Shipping rule,
-        # fixed before their runs: C40's (C38's against C39's row: the row's mean validation
-        # score above 0.595 and its mean whole-validation category not below 0.807); if
-        # several pass, the one with the highest mean validation score; its best seed by
-        # validation score replaces the default.
-        "C50 C48 and C29 averaged (model soup)": {"soup_of": [C48, C29]},
+        # checkpoints are those of its second runs (d2129f7; C32-C42 used the first, ac73a83,
+        # the only ones then). Shipping rule, fixed before their runs: C40's (C38's against
+        # C39's row: the row's mean validation score above 0.595 and its mean
+        # whole-validation category not below 0.807); if several pass, the one with the
+        # highest mean validation score; its best seed by validation score replaces the
+        # default.
+        "C50 C48 and C29 averaged (model soup)": {"soup_of": [C48, at(C29, "d2129f7")]},
         "C51 C48 and C49 averaged (model soup)": {"soup_of": [C48, C49]},
-        "C52 C29, C48 and C49 averaged (model soup)": {"soup_of": [C29, C48, C49]},
+        "C52 C29, C48 and C49 averaged (model soup)": {"soup_of": [at(C29, "d2129f7"), C48, C49]},
         # C33 (C29 with 60 epochs) has the highest mean validation score of any trained row
         # (0.621), C48 (C29 with CutMix on every batch) the highest whole-test colour; CutMix
         # is a regulariser that longer schedules usually suit (Yun et al. 2019 train 300
@@ -566,15 +571,24 @@ def summarise_metrics(result: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def at(row: str, revision: str) -> str:
+    """Row `row`'s runs made at code `revision` only, as a source of a soup, flip, teacher...
+    (where a row was run again at another revision and the source must be the one used)."""
+    return f"{row}|{revision}"
+
+
 def run_checkpoint(store: dict, name: str, seed: int) -> Path | None:
     """The checkpoint of the finished run of row `name` (that seed) if it is on this machine,
     else that of a run of the same row and seed at another revision (``key|revision``, as
-    merge_runs adds them) that is; None if there is none."""
-    key = f"{name}|seed{seed}"
+    merge_runs adds them, in the order of the revisions' hashes) that is; None if there is
+    none. A `name` made by :func:`at` takes only the run at that revision."""
+    row, _, revision = name.partition("|")
+    key = f"{row}|seed{seed}"
     reruns = sorted(k for k in store["runs"] if k.startswith(key + "|"))
     for k in [key, *reruns]:
-        path = store["runs"].get(k, {}).get("checkpoint", "")
-        if path and Path(path).is_file():
+        run = store["runs"].get(k, {})
+        path = run.get("checkpoint", "")
+        if path and Path(path).is_file() and revision in ("", run.get("revision")):
             return Path(path)
     return None
 
@@ -649,6 +663,20 @@ def resolve_markers(store: dict, key: str, raw: dict, seed: int, init: Path) -> 
     if paths:
         out["train"] = out["train"] | {"distill_from": paths if several else paths[0]}
     return out
+
+
+def marker_sources(store: dict, raw: dict, seed: int) -> list[str]:
+    """What a row's markers resolve to for this seed, for the run's record: a shipped model as
+    ``REVISION:PATH``, a run by its checkpoint file (the backbone's: seed 0, as
+    backbone_of_run / checkpoint_of take it)."""
+    start = raw.get("backbone_from") or raw.get("init_from")
+    named = ([(start, 0)] if start else []) + [(t, seed) for t in teachers_of(raw)]
+    return [
+        f"{n}:src/beautytag/weights/{SHIPPED[n]}"
+        if n in SHIPPED
+        else str(run_checkpoint(store, n, s))
+        for n, s in named
+    ]
 
 
 def teachers_of(raw: dict) -> list[str]:
@@ -760,7 +788,8 @@ def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
 def row_config(data: Path, name: str, quick: bool) -> Config:
     """The config of row `name` (any table) without its markers, cut down for --quick: the
     data and outputs that a flip or a soup of that row's runs is measured on."""
-    raw = without_marker((table_a(data) | table_b(data) | table_c(data))[name])
+    row = name.partition("|")[0]  # without at()'s revision
+    raw = without_marker((table_a(data) | table_b(data) | table_c(data))[row])
     return config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
 
 
@@ -773,7 +802,8 @@ def run_tta(
         return None
     cfg = row_config(data, source_name, quick)
     result = evaluate(checkpoint, split="test", config=cfg, flip_tta=True)
-    return {"metrics": summarise_metrics(result["metrics"]), "train_seconds": 0.0}
+    metrics = summarise_metrics(result["metrics"])
+    return {"metrics": metrics, "train_seconds": 0.0, "sources": [str(checkpoint)]}
 
 
 def run_soup(
@@ -787,7 +817,7 @@ def run_soup(
         return None
     average_checkpoints(paths, out)
     cfg = row_config(data, rows[0], quick)
-    return measured(out, cfg) | {"train_seconds": 0.0}
+    return measured(out, cfg) | {"train_seconds": 0.0, "sources": [str(p) for p in paths]}
 
 
 def run_ensemble(
@@ -881,7 +911,10 @@ def write_report(store: dict, path_md: Path) -> None:
         "",
         "Measured by `benchmarks/accuracy.py`; every number below comes from "
         "`benchmarks/results/accuracy.json` (per-run metrics, device, git revision). "
-        "Mean ± standard deviation over seeds; `n` = number of seeds.",
+        "Mean ± standard deviation over seeds; `n` = number of seeds. Each run's `command` "
+        "there reproduces it; in the runs measured up to revision e891547 it joined the "
+        "arguments with spaces, so a pattern of several words after `--only` (`--only A8 "
+        "lite2 + cbam @ 192 px`) was one argument: quote it to run it again.",
         "",
     ]
     tables = {
@@ -961,13 +994,36 @@ def selects(patterns: list[str], name: str) -> bool:
     return any(p == row_id if re.fullmatch(r"[ABC]\d+", p) else p in name for p in patterns)
 
 
+# What every stored run has (the report reads them).
+RUN_FIELDS = ("name", "seed", "metrics", "train_seconds", "device", "revision")
+
+
+def load_store(path: Path, must_exist: bool) -> dict:
+    """The results file at `path` (a new, empty store if there is none and none is needed);
+    ValueError naming the file when it is not a results file."""
+    if not path.exists():
+        if must_exist:
+            raise ValueError(f"{path}: no such results file")
+        return {"runs": {}}
+    try:
+        store = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(store, dict) or not isinstance(store.get("runs"), dict):
+        raise ValueError(f"{path}: not an accuracy results file (no mapping 'runs')")
+    return store
+
+
 def merge_runs(store: dict, runs: dict[str, dict]) -> list[str]:
     """Add finished runs from another results file to `store`. A run the store already has
     is kept as it is; a run of the same row and seed at another code revision is added as
     ``key|revision`` (its own row in the table). Returns the keys added."""
+    if not isinstance(runs, dict):
+        raise ValueError("'runs' is not a mapping of run keys to runs")
     for key, run in runs.items():
-        if not isinstance(run, dict) or "metrics" not in run:
-            raise ValueError(f"run {key!r} has no metrics")
+        missing = [f for f in RUN_FIELDS if not isinstance(run, dict) or f not in run]
+        if missing:
+            raise ValueError(f"run {key!r} has no {', '.join(missing)}")
     added = {}
     for key, run in runs.items():
         mine = store["runs"].get(key)
@@ -1041,6 +1097,12 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name)[:48]
 
 
+def default_runs_dir(quick: bool) -> Path:
+    """Where runs write their checkpoints without --runs-dir: a --quick smoke run elsewhere
+    than full runs, whose best.pt the results file names (soups, teachers and flips read it)."""
+    return ROOT / "runs" / ("bench-quick" if quick else "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -1050,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", nargs="*", default=[], help="leave out these rows (as --only)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs: a smoke run")
     p.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results)")
-    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--runs-dir", type=Path, help="the runs' folders (default: runs/bench)")
     p.add_argument("--workers", type=int, default=0, help="data-loader workers")
     p.add_argument("--speed", action="store_true", help="measure inference img/s here")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown")
@@ -1074,21 +1136,28 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="start no new run after this many seconds (0: no limit)",
     )
-    args = p.parse_args(argv)
+    args_given = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(args_given)
+    args.runs_dir = args.runs_dir or default_runs_dir(args.quick)
 
     name = "accuracy-quick" if args.quick else "accuracy"
     path = args.results or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    try:  # --pick and --report read a results file; a run or --merge may start one
+        store = load_store(path, must_exist=bool(args.pick or (args.report and not args.merge)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.pick:
         print("\n".join(pick_table(store, args.pick)))
         return 0
     if args.merge or args.report:
         for other in args.merge:
             try:
-                added = merge_runs(store, json.loads(other.read_text())["runs"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                print(f"{other}: not an accuracy results file ({e})", file=sys.stderr)
+                added = merge_runs(store, load_store(other, must_exist=True)["runs"])
+            except ValueError as e:
+                where = "" if str(e).startswith(str(other)) else f"{other}: "
+                print(f"error: {where}{e} (nothing merged)", file=sys.stderr)
                 return 2
             print(f"{other}: {len(added)} runs added")
         path.write_text(json.dumps(store, indent=2))
@@ -1159,6 +1228,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_raw = resolve_markers(store, key, raw, seed, init)
                     if train_raw is None:
                         continue
+                    sources = marker_sources(store, raw, seed)
                     run = run_trained(
                         train_raw,
                         seed,
@@ -1166,13 +1236,13 @@ def main(argv: list[str] | None = None) -> int:
                         args.quick,
                         args.workers,
                         revision,
-                    )
+                    ) | ({"sources": sources} if sources else {})
                 run |= {
                     "name": n,
                     "seed": seed,
                     "device": device,
                     "revision": revision,
-                    "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
+                    "command": shlex.join(["python", "benchmarks/accuracy.py", *args_given]),
                 }
                 store["runs"][key] = run
                 path.write_text(json.dumps(store, indent=2))  # keep every finished run

@@ -4,11 +4,12 @@
 #
 #   benchmarks/accuracy_parallel.sh [DATA] [extra accuracy.py options, e.g. --quick]
 #
-# DATA defaults to ../shared/datasets. Work and logs go to $OUT (default runs/parallel); the
-# merged tables to $RESULTS (default benchmarks/results/accuracy.json, or accuracy-quick.json
-# with --quick). Finished runs are never redone: a run already in a process's file in $OUT is
-# skipped when the script is started again, and a run already in $RESULTS is kept as it is
-# (use a new RESULTS file to replace it). Two phases: the rows that start from another run's
+# DATA defaults to ../shared/datasets. Work and logs go to $OUT (default runs/parallel, or
+# runs/parallel-quick with --quick); the merged tables to $RESULTS (default
+# benchmarks/results/accuracy.json, or accuracy-quick.json with --quick). Finished runs are
+# never redone: a run already in a process's file in $OUT is skipped when the script is
+# started again, and a run already in $RESULTS is kept as it is (use a new RESULTS file to
+# replace it). Two phases: the rows that start from another run's
 # checkpoint (domain pre-training from B1, B2 or B3, test-time flip, a teacher) wait until that
 # run is done (C26 needs C23 of phase 1, C38 and C39 need C31); within phase 2 a row runs
 # after the rows it needs (C22 after C21, C43 after the soup C40, after C39).
@@ -16,9 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
 shift || true
-OUT=${OUT:-runs/parallel}
 quick=""
 for arg in "$@"; do [ "$arg" != --quick ] || quick=-quick; done
+OUT=${OUT:-runs/parallel$quick}  # a smoke run never writes into the full runs' files
 RESULTS=${RESULTS:-benchmarks/results/accuracy$quick.json}
 mkdir -p "$OUT"
 # ten processes at once in phase 1: share the CPUs instead of each taking all of them

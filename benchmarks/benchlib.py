@@ -19,19 +19,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The files whose changes change what a benchmark measures (not its results or the docs).
+CODE = ["src", "configs", "scripts", "pyproject.toml", ":(glob)benchmarks/*.py"]
+
+
 def git_revision() -> str:
-    """The checkout's short commit hash ("unknown" outside git)."""
+    """The checkout's short commit hash, with "-dirty" when the code (CODE) has changes not
+    committed; "unknown" outside git."""
     if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
         return os.environ["BEAUTYTAG_REVISION"]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, text=True, capture_output=True)
+        if done.returncode:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        revision = git("rev-parse", "--short", "HEAD")
+        return revision + ("-dirty" if git("status", "--porcelain", "--", *CODE) else "")
+    except OSError:
         return "unknown"
 
 

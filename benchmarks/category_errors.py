@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def main() -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(results[-1]), flush=True)
-    command = "python benchmarks/category_errors.py --models " + " ".join(args.models)
+    command = shlex.join(["python", "benchmarks/category_errors.py", "--models", *args.models])
     out = Path(args.out)
     payload = {"revision": git_revision(), "command": command, "results": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import tempfile
 from collections import defaultdict
@@ -88,13 +89,19 @@ def greedy(models: dict[str, dict], size: int) -> list[list[str]]:
 
 
 def seed_groups(names: list[str]) -> dict[str, list[str]]:
-    """Checkpoints of the same row (run folders ``ROW-sN``) with at least two seeds."""
-    groups: dict[str, list[str]] = defaultdict(list)
+    """Checkpoints of the same row (run folders ``ROW-sN`` in one folder) with at least two
+    seeds, by row (``FOLDER/ROW`` where runs of one row sit in several folders)."""
+    groups: dict[tuple[Path, str], list[str]] = defaultdict(list)
     for name in names:
         match = re.fullmatch(r"(.+)-s\d+", short(name))
         if match and name != short(name):
-            groups[match.group(1)].append(name)
-    return {row: members for row, members in groups.items() if len(members) > 1}
+            groups[(Path(name).parent.parent, match.group(1))].append(name)
+    rows = [row for _, row in groups]
+    return {
+        row if rows.count(row) == 1 else f"{folder.name}/{row}": members
+        for (folder, row), members in groups.items()
+        if len(members) > 1
+    }
 
 
 def ensembles(models: dict[str, dict], size: int) -> list[dict[str, Any]]:
@@ -144,8 +151,9 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = ensembles(models, args.greedy)
-    command = f"python benchmarks/ensembles.py --greedy {args.greedy} --models " + " ".join(
-        args.models
+    command = shlex.join(
+        ["python", "benchmarks/ensembles.py", "--greedy", str(args.greedy), "--models"]
+        + args.models
     )
     out = Path(args.out)
     payload = {"revision": git_revision(), "command": command, "targets": TARGETS, "rows": rows}

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -53,6 +54,8 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
     }
     a3 = store["runs"]["A3 multi-task, no attention|seed0"]
     assert 0 <= a3["metrics"]["category.accuracy"] <= 1 and a3["revision"]
+    # the recorded command runs the same again: "C1 " (not C10) stays one quoted argument
+    assert shlex.split(a3["command"]) == ["python", "benchmarks/accuracy.py", *args]
     assert (
         store["runs"]["C1 predict the training mean colour|seed0"]["metrics"]["shade.median_de2000"]
         > 0
@@ -244,7 +247,8 @@ def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     broken.write_text('{"runs": {"X|seed0": {"name": "X"}}}')
     capsys.readouterr()
     assert bench.main(["--results", str(mine), "--merge", str(broken)]) == 2
-    assert "broken.json: not an accuracy results file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "broken.json: run 'X|seed0' has no seed, metrics" in err and "nothing merged" in err
     assert sorted(json.loads(mine.read_text())["runs"]) == keys  # nothing half-merged
 
 
@@ -418,14 +422,15 @@ def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_
     bench = load("accuracy")
     rows = bench.table_c(datasets)
     c29, c31 = rows["C32 C29 and C31 averaged (model soup)"]["soup_of"]
-    assert (c29, c31) == (bench.C29, bench.C31)
-    assert bench.without_marker(rows[c29]) == bench.without_marker(rows[c31])
-    assert rows[c29]["backbone_from"] == rows[c31]["backbone_from"]
+    assert (c29, c31) == (bench.at(bench.C29, "ac73a83"), bench.C31)  # C29's first runs
+    assert bench.without_marker(rows[bench.C29]) == bench.without_marker(rows[c31])
+    assert rows[bench.C29]["backbone_from"] == rows[c31]["backbone_from"]
     model = {"image_size": 96, "pixel_colour": ["color"], "pixel_colour_pool": 4}
     store = {"runs": {}}
     for i, row in enumerate((c29, c31)):
         path = make_tiny_model(tmp_path / f"{i}.pt", model)
-        store["runs"][f"{row}|seed1"] = {"checkpoint": str(path)}
+        store["runs"][f"{row.partition('|')[0]}|seed1"] = {"checkpoint": str(path)}
+    store["runs"][f"{bench.C29}|seed1"]["revision"] = "ac73a83"
     out = tmp_path / "soup" / "soup.pt"
     assert bench.run_soup(store, [c29, c31], 0, datasets, out, quick=True) is None  # no seed 0
     run = bench.run_soup(store, [c29, c31], 1, datasets, out, quick=True)
@@ -472,6 +477,7 @@ def test_c39_is_c29_taught_by_c31_of_the_same_seed(datasets):
 def assert_one_start(bench, rows: dict, names: list[str]) -> None:
     """The rows start from one backbone and init with one model config: their runs of a seed
     can be averaged (a model soup)."""
+    names = [r.partition("|")[0] for r in names]  # the rows, without at()'s revision
     starts = {(rows[r]["backbone_from"], rows[r].get("init_from")) for r in names}
     assert len(starts) == 1  # one start: the weights can be averaged
     models = [bench.without_marker(rows[r])["model"] for r in names]
@@ -483,7 +489,8 @@ def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     rows = bench.table_c(datasets)
     c34 = rows["C34 C29, C31 and C33 averaged (model soup)"]["soup_of"]
     c35 = rows["C35 C31 and C33 averaged (model soup)"]["soup_of"]
-    assert c34 == [bench.C29, bench.C31, bench.C33] and c35 == [bench.C31, bench.C33]
+    first = bench.at(bench.C29, "ac73a83")  # C29's first runs, the only ones then
+    assert c34 == [first, bench.C31, bench.C33] and c35 == [bench.C31, bench.C33]
     assert_one_start(bench, rows, c34)
 
 
@@ -493,8 +500,9 @@ def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets
     c40 = rows[bench.C40]["soup_of"]
     c41 = rows["C41 C39 and C29 averaged (model soup)"]["soup_of"]
     c42 = rows["C42 C29, C31, C33 and C39 averaged (model soup)"]["soup_of"]
-    assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, bench.C29]
-    assert c42 == [bench.C29, bench.C31, bench.C33, bench.C39]
+    first = bench.at(bench.C29, "ac73a83")  # C29's first runs, the only ones then
+    assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, first]
+    assert c42 == [first, bench.C31, bench.C33, bench.C39]
     assert_one_start(bench, rows, c42)
 
 
@@ -682,8 +690,9 @@ def test_c50_c52_average_c48_with_runs_that_start_from_the_same_weights(datasets
     c50 = rows["C50 C48 and C29 averaged (model soup)"]["soup_of"]
     c51 = rows["C51 C48 and C49 averaged (model soup)"]["soup_of"]
     c52 = rows["C52 C29, C48 and C49 averaged (model soup)"]["soup_of"]
-    assert c50 == [bench.C48, bench.C29] and c51 == [bench.C48, bench.C49]
-    assert c52 == [bench.C29, bench.C48, bench.C49]
+    second = bench.at(bench.C29, "d2129f7")  # C29's second runs
+    assert c50 == [bench.C48, second] and c51 == [bench.C48, bench.C49]
+    assert c52 == [second, bench.C48, bench.C49]
     assert_one_start(bench, rows, c52)
 
 
@@ -705,6 +714,29 @@ def test_run_checkpoint_falls_back_to_a_rerun_at_another_revision(tmp_path):
     assert bench.run_checkpoint(store, "R", 0) == first
     assert bench.run_checkpoint(store, "R", 2) is None
     assert bench.run_checkpoint(store, "R2", 0) is None  # another row's name
+
+
+def test_run_checkpoint_at_a_revision_takes_that_revisions_run_only(tmp_path, datasets):
+    """A source pinned with at() (C50's C29: its second runs) never falls back to the run of
+    another revision, whichever files are here."""
+    bench = load("accuracy")
+    first, rerun = tmp_path / "first.pt", tmp_path / "rerun.pt"
+    first.write_bytes(b"x")
+    store = {
+        "runs": {
+            "R|seed0": {"checkpoint": str(first), "revision": "ac73a83"},
+            "R|seed0|d2129f7": {"checkpoint": str(rerun), "revision": "d2129f7"},
+        }
+    }
+    assert bench.run_checkpoint(store, bench.at("R", "d2129f7"), 0) is None  # not here yet
+    rerun.write_bytes(b"x")
+    assert bench.run_checkpoint(store, bench.at("R", "d2129f7"), 0) == rerun
+    assert bench.run_checkpoint(store, bench.at("R", "ac73a83"), 0) == first
+    assert bench.run_checkpoint(store, "R", 0) == first  # unpinned: the first run first
+    assert bench.run_checkpoint(store, bench.at("R", "0000000"), 0) is None
+    # a pinned row's config is the row's own
+    c29 = bench.row_config(datasets, bench.at(bench.C29, "d2129f7"), False)
+    assert c29 == bench.row_config(datasets, bench.C29, False)
 
 
 def test_category_errors_knn_vote_weighs_the_nearest_training_photos():
@@ -775,6 +807,8 @@ def test_ensembles_group_seeds_and_name_committed_models():
     bench = load("ensembles")
     names = ["runs/C48-x-s0/best.pt", "runs/C48-x-s1/best.pt", "runs/C53-s0/best.pt", "default"]
     assert bench.seed_groups(names) == {"C48-x": names[:2]}  # C53 has one seed here
+    reruns = ["again/C48-x-s0/best.pt", "again/C48-x-s1/best.pt"]  # the same row, run again
+    assert bench.seed_groups(names + reruns) == {"runs/C48-x": names[:2], "again/C48-x": reruns}
     assert bench.short("7260413:src/beautytag/weights/default.pt") == "default@7260413"
     assert bench.short("runs/C48-x-s0/best.pt") == "C48-x-s0"
     rows = bench.ensembles({n: fake_model([0, 1], [0, 0]) for n in names}, 2)
@@ -826,3 +860,92 @@ def test_ensembles_and_category_errors_name_a_missing_model_without_a_traceback(
         assert done.returncode == 2
         assert f"error: {model}: {problem}" in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "out.json").exists()
+
+
+def test_accuracy_store_errors_are_one_line_and_leave_the_store_as_it_was(tmp_path, capsys):
+    """--merge of a file that is not a results file, or of runs the report could not show,
+    merges nothing; --report / --pick on a missing or broken file say so (exit 2)."""
+    bench = load("accuracy")
+    store = tmp_path / "store.json"
+    run = {"name": "Z1 x", "seed": 0, "metrics": {"a": 1.0}, "train_seconds": 1.0}
+    run |= {"device": "cpu", "revision": "abc1234"}
+    store.write_text(json.dumps({"runs": {"Z1 x|seed0": run}}))
+    before = store.read_text()
+    files = {
+        "bad.json": {"runs": {"Z2 y|seed0": {"metrics": {"a": 1}}}},  # no name, revision...
+        "list.json": {"runs": []},
+        "corrupt.json": "not json",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    cases = [
+        (
+            ["--merge", str(tmp_path / "bad.json")],
+            "has no name, seed, train_seconds, device, revision",
+        ),
+        (["--merge", str(tmp_path / "list.json")], "no mapping 'runs'"),
+        (["--merge", str(tmp_path / "corrupt.json")], "not a readable JSON file"),
+        (["--merge", str(tmp_path / "missing.json")], "no such results file"),
+    ]
+    for args, problem in cases:
+        capsys.readouterr()
+        assert bench.main(["--results", str(store), *args]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and args[1] in err and "nothing merged" in err
+        assert store.read_text() == before
+    for args, problem in [
+        (["--results", str(tmp_path / "typo.json"), "--report"], "no such results file"),
+        (["--results", str(tmp_path / "typo.json"), "--pick", "C29"], "no such results file"),
+        (["--results", str(tmp_path), "--report"], "not a readable JSON file"),
+    ]:
+        assert bench.main(args) == 2
+        assert problem in capsys.readouterr().err
+    assert not (tmp_path / "typo.json").exists()  # not created empty
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"runs": {"Z1 x|seed0": run | {"revision": "def5678"}}}))
+    assert bench.main(["--results", str(store), "--merge", str(good)]) == 0
+    assert set(json.loads(store.read_text())["runs"]) == {"Z1 x|seed0", "Z1 x|seed0|def5678"}
+
+
+def test_accuracy_quick_runs_write_elsewhere_than_full_runs():
+    bench = load("accuracy")
+    assert bench.default_runs_dir(True) != bench.default_runs_dir(False)
+    assert bench.default_runs_dir(False) == ROOT / "runs" / "bench"
+
+
+def test_accuracy_runs_record_the_checkpoints_their_markers_resolve_to(tmp_path):
+    bench = load("accuracy")
+    teacher = tmp_path / "c31.pt"
+    teacher.write_bytes(b"x")
+    store = {"runs": {f"{bench.C31}|seed1": {"checkpoint": str(teacher), "revision": "r"}}}
+    rows = bench.table_c(tmp_path)
+    sources = bench.marker_sources(store, rows[bench.C39], 1)  # C29 (from B1) taught by C31
+    assert sources[1:] == [str(teacher)]
+    assert bench.marker_sources(store, rows[bench.C49], 0)[1:] == [
+        f"{bench.C39_DEFAULT}:src/beautytag/weights/default.pt"
+    ]
+    assert bench.marker_sources(store, rows[bench.C29], 0)[-1].startswith(bench.C16_DEFAULT)
+
+
+def test_git_revision_marks_uncommitted_code_changes(tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    bench = load("benchlib")
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("# r\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(bench, "ROOT", repo)
+    monkeypatch.delenv("BEAUTYTAG_REVISION", raising=False)
+    clean = bench.git_revision()
+    assert len(clean) >= 7 and not clean.endswith("-dirty")
+    (repo / "README.md").write_text("# docs only\n")
+    assert bench.git_revision() == clean  # docs and results are not code
+    (repo / "src" / "a.py").write_text("x = 2\n")
+    assert bench.git_revision() == clean + "-dirty"
