@@ -79,6 +79,16 @@ def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, cap
     missed = Counter(r["true"] for r in wrong)
     assert all(r["n"] - r["correct"] == missed[r["class"]] for r in rows)
     assert "| class | n | correct | recall |" in (tmp_path / "ev" / "report.md").read_text()
+    # confidence: at the lowest threshold every answer with a top score of at least 0.5 is
+    # kept; the mistakes' probabilities tell how many wrong ones that includes
+    kept = report["confidence"]["category"][0]
+    assert kept["threshold"] == 0.5 and kept["n"] <= n
+    wrong_kept = sum(p >= 0.5 for p in probs)
+    assert kept["n"] >= wrong_kept
+    if kept["n"]:
+        assert kept["accuracy"] == pytest.approx(1 - wrong_kept / kept["n"])
+    assert 0 <= report["metrics"]["category"]["calibration_error"] < 1
+    assert "| category | 0.9 |" in (tmp_path / "ev" / "report.md").read_text()
     assert report["sources"] == ["fashion"] and not report["flip_tta"]
     flip = ["evaluate", str(best), "--tta-flip", "--out", str(tmp_path / "flip")]
     assert main(flip) == 0

@@ -7,6 +7,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from beautytag.metrics import (
     accuracy,
+    calibration_error,
     confusion_matrix,
     macro_f1,
     most_confused,
@@ -14,6 +15,7 @@ from beautytag.metrics import (
     multilabel_map,
     per_class,
     save_confusion_png,
+    selective_accuracy,
     shade_stats,
     topk_accuracy,
 )
@@ -95,6 +97,29 @@ def test_topk_accuracy() -> None:
     assert topk_accuracy(y, scores, 3) == 1.0
     assert topk_accuracy(y, scores, 10) == 1.0  # k larger than C is clamped
     assert topk_accuracy(np.array([1, 0]), scores[:2], 1) == 1.0
+
+
+def test_calibration_error_hand_computed() -> None:
+    # top scores 0.95, 0.95 (bin [0.9, 1]: 1 of 2 right) and 0.6, 0.65 (bin [0.6, 0.7): both
+    # right): (2 * |0.5 - 0.95| + 2 * |1.0 - 0.625|) / 4
+    scores = np.array([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.35, 0.65]])
+    y = np.array([0, 0, 0, 1])
+    assert calibration_error(y, scores) == pytest.approx((2 * 0.45 + 2 * 0.375) / 4)
+    # a score of exactly 1 falls in the last bin; scores that match the hit rate give 0
+    assert calibration_error(np.array([0]), np.array([[1.0, 0.0]])) == 0.0
+    fair = np.array([[0.5, 0.5]] * 4)
+    assert calibration_error(np.array([0, 0, 1, 1]), fair) == 0.0  # argmax 0: half right
+    assert math.isnan(calibration_error(np.array([], int), np.zeros((0, 2))))
+
+
+def test_selective_accuracy_keeps_answers_at_or_above_each_threshold() -> None:
+    scores = np.array([[0.95, 0.05], [0.05, 0.95], [0.7, 0.3], [0.45, 0.55], [0.5, 0.5]])
+    y = np.array([0, 0, 0, 1, 1])  # right, wrong, right, right, wrong (tie: class 0)
+    rows = selective_accuracy(y, scores, (0.5, 0.7, 0.96))
+    assert [r["n"] for r in rows] == [5, 3, 0]  # 0.7 itself is kept
+    assert rows[0]["accuracy"] == pytest.approx(3 / 5) and rows[0]["share"] == 1.0
+    assert rows[1]["accuracy"] == pytest.approx(2 / 3) and rows[1]["share"] == 0.6
+    assert rows[2]["accuracy"] is None and rows[2]["share"] == 0.0
 
 
 def test_multilabel_map_hand_computed() -> None:

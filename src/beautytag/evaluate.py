@@ -98,6 +98,7 @@ def compute_metrics(
                 "accuracy": metrics.accuracy(t, pred),
                 "macro_f1": metrics.macro_f1(t, pred, len(a.classes)),
                 "top3_accuracy": metrics.topk_accuracy(t, o, 3),
+                "calibration_error": metrics.calibration_error(t, o),
             }
         elif a.kind == "multi":
             r |= {"mAP": metrics.multilabel_map(t, o)} | metrics.multilabel_f1(t, o)
@@ -160,6 +161,11 @@ def evaluate(
             name: metrics.most_confused(cm, classes[name]) for name, cm in matrices.items()
         },
         "per_class": {name: metrics.per_class(cm, classes[name]) for name, cm in matrices.items()},
+        "confidence": {
+            name: metrics.selective_accuracy(targets[name][m], outputs[name][m])
+            for name in matrices
+            if (m := masks[name].astype(bool)).any()
+        },
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -312,6 +318,18 @@ def write_report(
         lines += [f"| {name} | {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
     if not any(result["most_confused"].values()):
         lines.append("| - | no mistakes | - | - |")
+    lines += [
+        "",
+        "Confidence: the answers whose score is at least a threshold (share of the labelled "
+        "photos, and how many of those answers are right):",
+        "",
+        "| attribute | score ≥ | photos | share | accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, rows in result["confidence"].items():
+        for r in rows:
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+            lines.append(f"| {name} | {r['threshold']} | {r['n']} | {r['share']:.3f} | {acc} |")
     for name, rows in result["per_class"].items():
         lines += [
             "",

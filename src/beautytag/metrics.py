@@ -96,6 +96,47 @@ def topk_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float(np.mean((topk == t[:, None]).any(axis=1)))
 
 
+def calibration_error(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error (Guo et al. 2017): the rows binned by their top score into
+    `bins` equal-width bins ([0, 0.1), ..., [0.9, 1]); the mean over rows of |accuracy - mean
+    top score| of their bin. 0 for scores that are the chance of being right; nan for empty
+    input."""
+    t = _labels(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    if t.size == 0:
+        return math.nan
+    top, right = s.max(axis=1), s.argmax(axis=1) == t
+    which = np.minimum((top * bins).astype(np.int64), bins - 1)
+    gaps = [
+        (which == b).sum() * abs(right[which == b].mean() - top[which == b].mean())
+        for b in np.unique(which)
+    ]
+    return float(sum(gaps) / t.size)
+
+
+def selective_accuracy(
+    y_true: np.ndarray, scores: np.ndarray, thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
+) -> list[dict[str, Any]]:
+    """What keeping only the answers with a top score of at least each threshold gives: how
+    many rows (``n``, ``share`` of all) and how many of those answers are right (``accuracy``,
+    None when no row is kept). The basis for auto-accepting confident answers."""
+    t = _labels(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    top, right = s.max(axis=1), s.argmax(axis=1) == t
+    rows = []
+    for threshold in thresholds:
+        kept = top >= threshold
+        rows.append(
+            {
+                "threshold": threshold,
+                "n": int(kept.sum()),
+                "share": float(kept.mean()) if t.size else math.nan,
+                "accuracy": float(right[kept].mean()) if kept.any() else None,
+            }
+        )
+    return rows
+
+
 def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
     """AP as in sklearn: sum over distinct thresholds of (R_n - R_{n-1}) * P_n."""
     order = np.argsort(-s, kind="stable")
