@@ -58,6 +58,22 @@ def git_file(revision: str, path: str, out: Path) -> Path | None:
     return out
 
 
+def model_file(spec: str, folder: Path) -> Path:
+    """The file of a benchmark's model argument: a shipped name or a checkpoint as the
+    command line takes them, or ``REVISION:PATH``, a file as committed at a revision (e.g.
+    ``c08db71:src/beautytag/weights/default.pt``, the default shipped then; written into
+    `folder`). FileNotFoundError where there is no such file."""
+    from beautytag.engine import resolve_model
+
+    revision, _, path = spec.partition(":")
+    if not path or Path(spec).exists():
+        return resolve_model(spec)
+    out = folder / f"{revision}-{Path(path).name}"
+    if git_file(revision, path, out) is None:
+        raise FileNotFoundError(f"{spec}: no such file at revision {revision}")
+    return out
+
+
 @torch.inference_mode()
 def throughput(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -> dict:
     """images/s of ``fn(x)``: two warm-up calls, then calls until ``budget_s`` (at least 3).

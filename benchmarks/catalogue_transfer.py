@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no datasets at {args.data} (pass --data)", file=sys.stderr)
         return 0
     default_path = resolve_model(args.default)
-    _, target, _ = load_checkpoint(default_path)
-    target = dataclasses.replace(
-        target, data=dataclasses.replace(target.data, root=str(args.data.resolve()))
-    )
     try:
+        _, target, _ = load_checkpoint(default_path)
         models = {ckpt: load_catalogue_model(ckpt) for ckpt in args.checkpoints}
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    target = dataclasses.replace(
+        target, data=dataclasses.replace(target.data, root=str(args.data.resolve()))
+    )
     rows = []
     for split in ("val", "test"):
         ref = evaluate(
@@ -141,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(rows[-1]), flush=True)
     result = {
-        "command": "python benchmarks/catalogue_transfer.py " + " ".join(argv or sys.argv[1:]),
+        "command": shlex.join(
+            [
+                "python",
+                "benchmarks/catalogue_transfer.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
         "revision": git_revision(),
         "flip": args.tta_flip,
         "rows": rows,

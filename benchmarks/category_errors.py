@@ -14,7 +14,7 @@ not show. Then three changes at inference, none retrained:
 Writes benchmarks/results/category_errors.json and .md. The test column is reported, never
 used to choose.
 
-    python benchmarks/category_errors.py [--models default accurate PATH...]
+    python benchmarks/category_errors.py [--models default accurate PATH REV:PATH...]
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ import copy
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision
+from benchlib import git_revision, model_file
 
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
-from beautytag.engine import resolve_model
 from beautytag.images import normalize
 from beautytag.model import BeautyTagNet, load_checkpoint
 
@@ -89,7 +89,8 @@ def knn_vote(emb: np.ndarray, bank: np.ndarray, labels: np.ndarray, k: int = 5) 
 
 def measure(name: str) -> dict[str, Any]:
     """One model's errors and its three inference variants on validation and test."""
-    model, cfg, _ = load_checkpoint(resolve_model(name))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, cfg, _ = load_checkpoint(model_file(name, Path(tmp)))
     model.eval()
     classes = cfg.schema["category"].classes
     other, weak = classes.index("Other"), [classes.index(c) for c in WEAK]

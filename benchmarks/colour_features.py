@@ -19,13 +19,18 @@ the best on `val` (the test column is not used to choose). Writes
 benchmarks/results/colour_features.json and .md.
 
     python benchmarks/colour_features.py [--model default]
+
+The committed results are of the default shipped then (C10):
+``--model c08db71:src/beautytag/weights/default.pt``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision
+from benchlib import git_revision, model_file
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -41,7 +46,6 @@ from sklearn.linear_model import LogisticRegression
 from beautytag import metrics
 from beautytag.color import srgb_to_lab
 from beautytag.data import BeautyDataset, read_samples
-from beautytag.engine import resolve_model
 from beautytag.images import normalize
 from beautytag.model import PixelColourHead, load_checkpoint
 
@@ -72,7 +76,8 @@ def pixel_colour_stats(pixels: np.ndarray) -> np.ndarray:
 def features(model_name: str) -> dict[str, Any]:
     """Per split: embedding, pixel statistics (+ shade head), colour labels, head logits, and
     the feature map and input images (for the pixel colour head)."""
-    model, cfg, _ = load_checkpoint(resolve_model(model_name))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, cfg, _ = load_checkpoint(model_file(model_name, Path(tmp)))
     colour = cfg.schema["color"]
     out: dict[str, Any] = {"model": model, "cfg": cfg}
     for split in SPLITS:
@@ -264,7 +269,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="a checkpoint or a shipped model")
+    ap.add_argument(
+        "--model", default="default", help="a checkpoint, a shipped model or REVISION:PATH"
+    )
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if not (DATA / "fashion-products-small").is_dir():
@@ -278,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"colour_features: {e}", file=sys.stderr)
         return 2
     result = {
-        "command": "python benchmarks/colour_features.py"
-        + ("" if args.model == "default" else f" --model {args.model}"),
+        "command": shlex.join(
+            ["python", "benchmarks/colour_features.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "revision": git_revision(),
         "model": args.model,
         "n": {s: int(len(f[s]["y"])) for s in SPLITS},

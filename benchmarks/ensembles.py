@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_file, git_revision
+from benchlib import git_revision, model_file
 from category_errors import DATA, RESULTS, outputs, short
 
-from beautytag.engine import resolve_model
 from beautytag.model import load_checkpoint
 
 ATTRIBUTES = ("category", "color")
@@ -48,13 +47,8 @@ TARGETS = {"category": 0.90, "color": 0.55}
 
 def probabilities(name: str) -> dict[str, dict[str, np.ndarray]]:
     """A model's category and colour probabilities and labels per split (Personal Care)."""
-    revision, _, path = name.partition(":")
-    if path and not Path(name).exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            if git_file(revision, path, Path(tmp) / "model.pt") is None:
-                raise FileNotFoundError(f"{name}: no such file at revision {revision}")
-            return probabilities(str(Path(tmp) / "model.pt"))
-    model, cfg, _ = load_checkpoint(resolve_model(name))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, cfg, _ = load_checkpoint(model_file(name, Path(tmp)))
     model.eval()
     return {split: outputs(model, cfg, split, ["fashion"], ATTRIBUTES) for split in SPLITS}
 

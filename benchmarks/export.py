@@ -13,10 +13,13 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from benchlib import git_revision
 
 from beautytag.cli import main as cli
 
@@ -34,9 +37,8 @@ def export_report(model: str, mode: str, out: Path) -> dict[str, Any]:
         rc = cli(args)
     if rc != 0:
         raise RuntimeError(f"beautytag {' '.join(args)} failed with exit status {rc}")
-    return {"command": "beautytag " + " ".join(args[:-2] + ["--out", out.name])} | json.loads(
-        buf.getvalue()
-    )
+    command = shlex.join(["beautytag", *args[:-2], "--out", out.name])
+    return {"command": command} | json.loads(buf.getvalue())
 
 
 def row(label: str, size: int | None, parity: dict | None, metrics: dict) -> str:
@@ -52,11 +54,13 @@ def row(label: str, size: int | None, parity: dict | None, metrics: dict) -> str
     )
 
 
-def write_markdown(runs: dict[str, dict[str, dict]], path: Path) -> None:
+def write_markdown(
+    runs: dict[str, dict[str, dict]], path: Path, command: str, revision: str
+) -> None:
     lines = [
         "# Export: ONNX parity and the accuracy cost of int8 (shipped models)",
         "",
-        "Command: `python benchmarks/export.py`, which runs `beautytag export MODEL --format onnx "
+        f"Command: `{command}` at {revision}, which runs `beautytag export MODEL --format onnx "
         "--quantize dynamic|static` for each model. Accuracy on the test split of the model's "
         "data (Personal Care + beauty-shades test brands); parity on 32 beauty-shades photos "
         "(max abs difference over all outputs: probabilities, and the shade in Lab units).",
@@ -88,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            runs[model] = {
-                mode: export_report(model, mode, Path(tmp) / f"{model}.onnx") for mode in MODES
-            }
+            try:
+                runs[model] = {
+                    mode: export_report(model, mode, Path(tmp) / f"{model}.onnx") for mode in MODES
+                }
+            except RuntimeError as e:  # the command said why on stderr
+                print(f"error: {e}; nothing written", file=sys.stderr)
+                return 1
+    command = shlex.join(
+        ["python", "benchmarks/export.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    revision = git_revision()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "export.json"
-    out.write_text(json.dumps({"command": "python benchmarks/export.py", "runs": runs}, indent=2))
-    write_markdown(runs, out.with_suffix(".md"))
+    payload = {"command": command, "revision": revision, "runs": runs}
+    out.write_text(json.dumps(payload, indent=2))
+    write_markdown(runs, out.with_suffix(".md"), command, revision)
     print(out.with_suffix(".md").read_text())
     return 0
 

@@ -1,6 +1,8 @@
 """`beautytag predict` on 1,000 photos: real catalogue and retailer photos plus a handful of
 broken files, through the real command line. Checks that no traceback appears, that every
-file gets exactly one answer, and reports the throughput on this machine.
+file gets exactly one answer, that exactly the broken files are reported as errors (exit
+status 1, as the command gives when it skipped a file), and reports the throughput on this
+machine. The results are written only when those checks pass.
 
     python benchmarks/predict.py [--n 1000] [--model PATH]
 """
@@ -12,6 +14,7 @@ import csv
 import io
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,9 +60,16 @@ def photo_list(n: int, tmp: Path) -> list[Path]:
     return (bad + shades + catalogue)[:n]
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=positive, default=1000, help="photos, broken ones first")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
     args = p.parse_args()
     if not (DATA / "beauty-shades").is_dir():
@@ -67,6 +77,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         files = photo_list(args.n, Path(tmp))
+        broken = {f.name for f in files if f.parent.name == "broken"}
         listing = Path(tmp) / "files.txt"
         cmd = [sys.executable, "-m", "beautytag.cli", "predict", *map(str, files)]
         cmd += ["--model", args.model] if args.model else []
@@ -87,9 +98,19 @@ def main() -> int:
         "images_per_second": round(len(files) / seconds, 1),
         "cli_summary": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "command": "python benchmarks/predict.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/predict.py", *sys.argv[1:]]),
         "revision": git_revision(),
     }
+    print(json.dumps(result, indent=2))
+    ok = (
+        proc.returncode == (1 if broken else 0)
+        and not result["traceback"]
+        and len(lines) == len(files)
+        and {Path(r["file"]).name for r in errors} == broken
+    )
+    if not ok:
+        print("failed: results not written", proc.stderr[-2000:], sep="\n", file=sys.stderr)
+        return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict.json").write_text(json.dumps(result, indent=2))
     md = [
@@ -109,9 +130,7 @@ def main() -> int:
         "",
     ]
     (RESULTS / "predict.md").write_text("\n".join(md))
-    print(json.dumps(result, indent=2))
-    ok = proc.returncode == 0 and not result["traceback"] and len(lines) == len(files)
-    return 0 if ok else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -408,6 +409,7 @@ async def load_level(
         "requests_per_s": round(len(answered) / duration_s, 2),
         "ok_per_s": round(answered.count("200") / duration_s, 2),
         "statuses": dict(Counter(s for _, _, s in sent_in)),
+        "warmup_statuses": dict(Counter(s for a, _, s in records if a < start)),
         "latency_ms_200": dict(zip(("p50", "p95", "p99"), pct, strict=True)),
         "server_rss_mb_peak": max(rss) if rss else None,
         "server_rss_mb_last": rss[-1] if rss else None,
@@ -441,7 +443,8 @@ async def bench_service(
         print(json.dumps(over), flush=True)
     c8 = next(lv for lv in result["levels"] if lv["concurrency"] == 8)
     growth = over["server_rss_mb_peak"] - before["VmRSS"]
-    only_200_503 = set(over["statuses"]) <= {"200", "503"}
+    # the first burst (in the warm-up) counts too
+    only_200_503 = set(over["statuses"]) | set(over["warmup_statuses"]) <= {"200", "503"}
     result["overload"] = over | {
         "only_200_and_503": only_200_503,
         "rss_growth_mb": round(growth, 1),
@@ -449,7 +452,8 @@ async def bench_service(
     }
     result["p99_ms_at_8"] = c8["latency_ms_200"]["p99"]
     p99 = result["p99_ms_at_8"]
-    result["p99_target_met"] = p99 is not None and p99 < TARGET_P99_MS
+    all_200 = set(c8["statuses"]) | set(c8["warmup_statuses"]) == {"200"}
+    result["p99_target_met"] = p99 is not None and p99 < TARGET_P99_MS and all_200
     result["overload_target_met"] = bool(only_200_503 and growth < RSS_GROWTH_LIMIT_MB)
     return result
 
@@ -570,7 +574,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     for name, s in r["service"].items():
         out.append(
             {
-                "target": f"p99 < {TARGET_P99_MS:.0f} ms at concurrency 8 ({name})",
+                "target": f"p99 < {TARGET_P99_MS:.0f} ms at concurrency 8, every answer 200 "
+                f"({name})",
                 "measured": f"{s['p99_ms_at_8']} ms",
                 "pass": s["p99_target_met"],
             }
@@ -580,7 +585,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "target": f"overload {OVERLOAD}: only 200/503, RSS growth < "
                 f"{RSS_GROWTH_LIMIT_MB:.0f} MB ({name})",
-                "measured": f"{o['statuses']}, +{o['rss_growth_mb']} MB",
+                "measured": f"{o['statuses']} (warm-up: {o.get('warmup_statuses', '-')}), "
+                f"+{o['rss_growth_mb']} MB",
                 "pass": s["overload_target_met"],
             }
         )
@@ -590,10 +596,21 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- main
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint or shipped model name (default: the default)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    p.add_argument("--duration", type=seconds, default=10.0, help="seconds per load level")
     p.add_argument("--quick", action="store_true", help="2 s per level, one served model")
     args = p.parse_args(argv)
     if not (DATA / "fashion-products-small").is_dir() or not (DATA / "beauty-shades").is_dir():
@@ -603,13 +620,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     model = resolve_model(args.model)
+    if not model.is_file():
+        print(f"error: {model}: model file not found", file=sys.stderr)
+        return 2
     duration = 2.0 if args.quick else args.duration
     warmup = 1.0 if args.quick else 2.0
     engine_s = 1.0 if args.quick else 5.0
     sets = photo_sets()
     files = sets["mixed"]
     result: dict[str, Any] = {
-        "command": "python benchmarks/serve.py " + " ".join(argv or sys.argv[1:]),
+        "command": shlex.join(
+            ["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "revision": git_revision(),
         "model": str(model),
         "machine": machine(),

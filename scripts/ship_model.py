@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from beautytag.model import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' git_revision
+from benchlib import git_revision  # noqa: E402
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +35,11 @@ def main() -> int:
     p.add_argument("--name", default="default", choices=sorted(SHIPPED_MODELS))
     p.add_argument("--note", default="", help="how it was trained (goes into the card JSON)")
     args = p.parse_args()
-    model, cfg, ckpt = load_checkpoint(args.checkpoint)
+    try:
+        model, cfg, ckpt = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # not there, or not a beautytag checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data_cfg = load_config(ROOT / "configs" / "default.yaml")
     # ship the repository's data section, its root as seen from the repository's root
     cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
@@ -50,7 +58,8 @@ def main() -> int:
         "size_mb": round(new.stat().st_size / 2**20, 2),
         "note": args.note,
         "epoch": ckpt.get("epoch"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": shlex.join(["python", "scripts/ship_model.py", *sys.argv[1:]]),
+        "revision": git_revision(),
     }
     try:
         for split in ("test", "val"):

@@ -849,8 +849,6 @@ def test_ensembles_and_category_errors_name_a_missing_model_without_a_traceback(
         (str(ROOT / "README.md"), "not a beautytag checkpoint"),
         ("deadbee:src/beautytag/weights/default.pt", "no such file at revision deadbee"),
     ):
-        if script == "category_errors" and ":" in model:
-            continue  # committed files: ensembles only
         done = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / f"{script}.py")]
             + ["--out", str(tmp_path / "out"), "--models", model],
@@ -949,3 +947,41 @@ def test_git_revision_marks_uncommitted_code_changes(tmp_path, monkeypatch):
     assert bench.git_revision() == clean  # docs and results are not code
     (repo / "src" / "a.py").write_text("x = 2\n")
     assert bench.git_revision() == clean + "-dirty"
+
+
+def test_scripts_refuse_bad_arguments_in_one_line(tmp_path):
+    """A missing model or an impossible setting is one line naming it, before any work."""
+    cases = [
+        ("scripts/ship_model.py", [str(tmp_path / "no.pt")], "no.pt: model file not found"),
+        ("benchmarks/serve.py", ["--model", str(tmp_path / "no.pt")], "model file not found"),
+        ("benchmarks/serve.py", ["--duration", "0"], "not a number of seconds above 0"),
+        ("benchmarks/predict.py", ["--n", "0"], "not a whole number of at least 1"),
+        ("benchmarks/export.py", ["--models", str(tmp_path / "no.pt")], "nothing written"),
+    ]
+    for script, args, problem in cases:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / script), *args], capture_output=True, text=True
+        )
+        assert done.returncode in (1, 2) and problem in done.stderr, (script, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not list((ROOT / "src" / "beautytag" / "weights").glob("*.new.pt"))
+
+
+def test_predict_benchmark_passes_when_exactly_the_broken_files_are_reported(
+    datasets, tmp_path, monkeypatch
+):
+    """The command exits 1 when it skipped files: with the 5 broken ones among 12 photos the
+    benchmark passes (and writes its results); a model that is not there fails it, and
+    nothing is written."""
+    bench = load("predict")
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench, "RESULTS", results)
+    monkeypatch.setattr(sys, "argv", ["predict.py", "--n", "12"])
+    assert bench.main() == 0
+    r = json.loads((results / "predict.json").read_text())
+    assert r["files"] == r["answers"] == 12 and r["errors"] == 5 and r["exit_code"] == 1
+    assert shlex.split(r["command"]) == ["python", "benchmarks/predict.py", "--n", "12"]
+    (results / "predict.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["predict.py", "--n", "12", "--model", str(tmp_path / "x")])
+    assert bench.main() == 1
+    assert not (results / "predict.json").exists()
