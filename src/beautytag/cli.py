@@ -1,4 +1,4 @@
-"""The ``beautytag`` command: train, evaluate, predict, serve and export.
+"""The ``beautytag`` command: train, evaluate, calibrate, predict, serve and export.
 
 Errors a user can cause (a bad config, a missing model, an unreadable folder) end with a
 one-line message and exit status 2, never a traceback. ``predict`` skips a photo it cannot
@@ -99,6 +99,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result["metrics"], indent=2))
     print(f"report written to {out}/report.md", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from beautytag.calibrate import calibrate
+    from beautytag.config import load_config
+    from beautytag.engine import resolve_model
+
+    model = resolve_model(args.model)
+    if not model.is_file():
+        raise FileNotFoundError(f"{model}: model file not found")
+    out = Path(args.out or f"{Path(args.model).with_suffix('')}-calibrated.pt")
+    if out.exists() and out.samefile(model):
+        raise ValueError(f"{out}: would overwrite the model; give another --out")
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out}: a model file must end in .pt")
+    cfg = load_config(args.config) if args.config else None
+    report = calibrate(model, out, split=args.split, config=cfg, sources=args.source)
+    print(json.dumps(report, indent=2))
+    print(f"calibrated model written to {out}", file=sys.stderr)
     return 0
 
 
@@ -313,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
         "model)",
     )
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="make class scores the chance of being right (temperature scaling on a split)",
+    )
+    c.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
+    c.add_argument(
+        "--out",
+        help="the calibrated model, not the model itself (default: MODEL-calibrated.pt, here "
+        "for a shipped model)",
+    )
+    c.add_argument("--split", default="val", choices=["train", "val", "test"])
+    c.add_argument("--config", help="fit on this config's data instead of the model's")
+    c.add_argument("--source", action="append", help="only this data source (repeatable)")
+    c.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser(
         "predict",

@@ -32,6 +32,9 @@ class ModelConfig:
     # start training from a beautytag model (a checkpoint, or `default` / `accurate`): every
     # tensor whose name, shape and (for heads) classes match; the rest as above
     init: str = ""
+    # class attribute -> the temperature its logits are divided by before the softmax, so
+    # that a score is the chance of being right (set by `beautytag calibrate`; 1 if absent)
+    temperatures: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +213,21 @@ def check_names(schema: Schema, train: TrainConfig, where: str) -> None:
             )
 
 
+def check_temperatures(temperatures: Any, schema: Schema, where: str) -> None:
+    """model.temperatures: class attributes to numbers above 0."""
+    if not isinstance(temperatures, dict):
+        raise SchemaError(f"{where}: model.temperatures must map class attributes to numbers")
+    single = [a.name for a in schema.attributes if a.kind == "single"]
+    for name, t in temperatures.items():
+        if name not in single:
+            raise SchemaError(
+                f"{where}: model.temperatures names {name!r}, which is not a class attribute "
+                f"({', '.join(single) or 'none'})"
+            )
+        if not isinstance(t, int | float) or isinstance(t, bool) or not t > 0:
+            raise SchemaError(f"{where}: model.temperatures.{name} must be above 0, got {t!r}")
+
+
 def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where: str) -> None:
     """Numbers outside their range are errors that name the key (from a file or the CLI)."""
     checks = [
@@ -258,6 +276,7 @@ def config_from_dict(
         raise SchemaError(f"{where}: model.pixel_colour must be a list of attribute names")
     check_ranges(model, data, train, where)
     check_names(schema, train, where)
+    check_temperatures(model.temperatures, schema, where)
     for name in model.pixel_colour:
         if name not in schema.names or schema[name].kind == "shade":
             raise SchemaError(

@@ -19,7 +19,7 @@ from PIL import Image
 
 from beautytag.color import lab_to_hex
 from beautytag.config import Config, config_from_dict
-from beautytag.evaluate import activate, mirror_averaged
+from beautytag.evaluate import mirror_averaged
 from beautytag.images import MAX_PIXELS, ImageError, load_for_model
 from beautytag.model import BeautyTagNet, load_checkpoint
 
@@ -108,10 +108,8 @@ class TorchBackend:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Preprocessed batch -> activated outputs per attribute (float32, on the CPU)."""
-        y = self.model(x.to(self.device))
-        return {
-            a.name: activate(a.kind, y[a.name]).float().cpu() for a in self.cfg.schema.attributes
-        }
+        y = self.model.activated(self.model(x.to(self.device)))
+        return {name: v.cpu() for name, v in y.items()}
 
 
 class TorchScriptBackend:

@@ -46,8 +46,8 @@ def run_dataset(
     msks: dict[str, list] = {a.name: [] for a in attributes}
 
     def probs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        ys = [m(x) for m in models]
-        return {a.name: sum(activate(a.kind, y[a.name]) for y in ys) / len(ys) for a in attributes}
+        ys = [m.activated(m(x)) for m in models]
+        return {a.name: sum(y[a.name] for y in ys) / len(ys) for a in attributes}
 
     for x, targets, masks in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = normalize(x.to(device), ds.cfg.model.mean, ds.cfg.model.std)
@@ -66,15 +66,6 @@ def mirror_averaged(
     """Test-time flip: `probs` of a batch averaged with `probs` of its mirror image."""
     a, b = probs(x), probs(torch.flip(x, dims=[3]))
     return {k: (v + b[k]) / 2 for k, v in a.items()}
-
-
-def activate(kind: str, y: torch.Tensor) -> torch.Tensor:
-    """Raw head output -> softmax (single), sigmoid (multi) or Lab as is (shade)."""
-    if kind == "single":
-        return torch.softmax(y.float(), -1)
-    if kind == "multi":
-        return torch.sigmoid(y.float())
-    return y
 
 
 def compute_metrics(
@@ -108,24 +99,20 @@ def compute_metrics(
     return result
 
 
-def evaluate(
-    checkpoint: str | Path | Sequence[str | Path],
-    split: str = "test",
-    out_dir: str | Path | None = None,
+def split_outputs(
+    paths: list[str | Path],
+    split: str,
     config: Config | None = None,
     sources: list[str] | None = None,
     flip_tta: bool = False,
     batch_size: int = 64,
     device: str = "cpu",
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split of its config's data (or of `config`'s data and label
-    sources; the model's own preprocessing is kept). Writes report.json, report.md,
-    confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
-    `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
-    ensemble, their outputs averaged."""
+) -> tuple[Config, BeautyDataset, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """The models' (averaged) answers on a split of their config's data (or of `config`'s
+    data and label sources; the model's own preprocessing is kept): the config used, the
+    dataset, and run_dataset's outputs, targets and masks."""
     from beautytag.cli import use_found_datasets
 
-    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
     models, cfg = load_ensemble(paths, device)
     if config is None:
         use_found_datasets(cfg)
@@ -146,7 +133,28 @@ def evaluate(
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)
-    outputs, targets, masks = run_dataset(models, ds, batch_size, device, flip_tta)
+    return cfg, ds, *run_dataset(models, ds, batch_size, device, flip_tta)
+
+
+def evaluate(
+    checkpoint: str | Path | Sequence[str | Path],
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    config: Config | None = None,
+    sources: list[str] | None = None,
+    flip_tta: bool = False,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split of its config's data (or of `config`'s data and label
+    sources; the model's own preprocessing is kept). Writes report.json, report.md,
+    confusion-matrix PNGs and mistakes.csv (every wrong single-label prediction) when
+    `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
+    ensemble, their outputs averaged."""
+    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    cfg, ds, outputs, targets, masks = split_outputs(
+        paths, split, config, sources, flip_tta, batch_size, device
+    )
     matrices = confusion_matrices(cfg, outputs, targets, masks)
     classes = {a.name: a.classes for a in cfg.schema.attributes}
     result = {

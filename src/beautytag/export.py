@@ -35,7 +35,7 @@ from beautytag.engine import (
     expand_paths,
     load_backend,
 )
-from beautytag.evaluate import activate, check_same_outputs, compute_metrics
+from beautytag.evaluate import check_same_outputs, compute_metrics
 from beautytag.images import ImageError, load_for_model, normalize
 from beautytag.model import BeautyTagNet, fixed_size_copy, load_checkpoint
 
@@ -55,12 +55,12 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: BeautyTagNet):
         super().__init__()
         self.model = model
-        self.kinds = [(a.name, a.kind) for a in model.schema.attributes]
+        self.names = model.schema.names
         self.eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = self.model(image)
-        return tuple(activate(kind, y[name]) for name, kind in self.kinds)
+        y = self.model.activated(self.model(image))
+        return tuple(y[name] for name in self.names)
 
 
 def export_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
@@ -76,7 +76,10 @@ def export_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
                 "kind": a.kind,
                 "classes": list(a.classes),
                 "shape": ["batch", a.num_outputs],
-                "activation": ACTIVATION[a.kind],
+                "activation": ACTIVATION[a.kind]
+                + (
+                    f" of the logits / {m.temperatures[a.name]}" if a.name in m.temperatures else ""
+                ),
             }
             for a in cfg.schema.attributes
         ],

@@ -306,6 +306,7 @@ class BeautyTagNet(nn.Module):
     def __init__(self, cfg: Config, pretrained: bool = True):
         super().__init__()
         self.schema = cfg.schema
+        self.temperatures = {k: float(v) for k, v in cfg.model.temperatures.items()}
         self.backbone = create_backbone(
             cfg.model.backbone, cfg.model.weights if pretrained else "none"
         )
@@ -338,6 +339,20 @@ class BeautyTagNet(nn.Module):
         fmap = self.features(x)
         emb = self.dropout(self.pool(fmap).flatten(1))
         return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}
+
+    def activated(self, y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`forward`'s outputs as answers, in float32: for classes the softmax of the
+        logits divided by the attribute's temperature (``model.temperatures``; 1 if none),
+        for tags the sigmoid, for shades CIELAB as it is."""
+        out = {}
+        for a in self.schema.attributes:
+            v = y[a.name].float()
+            if a.kind == "single":
+                v = torch.softmax(v / self.temperatures.get(a.name, 1.0), -1)
+            elif a.kind == "multi":
+                v = torch.sigmoid(v)
+            out[a.name] = v
+        return out
 
     def head(
         self, name: str, fmap: torch.Tensor, emb: torch.Tensor, x: torch.Tensor

@@ -1,0 +1,89 @@
+"""Temperature scaling (Guo et al. 2017): make a class attribute's score the chance of being
+right, without changing any answer.
+
+Each class attribute's logits are divided by one number T before the softmax, T chosen to
+minimise the negative log-likelihood of the true classes on a held-out split (validation).
+T > 1 softens an over-confident head, T < 1 sharpens a cautious one; the order of the
+classes, and so every answer, stays the same. The temperatures are stored in the model's
+config (``model.temperatures``) and used wherever it answers (predict, serve, evaluate,
+export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from beautytag import metrics
+from beautytag.config import Config
+from beautytag.evaluate import split_outputs
+from beautytag.model import load_checkpoint, save_checkpoint
+
+
+def nll(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the classes `y` under softmax(log_p / temperature)."""
+    z = torch.from_numpy(np.asarray(log_p, dtype=np.float64)) / temperature
+    return float(-torch.log_softmax(z, -1)[torch.arange(len(y)), torch.from_numpy(y)].mean())
+
+
+def fit_temperature(log_p: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
+    """The T in [lo, hi] minimising :func:`nll` (golden-section search over log T; the loss is
+    convex in 1 / T, so it has one minimum)."""
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(log_p, y, math.exp(c)), nll(log_p, y, math.exp(d))
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(log_p, y, math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(log_p, y, math.exp(d))
+    return math.exp((a + b) / 2)
+
+
+def calibrate(
+    checkpoint: str | Path,
+    out: str | Path,
+    split: str = "val",
+    config: Config | None = None,
+    sources: list[str] | None = None,
+) -> dict[str, Any]:
+    """Fit every class attribute's temperature on `split` and write the model with them to
+    `out` (its weights as they were). Returns, per attribute, the photos used, the
+    temperature, and the negative log-likelihood and calibration error before and after."""
+    cfg, _, outputs, targets, masks = split_outputs([checkpoint], split, config, sources)
+    model, model_cfg, ckpt = load_checkpoint(checkpoint)
+    temperatures = dict(model_cfg.model.temperatures)
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "split": split}
+    for a in cfg.schema.attributes:
+        m = masks[a.name].astype(bool)
+        if a.kind != "single" or m.sum() < 2:
+            continue
+        p, y = outputs[a.name][m], targets[a.name][m].astype(np.int64)
+        log_p = np.log(np.clip(p, 1e-12, None))  # the logits up to a constant per photo
+        t = fit_temperature(log_p, y)
+        scaled = torch.softmax(torch.from_numpy(log_p) / t, -1).numpy()
+        temperatures[a.name] = round(temperatures.get(a.name, 1.0) * t, 4)
+        report[a.name] = {
+            "n": int(m.sum()),
+            "temperature": temperatures[a.name],
+            "nll": [round(nll(log_p, y, 1.0), 4), round(nll(log_p, y, t), 4)],
+            "calibration_error": [
+                round(metrics.calibration_error(y, p), 4),
+                round(metrics.calibration_error(y, scaled), 4),
+            ],
+        }
+    model_cfg.model = dataclasses.replace(model_cfg.model, temperatures=temperatures)
+    half = any(v.dtype == torch.float16 for v in ckpt["model"].values())
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "model")}
+    save_checkpoint(out, model, model_cfg, extra, half=half)
+    return report
