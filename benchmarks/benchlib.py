@@ -24,8 +24,9 @@ CODE = ["src", "configs", "scripts", "pyproject.toml", ":(glob)benchmarks/*.py"]
 
 
 def git_revision() -> str:
-    """The checkout's short commit hash, with "-dirty" when the code (CODE) has changes not
-    committed; "unknown" outside git."""
+    """The checkout's short commit hash, with "-dirty" when committed code (CODE) has changes
+    not committed (new files not counted: a benchmark may write some); "unknown" outside
+    git."""
     if os.environ.get("BEAUTYTAG_REVISION"):  # set where the checkout has no .git (a copy)
         return os.environ["BEAUTYTAG_REVISION"]
 
@@ -37,7 +38,8 @@ def git_revision() -> str:
 
     try:
         revision = git("rev-parse", "--short", "HEAD")
-        return revision + ("-dirty" if git("status", "--porcelain", "--", *CODE) else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
+        return revision + ("-dirty" if changed else "")
     except OSError:
         return "unknown"
 
