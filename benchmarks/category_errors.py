@@ -64,8 +64,9 @@ def outputs(
         x = normalize(x, cfg.model.mean, cfg.model.std)
         fmap = model.features(x)
         emb = model.pool(fmap).flatten(1)
-        for a in attributes:
-            probs[a].append(model.head(a, fmap, emb, x).softmax(-1))
+        answers = model.activated({a: model.head(a, fmap, emb, x) for a in attributes})
+        for a in attributes:  # the scores the model gives (its temperatures, if any)
+            probs[a].append(answers[a])
         embs.append(emb)
     result = {"emb": torch.cat(embs).numpy()}
     for a in attributes:

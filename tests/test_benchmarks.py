@@ -985,3 +985,19 @@ def test_predict_benchmark_passes_when_exactly_the_broken_files_are_reported(
     monkeypatch.setattr(sys, "argv", ["predict.py", "--n", "12", "--model", str(tmp_path / "x")])
     assert bench.main() == 1
     assert not (results / "predict.json").exists()
+
+
+def test_category_errors_outputs_are_the_scores_the_model_gives(datasets, tmp_path):
+    """A calibrated model's probabilities there are its scaled ones (model.temperatures)."""
+    from beautytag.model import load_checkpoint
+
+    from .conftest import make_tiny_model
+
+    bench = load("category_errors")
+    probs = []
+    for t in (1.0, 0.05):
+        path = make_tiny_model(tmp_path / f"{t}.pt", {"temperatures": {"category": t}}, limit=8)
+        model, cfg, _ = load_checkpoint(path)
+        probs.append(bench.outputs(model, cfg, "val", ["fashion"], ("category", "color"))["p"])
+    np.testing.assert_array_equal(probs[0].argmax(1), probs[1].argmax(1))  # the same answers
+    assert probs[1].max(1).mean() > probs[0].max(1).mean() + 0.2  # T = 0.05: far sharper

@@ -47,6 +47,8 @@ def test_model_temperatures_must_name_class_attributes_and_be_positive():
         ({"shade": 2.0}, "not a class attribute"),
         ({"category": 0}, "must be above 0"),
         ({"category": "hot"}, "must be above 0"),
+        ({"category": float("inf")}, "at most 100"),  # would tie every class
+        ({"category": float("nan")}, "must be above 0"),
         (["category"], "must map class attributes to numbers"),
     ):
         with pytest.raises(SchemaError, match=problem):

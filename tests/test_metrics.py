@@ -120,6 +120,9 @@ def test_selective_accuracy_keeps_answers_at_or_above_each_threshold() -> None:
     assert rows[0]["accuracy"] == pytest.approx(3 / 5) and rows[0]["share"] == 1.0
     assert rows[1]["accuracy"] == pytest.approx(2 / 3) and rows[1]["share"] == 0.6
     assert rows[2]["accuracy"] is None and rows[2]["share"] == 0.0
+    # evaluate's scores are float32: a score of 0.7 there is kept at 0.7 too
+    rows32 = selective_accuracy(y, scores.astype(np.float32), (0.5, 0.7, 0.96))
+    assert [r["n"] for r in rows32] == [5, 3, 0]
 
 
 def test_multilabel_map_hand_computed() -> None:

@@ -224,8 +224,10 @@ def check_temperatures(temperatures: Any, schema: Schema, where: str) -> None:
                 f"{where}: model.temperatures names {name!r}, which is not a class attribute "
                 f"({', '.join(single) or 'none'})"
             )
-        if not isinstance(t, int | float) or isinstance(t, bool) or not t > 0:
-            raise SchemaError(f"{where}: model.temperatures.{name} must be above 0, got {t!r}")
+        if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t <= 100:
+            raise SchemaError(
+                f"{where}: model.temperatures.{name} must be above 0 and at most 100, got {t!r}"
+            )
 
 
 def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where: str) -> None:

@@ -121,11 +121,12 @@ def selective_accuracy(
     many rows (``n``, ``share`` of all) and how many of those answers are right (``accuracy``,
     None when no row is kept). The basis for auto-accepting confident answers."""
     t = _labels(y_true)
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores)
+    s = s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
     top, right = s.max(axis=1), s.argmax(axis=1) == t
     rows = []
     for threshold in thresholds:
-        kept = top >= threshold
+        kept = top >= s.dtype.type(threshold)  # in the scores' precision: 0.7 keeps 0.7
         rows.append(
             {
                 "threshold": threshold,

@@ -341,11 +341,14 @@ class BeautyTagNet(nn.Module):
         return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}
 
     def activated(self, y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:meth:`forward`'s outputs as answers, in float32: for classes the softmax of the
-        logits divided by the attribute's temperature (``model.temperatures``; 1 if none),
-        for tags the sigmoid, for shades CIELAB as it is."""
+        """:meth:`forward`'s outputs (all or some attributes) as answers, in float32: for
+        classes the softmax of the logits divided by the attribute's temperature
+        (``model.temperatures``; 1 if none), for tags the sigmoid, for shades CIELAB as it
+        is."""
         out = {}
         for a in self.schema.attributes:
+            if a.name not in y:
+                continue
             v = y[a.name].float()
             if a.kind == "single":
                 v = torch.softmax(v / self.temperatures.get(a.name, 1.0), -1)
