@@ -62,6 +62,19 @@ def use_found_datasets(cfg: Config) -> None:
         cfg.data.root = str(found)
 
 
+def model_for(name: str, out: Path, what: str) -> Path:
+    """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
+    `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
+    from beautytag.engine import resolve_model
+
+    model = resolve_model(name)
+    if not model.is_file():
+        raise FileNotFoundError(f"{model}: model file not found")
+    if out.exists() and out.samefile(model):
+        raise ValueError(f"{out}: {what} would overwrite the model; give another --out")
+    return model
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from beautytag.config import check_ranges, load_config
     from beautytag.train import train
@@ -105,14 +118,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from beautytag.calibrate import calibrate
     from beautytag.config import load_config
-    from beautytag.engine import resolve_model
 
-    model = resolve_model(args.model)
-    if not model.is_file():
-        raise FileNotFoundError(f"{model}: model file not found")
     out = Path(args.out or f"{Path(args.model).with_suffix('')}-calibrated.pt")
-    if out.exists() and out.samefile(model):
-        raise ValueError(f"{out}: would overwrite the model; give another --out")
+    model = model_for(args.model, out, "the calibrated model")
     if out.suffix != ".pt":
         raise ValueError(f"--out {out}: a model file must end in .pt")
     cfg = load_config(args.config) if args.config else None
@@ -240,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from beautytag.engine import TORCHSCRIPT_SUFFIXES, resolve_model
+    from beautytag.engine import TORCHSCRIPT_SUFFIXES
     from beautytag.export import (
         accuracy_cost,
         default_photos,
@@ -251,15 +259,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         synthetic_photos,
     )
 
-    model = resolve_model(args.model)
-    if not model.is_file():
-        raise FileNotFoundError(f"{model}: model file not found")
-    if args.quantize and args.format != "onnx":
-        raise ValueError("--quantize needs --format onnx")
     onnx = args.format == "onnx"
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if onnx else ".ts")
-    if out.exists() and out.samefile(model):
-        raise ValueError(f"{out}: the export would overwrite the model; give another --out")
+    model = model_for(args.model, out, "the export")
+    if args.quantize and not onnx:
+        raise ValueError("--quantize needs --format onnx")
     suffixes = {".onnx"} if onnx else TORCHSCRIPT_SUFFIXES  # predict and serve go by suffix
     if out.suffix.lower() not in suffixes:
         kind, ends = "an ONNX" if onnx else "a TorchScript", ", ".join(sorted(suffixes))
