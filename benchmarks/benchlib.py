@@ -6,15 +6,21 @@ The scripts import it as a sibling (``python benchmarks/NAME.py`` puts this fold
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from beautytag.config import Config
+    from beautytag.model import BeautyTagNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,20 +66,31 @@ def git_file(revision: str, path: str, out: Path) -> Path | None:
     return out
 
 
-def model_file(spec: str, folder: Path) -> Path:
-    """The file of a benchmark's model argument: a shipped name or a checkpoint as the
-    command line takes them, or ``REVISION:PATH``, a file as committed at a revision (e.g.
-    ``c08db71:src/beautytag/weights/default.pt``, the default shipped then; written into
-    `folder`). FileNotFoundError where there is no such file."""
+def load_model(spec: str) -> tuple[BeautyTagNet, Config]:
+    """The model (in eval mode) and config of a benchmark's model argument: a shipped name or
+    a checkpoint as the command line takes them, or ``REVISION:PATH``, a file as committed
+    at a revision (e.g. ``c08db71:src/beautytag/weights/default.pt``, the default shipped
+    then). FileNotFoundError where there is no such file, ValueError for a file that is not
+    a beautytag checkpoint."""
     from beautytag.engine import resolve_model
+    from beautytag.model import load_checkpoint
 
     revision, _, path = spec.partition(":")
     if not path or Path(spec).exists():
-        return resolve_model(spec)
-    out = folder / f"{revision}-{Path(path).name}"
-    if git_file(revision, path, out) is None:
-        raise FileNotFoundError(f"{spec}: no such file at revision {revision}")
-    return out
+        model, cfg, _ = load_checkpoint(resolve_model(spec))
+        return model, cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / Path(path).name
+        if git_file(revision, path, out) is None:
+            raise FileNotFoundError(f"{spec}: no such file at revision {revision}")
+        model, cfg, _ = load_checkpoint(out)
+    return model, cfg
+
+
+def write_results(out: Path, payload: dict[str, Any], markdown: list[str]) -> None:
+    """A benchmark's results: `payload` as OUT.json, the `markdown` lines as OUT.md."""
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
 
 
 @torch.inference_mode()

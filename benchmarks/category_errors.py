@@ -24,18 +24,17 @@ import copy
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, model_file
+from benchlib import git_revision, load_model, write_results
 
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
-from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.model import BeautyTagNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -90,9 +89,7 @@ def knn_vote(emb: np.ndarray, bank: np.ndarray, labels: np.ndarray, k: int = 5) 
 
 def measure(name: str) -> dict[str, Any]:
     """One model's errors and its three inference variants on validation and test."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model, cfg, _ = load_checkpoint(model_file(name, Path(tmp)))
-    model.eval()
+    model, cfg = load_model(name)
     classes = cfg.schema["category"].classes
     other, weak = classes.index("Other"), [classes.index(c) for c in WEAK]
     bank = outputs(model, cfg, "train", None)  # every training photo with a category
@@ -180,7 +177,6 @@ def main() -> int:
     command = shlex.join(["python", "benchmarks/category_errors.py", "--models", *args.models])
     out = Path(args.out)
     payload = {"revision": git_revision(), "command": command, "results": results}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     md = [
         "# Category errors on Personal Care photos, and inference-only changes",
         "",
@@ -192,7 +188,7 @@ def main() -> int:
         "",
         *table(results),
     ]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_results(out, payload, md)
     return 0
 
 

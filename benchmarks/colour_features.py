@@ -30,7 +30,6 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, model_file
+from benchlib import git_revision, load_model
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -47,7 +46,7 @@ from beautytag import metrics
 from beautytag.color import srgb_to_lab
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
-from beautytag.model import PixelColourHead, load_checkpoint
+from beautytag.model import PixelColourHead
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -76,8 +75,7 @@ def pixel_colour_stats(pixels: np.ndarray) -> np.ndarray:
 def features(model_name: str) -> dict[str, Any]:
     """Per split: embedding, pixel statistics (+ shade head), colour labels, head logits, and
     the feature map and input images (for the pixel colour head)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model, cfg, _ = load_checkpoint(model_file(model_name, Path(tmp)))
+    model, cfg = load_model(model_name)
     colour = cfg.schema["color"]
     out: dict[str, Any] = {"model": model, "cfg": cfg}
     for split in SPLITS:

@@ -23,21 +23,17 @@ revision (``7260413:src/beautytag/weights/default.pt``, the default shipped then
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, model_file
+from benchlib import git_revision, load_model, write_results
 from category_errors import DATA, RESULTS, outputs, short
-
-from beautytag.model import load_checkpoint
 
 ATTRIBUTES = ("category", "color")
 SPLITS = ("val", "test")
@@ -47,9 +43,7 @@ TARGETS = {"category": 0.90, "color": 0.55}
 
 def probabilities(name: str) -> dict[str, dict[str, np.ndarray]]:
     """A model's category and colour probabilities and labels per split (Personal Care)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model, cfg, _ = load_checkpoint(model_file(name, Path(tmp)))
-    model.eval()
+    model, cfg = load_model(name)
     return {split: outputs(model, cfg, split, ["fashion"], ATTRIBUTES) for split in SPLITS}
 
 
@@ -151,7 +145,6 @@ def main() -> int:
     )
     out = Path(args.out)
     payload = {"revision": git_revision(), "command": command, "targets": TARGETS, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     md = [
         "# Ensembles on Personal Care photos: category and colour",
         "",
@@ -167,7 +160,7 @@ def main() -> int:
         "",
         *table(rows),
     ]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_results(out, payload, md)
     return 0
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from benchlib import git_revision
 from PIL import Image
 
+from beautytag.cli import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,16 +62,9 @@ def photo_list(n: int, tmp: Path) -> list[Path]:
     return (bad + shades + catalogue)[:n]
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=positive, default=1000, help="photos, broken ones first")
+    p.add_argument("--n", type=positive_int, default=1000, help="photos, broken ones first")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
     args = p.parse_args()
     if not (DATA / "beauty-shades").is_dir():

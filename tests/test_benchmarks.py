@@ -955,7 +955,7 @@ def test_scripts_refuse_bad_arguments_in_one_line(tmp_path):
         ("scripts/ship_model.py", [str(tmp_path / "no.pt")], "no.pt: model file not found"),
         ("benchmarks/serve.py", ["--model", str(tmp_path / "no.pt")], "model file not found"),
         ("benchmarks/serve.py", ["--duration", "0"], "not a number of seconds above 0"),
-        ("benchmarks/predict.py", ["--n", "0"], "not a whole number of at least 1"),
+        ("benchmarks/predict.py", ["--n", "0"], "must be a whole number of 1 or more"),
         ("benchmarks/export.py", ["--models", str(tmp_path / "no.pt")], "nothing written"),
     ]
     for script, args, problem in cases:
