@@ -162,14 +162,14 @@ def test_cutmix_pastes_one_box_of_another_photo_and_weighs_it_by_its_area():
     assert torch.equal(x, torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 40, 60))  # untouched
 
 
-def folder_config(root, rows: str, **source) -> object:
-    """A config reading `root`/photos/labels.csv (text `rows`) with two photos in it."""
+def folder_config(root, rows: str, schema: list | None = None, **source) -> object:
+    """A config reading `root`/photos/labels.csv (text `rows`) with three photos in it."""
     folder = root / "photos"
     (folder / "img").mkdir(parents=True, exist_ok=True)
     for name in ("a", "b", "c"):
         Image.new("RGB", (40, 40), (200, 30, 60)).save(folder / "img" / f"{name}.jpg")
     (folder / "labels.csv").write_bytes(rows.encode("utf-8"))
-    schema = [
+    schema = schema or [
         {"name": "category", "kind": "single", "classes": ["Lipstick", "Mascara", "Other"],
          "sources": {"mine": {"column": "category", "other": "Other"}}},
         {"name": "color", "kind": "single", "classes": ["Red", "Pink"],
@@ -211,5 +211,39 @@ def test_values_that_are_not_classes_are_reported_once_per_file(tmp_path, capsys
     samples = read_samples(folder_config(tmp_path, rows))
     assert [s.labels["color"] for s in samples] == [None, None]
     err = capsys.readouterr().err
-    assert "labels.csv: 2 color values are not classes and stay unlabelled" in err
+    assert "labels.csv: 2 color values are not classes and are left out" in err
     assert "Teal (2)" in err and "category" not in err  # category has an 'other' class
+
+
+def test_a_tags_cell_with_no_known_tag_stays_unlabelled_and_is_reported(tmp_path, capsys):
+    schema = [{"name": "tags", "kind": "multi", "classes": ["waterproof", "long_lasting"],
+               "sources": {"mine": {"column": "tags", "map": {"SPF": "waterproof"}}}}]  # fmt: skip
+    rows = (
+        "file_name,tags,split\n"
+        "img/a.jpg,waterproof;Long_Lasting,train\n"  # ';'-joined, as predict's CSV writes tags
+        "img/b.jpg,glitter,train\n"  # no known tag: not "none of the tags"
+        'img/c.jpg,"spf, glitter",train\n'  # a mapped key in another case, and an unknown tag
+        "img/d.jpg,,train\n"
+    )
+    cfg = folder_config(tmp_path, rows, schema=schema)
+    tags = [s.labels["tags"] for s in read_samples(cfg)]
+    assert tags == [["waterproof", "long_lasting"], None, ["waterproof"], None]
+    assert "2 tags values are not classes" in capsys.readouterr().err
+
+
+def test_map_keys_match_in_any_letter_case():
+    row = {"type": "GLOSS ", "title": "", "tags": ""}
+    assert label_from_row(SCHEMA["category"], "shop", row) == "Lip Gloss"  # not its 'other'
+    with pytest.raises(SchemaError, match="differ only in letter case"):
+        source = {"column": "x", "map": {"k": "a", "K": "b"}}
+        parse_schema(
+            [{"name": "c", "kind": "single", "classes": ["a", "b"], "sources": {"s": source}}]
+        )
+
+
+def test_a_labels_csv_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
+    rows = "file_name,category,color,split\nimg/a.jpg,Lipstick,Red,train\nimg/b.jpg,Estée,,train\n"
+    cfg = folder_config(tmp_path, "")
+    (tmp_path / "photos" / "labels.csv").write_bytes(rows.encode("cp1252"))  # Excel's plain CSV
+    with pytest.raises(SchemaError, match=r"labels.csv: not UTF-8 text \(byte 0xe9 on line 3\)"):
+        read_samples(cfg)

@@ -170,6 +170,40 @@ def test_sixteen_bit_png(tmp_path: Path) -> None:
     assert out.getpixel((1, 1)) == (10, 10, 10)
 
 
+def test_sixteen_bit_grey_png_transparent_value_is_white(tmp_path: Path) -> None:
+    arr = np.full((2, 2), 40000, np.uint16)
+    arr[0, 0] = 0
+    path = _save(Image.fromarray(arr), tmp_path / "deep.png", "PNG", transparency=0)
+    assert _probe(path).mode.startswith("I")
+    out = load_image(path)
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparent, as for 8-bit greyscale
+    assert out.getpixel((1, 1)) == (156, 156, 156)
+
+
+def test_a_pil_image_is_used_as_the_same_file_would_be(tmp_path: Path) -> None:
+    img = Image.new("RGBA", (30, 20), (200, 30, 60, 255))
+    img.putpixel((0, 0), (0, 0, 0, 0))
+    path = _save(img, tmp_path / "a.png", "PNG")
+    opened = Image.open(path)
+    out = load_image(opened, min_size=8)
+    assert np.array_equal(np.asarray(out), np.asarray(load_image(path, min_size=8)))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and opened.mode == "RGBA"  # theirs unchanged
+    with pytest.raises(ImageError, match=r"^<PIL image>: zero-size"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def test_an_item_that_is_no_path_or_a_name_the_os_refuses_is_an_image_error(tmp_path) -> None:
+    with pytest.raises(ImageError, match=r"^<ndarray>: expected a file path, bytes or a PIL"):
+        load_image(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"^x: expected a file path, bytes or a PIL image, got"):
+        load_image(12, name="x")
+    long_name = tmp_path / ("x" * 300 + ".jpg")  # over the file system's 255 bytes
+    with pytest.raises(ImageError, match="unreadable: File name too long"):
+        load_image(long_name)
+    with pytest.raises(ImageError, match=r"a: is a directory$"):
+        load_image(tmp_path, name="a")
+
+
 def test_float_tiff(tmp_path: Path) -> None:
     arr = np.array([[0.0, 1.0], [0.5, 0.25]], dtype=np.float32)
     path = _save(Image.fromarray(arr, "F"), tmp_path / "f.tif", "TIFF")

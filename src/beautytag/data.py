@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -73,11 +75,31 @@ def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object 
     if value is None:
         return None
     if attr.kind == "multi":
-        tags = value if isinstance(value, list) else [t.strip() for t in str(value).split(",")]
-        tags = [as_class(attr, spec.map.get(t, t)) for t in tags if t]
-        return [t for t in tags if t is not None]
-    value = as_class(attr, spec.map.get(str(value), str(value)))
+        if isinstance(value, list):  # a rule's tags (an empty list: none of them)
+            return [t for t in (as_class(attr, spec.mapped(v)) for v in value) if t is not None]
+        tags = [as_class(attr, spec.mapped(t)) for t in split_tags(value)]
+        known = [t for t in tags if t is not None]
+        return known or None  # a cell with no known tag stays unlabelled, not all-negative
+    value = as_class(attr, spec.mapped(str(value)))
     return spec.other if value is None else value  # 'other' collects unknown values, if set
+
+
+def split_tags(cell: str) -> list[str]:
+    """A tags cell -> its tags: separated by commas or by semicolons (as predict's CSV)."""
+    return [t.strip() for t in re.split(r"[,;]", cell) if t.strip()]
+
+
+def unknown_values(attr: Attribute, source: str, row: dict[str, str]) -> list[str]:
+    """The values of a row's cell for `attr` that are neither classes nor mapped to one (and
+    that no 'other' class collects): what reading a labels.csv warns about."""
+    spec = attr.sources.get(source)
+    if spec is None or spec.rule or attr.kind == "shade" or not spec.column:
+        return []
+    cell = (row.get(spec.column) or "").strip()
+    if not cell or (attr.kind == "single" and spec.other):
+        return []
+    values = split_tags(cell) if attr.kind == "multi" else [cell]
+    return [v for v in values if as_class(attr, spec.mapped(v)) is None]
 
 
 def as_class(attr: Attribute, value: str) -> str | None:
@@ -113,7 +135,15 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
         raise SchemaError(f"source {src.name!r}: {csv_path} not found")
     samples = []
     unknown: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's leading BOM
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")  # -sig: Excel's leading BOM
+    except UnicodeDecodeError as e:
+        line = csv_path.read_bytes()[: e.start].count(b"\n") + 1
+        raise SchemaError(
+            f"{csv_path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); save "
+            "it as UTF-8 (in Excel: 'CSV UTF-8')"
+        ) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
         missing = sorted(source_columns(src, schema) - set(reader.fieldnames))
@@ -131,12 +161,8 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
             else:
                 group, split = "", split_name(row.get(src.split_column or "") or "")
             labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
-            for a in schema.attributes:  # a value that is not a class is left unlabelled
-                spec = a.sources.get(src.name)
-                if a.kind == "single" and spec and spec.column and not spec.rule:
-                    value = (row.get(spec.column) or "").strip()
-                    if value and labels[a.name] is None:
-                        unknown[a.name][value] += 1
+            for a in schema.attributes:  # values that are not classes are reported
+                unknown[a.name].update(unknown_values(a, src.name, row))
             name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
             samples.append(Sample(folder / name, src.name, split, group, labels))
     for attr, values in unknown.items():
@@ -145,7 +171,8 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
             more = f" and {len(values) - 6} more" if len(values) > 6 else ""
             print(
                 f"warning: {csv_path}: {sum(values.values())} {attr} values are not classes "
-                f"and stay unlabelled (a map or an 'other' class would keep them): {shown}{more}",
+                f"and are left out (a cell left with none stays unlabelled; a map or an "
+                f"'other' class would keep them): {shown}{more}",
                 file=sys.stderr,
             )
     return samples

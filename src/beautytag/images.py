@@ -35,12 +35,19 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
     """Return the raw bytes of `source` and the name error messages use for it."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source), name or "<bytes>"
+    if not isinstance(source, str | os.PathLike):
+        raise ImageError(
+            name or f"<{type(source).__name__}>",
+            f"expected a file path, bytes or a PIL image, got {type(source).__name__}",
+        )
     label = name or str(source)
-    path = Path(source)
-    if path.is_dir():
-        raise ImageError(label, "is a directory")
     try:
+        path = Path(source)
+        if path.is_dir():
+            raise ImageError(label, "is a directory")
         return path.read_bytes(), label
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(label, "file not found") from None
     except PermissionError:
@@ -51,9 +58,11 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
         raise ImageError(label, f"invalid path: {e}") from None
 
 
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'L'."""
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+def _high_depth_to_la(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'LA' (its transparent
+    value, if any, fully transparent)."""
+    raw = np.asarray(img)
+    arr = np.nan_to_num(raw.astype(np.float64))
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (0 <= lo and 255 < hi <= 65_535):
         arr = arr / 257.0  # 16-bit range -> 8-bit
@@ -61,13 +70,18 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
         arr = arr * 255.0  # unit-range floats
     elif lo < 0 or hi > 255:
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    transparent = img.info.get("transparency")
+    alpha = np.full_like(grey, 255)
+    if isinstance(transparent, int | float):  # a PNG's tRNS value, in the image's own range
+        alpha[raw == transparent] = 0
+    return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
     if img.mode.startswith("I") or img.mode == "F":
-        img = _high_depth_to_l(img)
+        img = _high_depth_to_la(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -76,14 +90,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open(data: bytes, label: str, min_size: int | None) -> Image.Image:
+    """Open encoded bytes lazily (header only); raises :class:`ImageError`."""
+    if not data:
+        raise ImageError(label, "not an image (empty file)")
+    try:
+        with warnings.catch_warnings():  # load_image's max_pixels is the limit, not Pillow's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                return Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as e:
+                if not (min_size and data.startswith(b"\xff\xd8\xff")):
+                    raise ImageError(label, f"too many pixels ({e})") from None
+                # a JPEG over Pillow's own limit (e.g. a 200-megapixel phone photo) is still
+                # decoded at 1/8 scale: its header only, past that check, and ours below
+                return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image (unrecognised format)") from None
+    except Exception as e:  # any decoder failure means a bad file
+        raise ImageError(label, f"truncated or corrupt image: {e}") from None
+
+
 def load_image(
-    source: str | os.PathLike | bytes,
+    source: str | os.PathLike | bytes | Image.Image,
     *,
     name: str | None = None,
     max_pixels: int = MAX_PIXELS,
     min_size: int | None = None,
 ) -> Image.Image:
-    """Open a file path or raw bytes as an RGB PIL image.
+    """Open a file path, raw bytes or a PIL image as an RGB PIL image.
 
     The format is detected from the content, EXIF orientation is applied, transparency is
     composited onto white and animated images give their first frame. With `min_size`, a
@@ -92,35 +129,20 @@ def load_image(
     input (progressive JPEGs gain least). `max_pixels` bounds the pixels decoded, so such a
     JPEG may be larger (a 48-megapixel photo decodes 0.75 megapixels for a 96 px model). Any
     problem raises :class:`ImageError` naming the file (`name`, else the path, else
-    ``"<bytes>"``).
+    ``"<bytes>"`` or ``"<PIL image>"``).
     """
-    data, label = _read(source, name)
-    if not data:
-        raise ImageError(label, "not an image (empty file)")
-    try:
-        with warnings.catch_warnings():  # max_pixels below is the limit, not Pillow's
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            except Image.DecompressionBombError as e:
-                if not (min_size and data.startswith(b"\xff\xd8\xff")):
-                    raise ImageError(label, f"too many pixels ({e})") from None
-                # a JPEG over Pillow's own limit (e.g. a 200-megapixel phone photo) is still
-                # decoded at 1/8 scale: its header only, past that check, and ours below
-                img = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(label, "not an image (unrecognised format)") from None
-    except Exception as e:  # any decoder failure means a bad file
-        raise ImageError(label, f"truncated or corrupt image: {e}") from None
+    if isinstance(source, Image.Image):  # already opened: the same steps from here on
+        img, label = source, name or "<PIL image>"
+    else:
+        data, label = _read(source, name)
+        img = _open(data, label, min_size)
 
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageError(label, f"zero-size image ({width} x {height})")
     if max(width, height) > MAX_SIDE:
         raise ImageError(label, f"absurd dimensions ({width} x {height})")
-    if min_size:
+    if min_size and img is not source:  # a caller's own image is not changed
         img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
     w, h = img.size  # what will be decoded
     if w * h > max_pixels:

@@ -33,6 +33,13 @@ class SourceSpec:
     rule: str | None = None  # name of a weak-label rule applied to `column`
     other: str | None = None  # class for values that are not in `classes` (else unlabelled)
 
+    def mapped(self, value: str) -> str:
+        """`value` through `map`, whose keys match in any letter case; else `value` itself."""
+        if value in self.map:
+            return self.map[value]
+        folded = {k.strip().casefold(): v for k, v in self.map.items()}
+        return folded.get(value.strip().casefold(), value)
+
 
 @dataclass
 class Attribute:
@@ -105,8 +112,16 @@ def _parse_source(spec: Any, attr: Attribute, where: str) -> SourceSpec:
         from beautytag.weak_labels import RULES
 
         _require(src.rule in RULES, where, f"unknown rule {src.rule!r}; known: {sorted(RULES)}")
+    seen: dict[str, str] = {}  # keys match in any letter case: two may not disagree
     for k, v in src.map.items():
         _require(v in attr.classes, where, f"map sends {k!r} to {v!r}, which is not a class")
+        first = seen.setdefault(k.strip().casefold(), k)
+        _require(
+            src.map[first] == v,
+            where,
+            f"map keys {first!r} and {k!r} differ only in letter case but send to different "
+            "classes",
+        )
     if src.other is not None:
         _require(src.other in attr.classes, where, f"other class {src.other!r} is not a class")
     return src
