@@ -616,7 +616,7 @@ def backbone_of_run(store: dict, name: str, out: Path) -> Path | None:
     src = checkpoint_of(store, name, out.with_name(out.stem + "-source.pt"))
     if src is None:
         return None
-    state = torch.load(src, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(src, map_location="cpu", weights_only=True)["model"]
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -699,7 +699,7 @@ def resume_epoch(out_dir: Path, cfg: Config, revision: str) -> int | None:
     last = out_dir / "last.pt"
     if not last.is_file():
         return None
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     if finished(cfg, state["epoch"] + 1, state["bad_epochs"]):
         return None  # finished: measured again, not reused
     started_at = (out_dir / "revision").read_text() if (out_dir / "revision").is_file() else "?"

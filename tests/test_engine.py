@@ -152,6 +152,9 @@ def test_engine_checks_its_counts_and_threshold(tiny_model):
         ({"batch_size": 0}, "batch_size"),
         ({"threshold": 1.5}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
+        ({"top_k": 2.5}, "top_k must be a whole number"),
+        ({"batch_size": "8"}, "batch_size must be a whole number"),
+        ({"threshold": None}, "threshold must be a number"),
     ):
         with pytest.raises(ValueError, match=name):
             Engine(tiny_model, **kwargs)
@@ -199,3 +202,23 @@ def test_predict_tta_flip_answers_the_same_for_a_photo_and_its_mirror(tiny_model
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=2e-4)
     assert photo["shade"]["lab"] == pytest.approx(mirror["shade"]["lab"], abs=0.02)
     assert photo["category"]["top"] != plain[0]["category"]["top"]  # averaged, not one view
+
+
+def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_model, tmp_path):
+    photo = tmp_path / "a.jpg"
+    Image.new("RGB", (60, 80), (200, 30, 60)).save(photo)
+    engine = Engine(tiny_model)
+    (one,) = engine.predict_files(str(photo))  # one path, not one per character
+    assert one["file"] == str(photo) and one["error"] is None
+    items = [
+        ("image", Image.open(photo)),
+        ("bytes", photo.read_bytes()),
+        ("array", [[0, 0, 0]]),
+        ("long", tmp_path / ("x" * 300 + ".jpg")),  # longer than the file system allows
+    ]
+    image, data, array, long = engine.predict_items(items)
+    assert image["attributes"] == data["attributes"] == one["attributes"]
+    assert array["error"] == "expected a file path, bytes or a PIL image, got list"
+    assert long["error"].startswith("unreadable") and long["attributes"] is None
+    (too_long,) = engine.predict_files([tmp_path / ("x" * 300 + ".jpg")])
+    assert too_long["error"].startswith("unreadable")

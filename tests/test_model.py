@@ -277,6 +277,28 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code in the checkpoint ran",))
+
+
+def test_a_damaged_or_unsafe_checkpoint_is_a_one_line_error(tmp_path, small_cfg, capsys):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, BeautyTagNet(small_cfg, pretrained=False), small_cfg)
+    ckpt = torch.load(good, weights_only=True)
+    del ckpt["model"]["backbone.conv_stem.weight"]
+    torch.save(ckpt, tmp_path / "missing_key.pt")
+    with pytest.raises(ValueError, match=r"missing_key.pt: a damaged beautytag checkpoint \("):
+        load_checkpoint(tmp_path / "missing_key.pt")
+    torch.save({"format": "beautytag-1"}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="partial.pt: a damaged beautytag checkpoint"):
+        load_checkpoint(tmp_path / "partial.pt")
+    torch.save({"format": "beautytag-1", "payload": _RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="code.pt: not a beautytag checkpoint"):
+        load_checkpoint(tmp_path / "code.pt")
+    assert "ran" not in capsys.readouterr().out  # only weights are unpickled
+
+
 def test_the_colour_heads_do_their_colour_maths_in_float32_under_autocast():
     # mixed precision (bf16 on a GPU) rounds a* = 500 (fx - fy) to whole Lab units: the heads
     # that read pixels must give what they give in float32

@@ -70,15 +70,21 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders walked recursively for image files (sorted). An empty path
     is an error (it would mean the current folder: an unset variable in a script?)."""
+    if isinstance(paths, str | os.PathLike):  # one path, not its characters
+        paths = [paths]
     out: list[Path] = []
     for given in paths:
         if str(given) == "":
             raise ValueError("an empty path was given (an unset variable?); use . for this folder")
         p = Path(given)
-        if p.is_dir():
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # e.g. a name too long for the file system: reported per item
+            is_dir = False
+        if is_dir:
             out += sorted(
                 f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
             )
@@ -185,6 +191,7 @@ class OnnxBackend:
 
 
 Backend = TorchBackend | TorchScriptBackend | OnnxBackend
+Item = str | os.PathLike | bytes | Image.Image  # what the engine can predict
 
 
 def load_backend(
@@ -234,13 +241,13 @@ class Engine:
         tta_flip: bool = False,
     ):
         for name, value in (("batch_size", batch_size), ("top_k", top_k)):
-            if value < 1:
-                raise ValueError(f"{name} must be 1 or more, got {value}")
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number, 1 or more, got {value!r}")
+        if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         self.model_path = resolve_model(model_path)
         self.backend = load_backend(self.model_path, backend, device, threads)
-        self.model = getattr(self.backend, "model", None)  # the nn.Module, torch backend only
+        self.model = getattr(self.backend, "model", None)  # the nn.Module, if there is one
         self.cfg = self.backend.cfg
         self.device = device
         self.batch_size = batch_size
@@ -250,9 +257,10 @@ class Engine:
         self.schema = self.cfg.schema
 
     def load(
-        self, item: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
+        self, item: Item, name: str | None = None, max_pixels: int = MAX_PIXELS
     ) -> tuple[Image.Image, torch.Tensor]:
-        """Decode one photo (path or bytes) -> (RGB image, model input); raises ImageError."""
+        """Decode one photo (path, bytes or PIL image) -> (RGB image, model input); raises
+        ImageError."""
         m = self.cfg.model
         return load_for_model(item, m.image_size, m.mean, m.std, name=name, max_pixels=max_pixels)
 
@@ -286,10 +294,11 @@ class Engine:
         return result
 
     def predict_items(
-        self, items: Sequence[tuple[str, str | os.PathLike | bytes]], workers: int = 2
+        self, items: Sequence[tuple[str, Item]], workers: int = 2
     ) -> Iterator[dict[str, Any]]:
-        """(name, path-or-bytes) pairs -> results in order. Decoding runs in a thread pool
-        while the model works on the previous batch; a bad image yields its error only."""
+        """(name, photo) pairs, a photo being a path, encoded bytes or a PIL image -> results
+        in order. Decoding runs in a thread pool while the model works on the previous batch;
+        a bad item yields its error only."""
 
         def load_chunk(chunk):
             out = []
@@ -318,6 +327,10 @@ class Engine:
                     else:
                         yield {"file": name, "attributes": next(preds), "error": None}
 
-    def predict_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+    def predict_files(
+        self, paths: str | os.PathLike | Iterable[str | os.PathLike]
+    ) -> Iterator[dict[str, Any]]:
+        """Photos and folders (walked for image files, sorted) -> one result per photo, in
+        order: ``{"file", "attributes", "error"}`` as ``beautytag predict`` writes them."""
         files = expand_paths(paths)
         return self.predict_items([(str(f), f) for f in files])

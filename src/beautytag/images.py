@@ -225,7 +225,7 @@ def preprocess(
 
 
 def load_for_model(
-    source: str | os.PathLike | bytes,
+    source: str | os.PathLike | bytes | Image.Image,
     size: int,
     mean: Sequence[float],
     std: Sequence[float],

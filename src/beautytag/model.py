@@ -464,6 +464,12 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     return [k for k in own if k not in matched]
 
 
+def mismatch(e: RuntimeError) -> str:
+    """The first problem that ``load_state_dict`` reports (its message lists them all)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0] if lines else "unknown"
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[BeautyTagNet, Config, dict[str, Any]]:
@@ -471,15 +477,20 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights only: a file's pickled code is never run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error
-        raise ValueError(f"{path}: not a beautytag checkpoint ({e})") from None
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a beautytag checkpoint ({problem})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "beautytag-1":
         raise ValueError(f"{path}: not a beautytag checkpoint")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: a damaged beautytag checkpoint (no config or weights)")
     cfg = config_from_dict(ckpt["config"], where=str(path))
     model = BeautyTagNet(cfg, pretrained=False)
-    model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: a damaged beautytag checkpoint ({mismatch(e)})") from None
     return model.to(device).eval(), cfg, ckpt

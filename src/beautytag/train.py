@@ -42,7 +42,13 @@ from beautytag.engine import resolve_model
 from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
 from beautytag.losses import MultiTaskLoss, distillation_loss
-from beautytag.model import BeautyTagNet, init_from_checkpoint, load_checkpoint, save_checkpoint
+from beautytag.model import (
+    BeautyTagNet,
+    init_from_checkpoint,
+    load_checkpoint,
+    mismatch,
+    save_checkpoint,
+)
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -106,12 +112,6 @@ def monitor_value(cfg: Config, val_loss: float, val_metrics: dict[str, dict]) ->
         raise ValueError(f"train.monitor is {cfg.train.monitor} but no validation photo has {attr}")
     value = val_metrics[attr][metric]
     return -value if metric in LOWER_IS_BETTER else value
-
-
-def mismatch(e: RuntimeError) -> str:
-    """The first problem that ``load_state_dict`` reports (its message lists them all)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else lines[0] if lines else "unknown"
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -283,7 +283,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         print(f"warning: nothing to resume in {out} (no last.pt): training from the start")
         resume = False
     if resume:
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
