@@ -133,3 +133,32 @@ def test_cli_calibrate_refuses_to_overwrite_and_reports(datasets, tmp_path, caps
     report = json.loads(capsys.readouterr().out)
     assert report["split"] == "val" and (tmp_path / "tiny-calibrated.pt").is_file()
     assert report["category"]["n"] > 0
+
+
+def test_a_fit_that_runs_to_its_bound_leaves_the_temperature_and_says_so(
+    datasets, tmp_path, monkeypatch, capsys
+):
+    import beautytag.calibrate as cal
+
+    real = cal.split_outputs
+
+    def all_right(*args, **kwargs):  # every category answer right: the NLL falls as T -> 0
+        cfg, names, outputs, targets, masks = real(*args, **kwargs)
+        targets["category"] = outputs["category"].argmax(1).astype(targets["category"].dtype)
+        return cfg, names, outputs, targets, masks
+
+    monkeypatch.setattr(cal, "split_outputs", all_right)
+    src = make_tiny_model(tmp_path / "tiny.pt", {"temperatures": {"category": 0.5}}, limit=24)
+    assert main(["calibrate", str(src), "--out", str(tmp_path / "c1.pt")]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["category"]["temperature"] == 0.5  # left as it was
+    assert "category: the fit ran to its bound" in report["category"]["warning"]
+    assert "warning: category: the fit ran to its bound" in err
+    monkeypatch.setattr(cal, "split_outputs", real)
+    path = tmp_path / "c1.pt"
+    for i in range(3):  # calibrating again and again keeps a model that loads
+        calibrate(path, tmp_path / f"c{i + 2}.pt", split="val")
+        path = tmp_path / f"c{i + 2}.pt"
+        _, cfg, _ = load_checkpoint(path)
+        assert all(0.01 <= t <= 100 for t in cfg.model.temperatures.values())

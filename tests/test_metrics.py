@@ -110,6 +110,13 @@ def test_calibration_error_hand_computed() -> None:
     fair = np.array([[0.5, 0.5]] * 4)
     assert calibration_error(np.array([0, 0, 1, 1]), fair) == 0.0  # argmax 0: half right
     assert math.isnan(calibration_error(np.array([], int), np.zeros((0, 2))))
+    # a float32 score of 0.7 is binned as 0.7, not as float64's 0.69999998 (evaluate's scores)
+    edge = np.array([[0.7, 0.3], [0.65, 0.35]])
+    y = np.array([0, 1])
+    assert calibration_error(y, edge.astype(np.float32)) == pytest.approx(
+        calibration_error(y, edge)
+    )
+    assert calibration_error(y, edge) == pytest.approx((0.3 + 0.65) / 2)
 
 
 def test_selective_accuracy_keeps_answers_at_or_above_each_threshold() -> None:

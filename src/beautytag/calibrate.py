@@ -24,6 +24,8 @@ from beautytag.config import Config
 from beautytag.evaluate import split_outputs
 from beautytag.model import load_checkpoint, save_checkpoint
 
+MIN_T, MAX_T = 0.01, 100.0  # the range a model's stored temperature is kept in
+
 
 def nll(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
     """Mean negative log-likelihood of the classes `y` under softmax(log_p / temperature)."""
@@ -70,9 +72,18 @@ def calibrate(
             continue
         p, y = outputs[a.name][m], targets[a.name][m].astype(np.int64)
         log_p = np.log(np.clip(p, 1e-12, None))  # the logits up to a constant per photo
-        t = fit_temperature(log_p, y)
+        before = temperatures.get(a.name, 1.0)  # the new T multiplies it: keep it in range
+        lo, hi = max(0.05, MIN_T / before), min(20.0, MAX_T / before)
+        t = fit_temperature(log_p, y, lo, hi)
+        warning = None
+        if min(t / lo, hi / t) < 1.01:  # no minimum inside: e.g. every answer right
+            warning = (
+                f"{a.name}: the fit ran to its bound (T = {before * t:.4g}) on {int(m.sum())} "
+                f"photos: too few, or all answered right or wrong; temperature left at {before}"
+            )
+            t = 1.0
         scaled = torch.softmax(torch.from_numpy(log_p) / t, -1).numpy()
-        temperatures[a.name] = round(temperatures.get(a.name, 1.0) * t, 4)
+        temperatures[a.name] = round(before * t, 4)
         report[a.name] = {
             "n": int(m.sum()),
             "temperature": temperatures[a.name],
@@ -82,6 +93,8 @@ def calibrate(
                 round(metrics.calibration_error(y, scaled), 4),
             ],
         }
+        if warning:
+            report[a.name]["warning"] = warning
     model_cfg.model = dataclasses.replace(model_cfg.model, temperatures=temperatures)
     half = any(v.dtype == torch.float16 for v in ckpt["model"].values())
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "model")}

@@ -126,6 +126,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else None
     report = calibrate(model, out, split=args.split, config=cfg, sources=args.source)
     print(json.dumps(report, indent=2))
+    for v in report.values():
+        if isinstance(v, dict) and "warning" in v:
+            print(f"warning: {v['warning']}", file=sys.stderr)
     print(f"calibrated model written to {out}", file=sys.stderr)
     return 0
 

@@ -102,11 +102,14 @@ def calibration_error(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) ->
     top score| of their bin. 0 for scores that are the chance of being right; nan for empty
     input."""
     t = _labels(y_true)
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores)
+    s = s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
     if t.size == 0:
         return math.nan
     top, right = s.max(axis=1), s.argmax(axis=1) == t
-    which = np.minimum((top * bins).astype(np.int64), bins - 1)
+    edges = (np.arange(1, bins) / bins).astype(s.dtype)  # in the scores' precision: 0.7 is 0.7
+    which = np.searchsorted(edges, top, side="right")
+    top = top.astype(np.float64)
     gaps = [
         (which == b).sum() * abs(right[which == b].mean() - top[which == b].mean())
         for b in np.unique(which)
