@@ -61,6 +61,11 @@ def test_config_errors(raw_config, tmp_path):
     bad["train"]["epochs"] = "ten"
     with pytest.raises(SchemaError, match="train.epochs: must be a number"):
         config_from_dict(bad, where="x.yaml")
+    bad["train"]["epochs"] = 2.0  # a whole number written as a float is fine
+    assert config_from_dict(bad).train.epochs == 2
+    bad["train"]["freeze_epochs"] = 0.5  # not silently 0 (no frozen phase)
+    with pytest.raises(SchemaError, match=r"train.freeze_epochs: must be a whole number, got 0.5"):
+        config_from_dict(bad, where="x.yaml")
     bad = copy.deepcopy(raw_config)
     bad["model"]["attention"] = "transformer"
     with pytest.raises(SchemaError, match="model.attention: must be one of"):

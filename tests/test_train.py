@@ -2,12 +2,16 @@
 silently (no real photos needed)."""
 
 import json
+import math
 
 import pytest
+import torch
 from PIL import Image
 
+import beautytag.train as training
 from beautytag.config import config_from_dict
-from beautytag.train import train
+
+train = training.train
 
 
 def own_folder(tmp_path, rows: list[str], classes=("Lipstick", "Mascara"), **train_cfg):
@@ -82,3 +86,48 @@ def test_a_photo_in_both_training_and_validation_is_reported(tmp_path, capsys):
     assert "train0.jpg" in out
     train(own_folder(tmp_path / "clean", photos(8, "train") + photos(4, "val")), progress=False)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_run_whose_validation_is_never_finite_fails_and_leaves_no_earlier_best(
+    tmp_path, monkeypatch
+):
+    cfg = own_folder(tmp_path, photos(8, "train") + photos(4, "val"))
+    train(cfg, progress=False)  # an earlier run in the same folder
+    assert (tmp_path / "run" / "best.pt").is_file()
+    monkeypatch.setattr(training, "validate", lambda *a, **k: (math.nan, {}))  # diverged
+    with pytest.raises(ValueError, match="no epoch gave a finite validation loss"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def interrupted(monkeypatch, epoch: int, before_saving: bool):
+    """Make training stop by Ctrl-C when it writes last.pt after `epoch` (0-based)."""
+    save = training.save_checkpoint
+
+    def saving(path, model, cfg, extra=None, **kwargs):
+        stop = path.name == "last.pt" and extra["epoch"] == epoch
+        if stop and before_saving:
+            raise KeyboardInterrupt
+        save(path, model, cfg, extra, **kwargs)
+        if stop:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", saving)
+    return lambda: monkeypatch.setattr(training, "save_checkpoint", save)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_interrupted_and_resumed_run_is_the_uninterrupted_one(tmp_path, monkeypatch, workers):
+    rows = photos(16, "train") + photos(4, "val")
+    straight = own_folder(tmp_path / "a", rows, epochs=3, workers=workers)
+    train(straight, progress=False)
+    cut = own_folder(tmp_path / "b", rows, epochs=3, workers=workers)
+    undo = interrupted(monkeypatch, epoch=1, before_saving=workers == 0)  # or while saving
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, progress=False)
+    undo()
+    train(cut, resume=True, progress=False)
+    assert [r["epoch"] for r in epochs_logged(cut)] == [1, 2, 3]  # epoch 2 logged once
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -163,6 +163,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         elif isinstance(default, int | float):
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise SchemaError(f"{where}.{key}: must be a number, got {value!r}")
+            if isinstance(default, int) and not float(value).is_integer():
+                raise SchemaError(f"{where}.{key}: must be a whole number, got {value!r}")
             value = type(default)(value)
         elif isinstance(default, str) and not isinstance(value, str):
             if (where, key) not in STR_OR_LIST:

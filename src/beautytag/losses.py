@@ -97,6 +97,22 @@ class MultiTaskLoss(nn.Module):
                 total = total + a.weight * loss
         return total, parts
 
+    def mixed(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        perm: torch.Tensor,
+        lam: float,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """CutMix's loss: towards each photo's own labels, weighing `lam`, and towards those of
+        photo `perm[i]`, whose box was pasted in, weighing its area `1 - lam`. An attribute of
+        a mixed photo counts only where both photos have its label."""
+        both = {k: v & v[perm] for k, v in masks.items()}
+        loss, parts = self(outputs, targets, both)
+        other = self(outputs, {k: v[perm] for k, v in targets.items()}, both)[0]
+        return lam * loss + (1 - lam) * other, parts
+
     def task_weights(self) -> dict[str, float]:
         """The weight each task currently gets (lambda, or exp(-s) when learned)."""
         if self.log_vars is None:

@@ -99,8 +99,18 @@ def make_loader(ds: BeautyDataset, cfg: Config, generator: torch.Generator) -> D
         num_workers=cfg.train.workers,
         drop_last=len(ds) > max(64, cfg.train.batch_size),  # never every batch
         generator=generator,
-        persistent_workers=cfg.train.workers > 0,
+        # workers start afresh each epoch, seeded from `generator`: a resumed run draws what
+        # the uninterrupted one did (persistent workers drew their seed in the first epoch)
+        persistent_workers=False,
     )
+
+
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line (inf for a line cut off mid-write)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def monitor_value(cfg: Config, val_loss: float, val_metrics: dict[str, dict]) -> float:
@@ -304,8 +314,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             print(f"warning: resuming with settings changed since {out / 'last.pt'}: {changed}")
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
     log_path = out / "metrics.jsonl"
-    if not resume and log_path.exists():
-        log_path.unlink()
+    if resume and log_path.exists():  # an epoch logged but interrupted before last.pt is redone
+        lines = log_path.read_text().splitlines(keepends=True)
+        log_path.write_text("".join(x for x in lines if logged_epoch(x) <= start_epoch))
+    if not resume:  # a new run: nothing of an earlier one in `out` may pass for this one's
+        for old in (log_path, out / "best.pt", out / "last.pt"):
+            old.unlink(missing_ok=True)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if finished(cfg, epoch, bad_epochs):
@@ -338,11 +352,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = model(x)
                 soft = teach(teachers, x) if teachers else None
-            loss, parts = criterion(outputs, targets, masks)
-            if perm is not None:  # the boxes' labels weigh as much as the boxes' area
-                other = {k: v[perm] for k, v in targets.items()}
-                other_masks = {k: v[perm] for k, v in masks.items()}
-                loss = lam * loss + (1 - lam) * criterion(outputs, other, other_masks)[0]
+            if perm is None:
+                loss, parts = criterion(outputs, targets, masks)
+            else:
+                loss, parts = criterion.mixed(outputs, targets, masks, perm, lam)
             if soft is not None:  # the teachers saw the same (mixed) photos
                 kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
                 loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
@@ -365,7 +378,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         kept = model if ema is None else ema.module
         val_loss, val_metrics = validate(kept, val_ds, cfg, criterion, device)
         score = monitor_value(cfg, val_loss, val_metrics)
-        improved = score > best
+        improved = math.isfinite(score) and score > best  # a NaN never replaces a model
         if improved:
             best, bad_epochs = score, 0
             save_checkpoint(out / "best.pt", kept, cfg, {"epoch": epoch, "val": val_metrics})
@@ -402,6 +415,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 "ema": None if ema is None else ema.module.state_dict(),
                 "elapsed": elapsed + time.time() - started,
             },
+        )
+    if not (out / "best.pt").is_file():
+        raise ValueError(
+            f"{out}: no epoch gave a finite validation {cfg.train.monitor} (the training "
+            f"diverged? try a lower train.lr), so no best.pt was written; see {log_path}"
         )
     return {
         "seconds": round(elapsed + time.time() - started, 1),
