@@ -1,4 +1,5 @@
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ from PIL import Image
 
 from beautytag.config import config_from_dict
 from beautytag.data import (
+    Sample,
     augment_batch,
+    classes_without_photos,
     cutmix_batch,
     encode,
     group_split,
@@ -212,7 +215,8 @@ def test_values_that_are_not_classes_are_reported_once_per_file(tmp_path, capsys
     assert [s.labels["color"] for s in samples] == [None, None]
     err = capsys.readouterr().err
     assert "labels.csv: 2 color values are not classes and are left out" in err
-    assert "Teal (2)" in err and "category" not in err  # category has an 'other' class
+    assert "Teal (2)" in err and err.count("warning:") == 1
+    assert "note: " in err and "1 category values are not classes and count as 'Other'" in err
 
 
 def test_a_tags_cell_with_no_known_tag_stays_unlabelled_and_is_reported(tmp_path, capsys):
@@ -247,3 +251,29 @@ def test_a_labels_csv_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "photos" / "labels.csv").write_bytes(rows.encode("cp1252"))  # Excel's plain CSV
     with pytest.raises(SchemaError, match=r"labels.csv: not UTF-8 text \(byte 0xe9 on line 3\)"):
         read_samples(cfg)
+
+
+def test_values_sent_to_other_and_rows_of_no_split_are_reported(tmp_path, capsys):
+    rows = (
+        "file_name,category,color,split\n"
+        "img/a.jpg,Lipstik,Red,train\n"  # a typo: goes to Other, and reading says so
+        "img/b.jpg,Mascara,Red,trian\n"  # no such split: left out, and reading says so
+        "img/c.jpg,Lipstick,Red,\n"
+    )
+    samples = read_samples(folder_config(tmp_path, rows))
+    assert [s.labels["category"] for s in samples] == ["Other"]
+    err = capsys.readouterr().err
+    assert "note: " in err and "1 category values are not classes and count as 'Other'" in err
+    assert "Lipstik (1)" in err
+    assert "warning: " in err and "2 rows have a split that is not train / val / test" in err
+    assert "trian (1), '' (1)" in err
+
+
+def test_classes_without_photos_names_each_attributes_missing_classes():
+    samples = [
+        Sample(Path("a.jpg"), "s", "train", labels={"category": "Lipstick", "tags": ["spf"]}),
+        Sample(Path("b.jpg"), "s", "train", labels={"category": None, "tags": None}),
+    ]
+    missing = classes_without_photos(samples, SCHEMA)
+    assert missing == {"category": ["Lip Gloss", "Other"], "finish": ["matte", "gloss"],
+                       "tags": ["waterproof"]}  # fmt: skip

@@ -388,3 +388,4 @@ def test_evaluate_says_how_to_find_a_models_photos_when_they_are_not_there(
     assert main(["evaluate", str(tmp_path / "own.pt")]) == 2
     err = capsys.readouterr().err
     assert "my-photos/labels.csv not found" in err and "pass --config" in err
+    assert "data.root, '.', is relative to the folder of the config it was trained with" in err

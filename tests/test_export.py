@@ -288,6 +288,12 @@ def test_cli_export_refuses_to_overwrite_the_model(tiny_model, tmp_path, capsys)
             "give another --out\n"
         )
     assert ckpt.read_bytes() == before
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"an exported model")
+    for command in (["export", str(onnx)], ["calibrate", str(onnx)]):
+        assert main(command) == 2  # not "would overwrite the model"
+        assert f"{onnx}: an exported model; " in capsys.readouterr().err
+    assert onnx.read_bytes() == b"an exported model"
 
 
 def test_cli_export_out_must_end_as_its_format_does(tiny_model, tmp_path, capsys):

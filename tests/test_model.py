@@ -294,7 +294,7 @@ def test_a_damaged_or_unsafe_checkpoint_is_a_one_line_error(tmp_path, small_cfg,
     with pytest.raises(ValueError, match="partial.pt: a damaged beautytag checkpoint"):
         load_checkpoint(tmp_path / "partial.pt")
     torch.save({"format": "beautytag-1", "payload": _RunsCode()}, tmp_path / "code.pt")
-    with pytest.raises(ValueError, match="code.pt: not a beautytag checkpoint"):
+    with pytest.raises(ValueError, match="code.pt: not a beautytag checkpoint.*more than weights"):
         load_checkpoint(tmp_path / "code.pt")
     assert "ran" not in capsys.readouterr().out  # only weights are unpickled
 

@@ -131,3 +131,11 @@ def test_an_interrupted_and_resumed_run_is_the_uninterrupted_one(tmp_path, monke
     a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_class_with_no_training_photo_is_reported(tmp_path, capsys):
+    rows = photos(8, "train") + photos(4, "val")
+    train(own_folder(tmp_path, rows, classes=("Lipstik", "Mascara")), progress=False)
+    out = capsys.readouterr().out
+    assert "warning: category classes with no training photo (a typo in the config" in out
+    assert out.count("Lipstik") == 1

@@ -62,6 +62,9 @@ def use_found_datasets(cfg: Config) -> None:
         cfg.data.root = str(found)
 
 
+EXPORTED_SUFFIXES = {".onnx", ".ts", ".torchscript", ".jit"}
+
+
 def model_for(name: str, out: Path, what: str) -> Path:
     """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
     `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
@@ -70,6 +73,11 @@ def model_for(name: str, out: Path, what: str) -> Path:
     model = resolve_model(name)
     if not model.is_file():
         raise FileNotFoundError(f"{model}: model file not found")
+    if model.suffix.lower() in EXPORTED_SUFFIXES:
+        raise ValueError(
+            f"{model}: an exported model; {what} is made from the .pt checkpoint it was "
+            "exported from (from `beautytag train`, or default / accurate)"
+        )
     if out.exists() and out.samefile(model):
         raise ValueError(f"{out}: {what} would overwrite the model; give another --out")
     return model

@@ -96,10 +96,17 @@ def unknown_values(attr: Attribute, source: str, row: dict[str, str]) -> list[st
     if spec is None or spec.rule or attr.kind == "shade" or not spec.column:
         return []
     cell = (row.get(spec.column) or "").strip()
-    if not cell or (attr.kind == "single" and spec.other):
+    if not cell:
         return []
     values = split_tags(cell) if attr.kind == "multi" else [cell]
     return [v for v in values if as_class(attr, spec.mapped(v)) is None]
+
+
+def report_values(kind: str, csv_path: Path, what: str, values: Counter) -> None:
+    """One line on stderr: how many values of `what` a labels.csv has, the commonest first."""
+    shown = ", ".join(f"{v or repr(v)} ({n})" for v, n in values.most_common(6))
+    more = f" and {len(values) - 6} more" if len(values) > 6 else ""
+    print(f"{kind}: {csv_path}: {sum(values.values())} {what}: {shown}{more}", file=sys.stderr)
 
 
 def as_class(attr: Attribute, value: str) -> str | None:
@@ -135,6 +142,7 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
         raise SchemaError(f"source {src.name!r}: {csv_path} not found")
     samples = []
     unknown: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
+    other_splits: Counter = Counter()  # split_column values that are not train / val / test
     try:
         text = csv_path.read_bytes().decode("utf-8-sig")  # -sig: Excel's leading BOM
     except UnicodeDecodeError as e:
@@ -160,21 +168,33 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
                 split = group_split(group, src.val_fraction, src.test_fraction)
             else:
                 group, split = "", split_name(row.get(src.split_column or "") or "")
+                if split not in SPLITS:
+                    other_splits[(row.get(src.split_column or "") or "").strip()] += 1
             labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
             for a in schema.attributes:  # values that are not classes are reported
                 unknown[a.name].update(unknown_values(a, src.name, row))
             name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
             samples.append(Sample(folder / name, src.name, split, group, labels))
-    for attr, values in unknown.items():
-        if values:
-            shown = ", ".join(f"{v} ({n})" for v, n in values.most_common(6))
-            more = f" and {len(values) - 6} more" if len(values) > 6 else ""
-            print(
-                f"warning: {csv_path}: {sum(values.values())} {attr} values are not classes "
-                f"and are left out (a cell left with none stays unlabelled; a map or an "
-                f"'other' class would keep them): {shown}{more}",
-                file=sys.stderr,
+    for a in schema.attributes:
+        spec = a.sources.get(src.name)
+        if not unknown[a.name]:
+            continue
+        if a.kind == "single" and spec and spec.other:
+            what = f"{a.name} values are not classes and count as {spec.other!r}"
+            report_values("note", csv_path, what, unknown[a.name])
+        else:
+            what = (
+                f"{a.name} values are not classes and are left out (a cell left with none "
+                "stays unlabelled; a map or an 'other' class would keep them)"
             )
+            report_values("warning", csv_path, what, unknown[a.name])
+    if other_splits:
+        report_values(
+            "warning",
+            csv_path,
+            f"rows have a {src.split_column} that is not train / val / test and are left out",
+            other_splits,
+        )
     return samples
 
 
@@ -338,6 +358,21 @@ def summarise(samples: Sequence[Sample], schema: Schema) -> dict[str, dict[str, 
         out[split] = {"images": len(part)} | {
             a.name: sum(s.labels.get(a.name) is not None for s in part) for a in schema.attributes
         }
+    return out
+
+
+def classes_without_photos(samples: Sequence[Sample], schema: Schema) -> dict[str, list[str]]:
+    """Per class attribute, the classes no sample is labelled with (a typo in the config?)."""
+    out = {}
+    for a in schema.attributes:
+        if a.kind == "shade":
+            continue
+        seen: set[str] = set()
+        for s in samples:
+            label = s.labels.get(a.name)
+            seen.update(label if isinstance(label, list) else [label] if label else [])
+        if missing := [c for c in a.classes if c not in seen]:
+            out[a.name] = missing
     return out
 
 

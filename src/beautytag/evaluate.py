@@ -127,8 +127,8 @@ def split_outputs(
         if config is not None or "not found" not in str(e):
             raise
         raise SchemaError(
-            f"{e} (the model's data paths are relative to where it was trained: run from there "
-            "or pass --config with its config file)"
+            f"{e} (the model's data.root, {cfg.data.root!r}, is relative to the folder of the "
+            "config it was trained with: run from that folder or pass --config with that file)"
         ) from None
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")

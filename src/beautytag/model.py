@@ -481,7 +481,11 @@ def load_checkpoint(
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a beautytag checkpoint ({problem})") from None
+        if problem.startswith("Weights only load failed"):  # torch's advice is to run code
+            problem = "it holds more than weights, which beautytag does not load"
+        raise ValueError(
+            f"{path}: not a beautytag checkpoint, the .pt file `beautytag train` writes ({problem})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "beautytag-1":
         raise ValueError(f"{path}: not a beautytag checkpoint")
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):

@@ -33,6 +33,7 @@ from beautytag.config import Config, config_from_dict
 from beautytag.data import (
     BeautyDataset,
     augment_batch,
+    classes_without_photos,
     cutmix_batch,
     in_several_splits,
     read_samples,
@@ -236,12 +237,18 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
+    training = [s for s in samples if s.split == "train"]
+    for name, classes in classes_without_photos(training, cfg.schema).items():
+        print(
+            f"warning: {name} classes with no training photo (a typo in the config, or "
+            f"labels.csv?): {', '.join(classes)}"
+        )
     if shared := in_several_splits(samples):
         print(
             "warning: photos in both the training and the validation split (listed twice in "
             f"labels.csv?), which flatter validation: {len(shared)}, e.g. {shared[0]}"
         )
-    train_ds = BeautyDataset([s for s in samples if s.split == "train"], cfg)
+    train_ds = BeautyDataset(training, cfg)
     val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
     for split, ds in (("training", train_ds), ("validation", val_ds)):
         if len(ds) == 0:
