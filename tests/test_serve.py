@@ -161,6 +161,10 @@ def test_api_key(make_client):
     assert c.get("/metrics").status_code == 401
     assert c.post("/v1/explain", content=jpeg()).status_code == 401
     assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+    c = make_client(api_key="clé")  # a key beyond ASCII: as curl sends it (its UTF-8 bytes)
+    key = {"X-API-Key": "clé".encode()}
+    assert c.post("/v1/predict", files=img, headers=key).status_code == 200
+    assert c.post("/v1/predict", files=img, headers={"X-API-Key": "cle"}).status_code == 401
 
 
 def test_body_too_large_is_413(make_client):
@@ -201,6 +205,35 @@ async def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert time.perf_counter() - t0 < timeout, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+def one_while_another_runs(
+    app: Any,
+    first: list,
+    second: list,
+    third: list,
+    running: Callable[[], bool],
+    between: Callable[[], None] = lambda: None,
+    pause: float = 0.0,
+) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    """The answers to three /v1/predict requests of these files: the first alone, then
+    (after `between()`) the second, and the third once `running()` holds for the second and
+    `pause` seconds have passed."""
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            answers = [await c.post("/v1/predict", files=first)]
+            between()
+            in_flight = asyncio.create_task(c.post("/v1/predict", files=second))
+            await _wait_for(running)
+            await asyncio.sleep(pause)
+            answers.append(await c.post("/v1/predict", files=third))
+            answers.insert(1, await in_flight)
+            await app.state.batcher.stop()
+            return tuple(answers)
+
+    return asyncio.run(scenario())
 
 
 def test_queue_full_is_503_with_retry_after(engine):
@@ -371,22 +404,15 @@ def test_admission_sees_a_model_call_that_is_slower_than_the_recent_ones(engine)
     the call running now counts, not only the average of the calls before it."""
     slow = Wrapped(engine, delay=0.05)
     app = create_app(slow, ServeSettings(timeout_s=3.0, max_wait_ms=0))
-    data = {"files": files(("a.jpg", jpeg()))}
+    one = files(("a.jpg", jpeg()))
 
-    async def scenario():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            first = await c.post("/v1/predict", **data)  # learnt: 0.05 s per image
-            slow.delay = 2.0
-            second = asyncio.create_task(c.post("/v1/predict", **data))
-            await _wait_for(lambda: len(slow.sizes) == 2)
-            await asyncio.sleep(0.8)  # the call of the second image has taken 0.8 s so far
-            third = await c.post("/v1/predict", **data)
-            second = await second
-            await app.state.batcher.stop()
-            return first, second, third
+    def slower() -> None:  # learnt from the first request: 0.05 s per image
+        slow.delay = 2.0
 
-    first, second, third = asyncio.run(scenario())
+    # the third is sent when the call of the second image has taken 0.8 s so far
+    first, second, third = one_while_another_runs(
+        app, one, one, one, lambda: len(slow.sizes) == 2, slower, pause=0.8
+    )
     assert first.status_code == 200 and second.status_code == 200
     # 2 images at >= 0.8 s each ahead > half the 3 s timeout: 503 now, where the average
     # (0.05 s) would have admitted it to wait out the slow call and time out (504)
@@ -474,7 +500,7 @@ def test_too_many_images_for_the_queue_is_400_not_503(make_client):
     assert r.status_code == 200
 
 
-def test_explain_renders_in_a_decoding_thread_within_the_timeout(make_client, monkeypatch):
+def test_explain_renders_in_its_own_thread_within_the_timeout(make_client, monkeypatch):
     """The overlay and the PNG work on the full-size photo: off the event loop, and a slow
     one is cut by the request's timeout (504) like the rest of the request."""
     import beautytag.serve
@@ -494,7 +520,7 @@ def test_explain_renders_in_a_decoding_thread_within_the_timeout(make_client, mo
     r = c.post("/v1/explain?attribute=category", content=jpeg())
     release.set()
     assert r.status_code == 504 and time.perf_counter() - t0 < 3
-    assert threads and threads[0].startswith("beautytag-decode")
+    assert threads and threads[0].startswith("beautytag-explain")
     r = c.post("/v1/explain?attribute=category", content=jpeg())
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
@@ -505,7 +531,6 @@ def test_explain_renders_in_a_decoding_thread_within_the_timeout(make_client, mo
         ("max_batch", 0),
         ("max_batch", -1),
         ("queue_size", 0),
-        ("max_files", 0),
         ("workers", 0),
         ("max_request_bytes", 0),
         ("max_pixels", -5),
@@ -553,3 +578,108 @@ def test_cli_serve_runs_a_torchscript_file_with_torch_unless_told(monkeypatch):
     assert main(["serve"]) == 0  # the shipped default: exported to ONNX at start
     assert main(["serve", "--model", "model.ts", "--backend", "auto"]) == 0
     assert seen == ["torch", "onnxruntime", "onnxruntime", "auto"]
+
+
+class SlowDecoding:
+    """An engine whose photos take `delay` seconds each to decode."""
+
+    def __init__(self, engine: Engine, delay: float):
+        self._engine, self.delay = engine, delay
+        self.decoding = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def load(self, *args: Any, **kwargs: Any):
+        self.decoding.set()
+        time.sleep(self.delay)
+        return self._engine.load(*args, **kwargs)
+
+
+def test_admission_counts_the_decoding_time_of_slow_photos(engine):
+    """Photos slow to decode (large PNGs) are answered 503 at once when the work ahead would
+    outlast the timeout, not 504 later: their decoding counts, not only the model's time."""
+    slow = SlowDecoding(engine, delay=0.3)
+    app = create_app(slow, ServeSettings(timeout_s=2.0, max_wait_ms=0, workers=1))
+    four = files(*((f"{i}.png", jpeg()) for i in range(4)))
+    # the first teaches 0.3 s per photo; the third finds 8 x 0.3 s ahead > 1 s
+    first, second, third = one_while_another_runs(
+        app, files(("a", jpeg())), four, four, slow.decoding.is_set, slow.decoding.clear
+    )
+    assert first.status_code == 200 and second.status_code == 200
+    assert third.status_code == 503 and "s of images ahead" in third.json()["detail"]
+
+
+def test_explanations_never_hold_predictions_up_and_a_burst_is_503(engine, monkeypatch):
+    import beautytag.serve
+
+    gate = threading.Event()
+    real = beautytag.serve.overlay
+
+    def slow_overlay(*args: Any, **kwargs: Any):
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    app = create_app(engine, ServeSettings(timeout_s=4.0, workers=1))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            url = "/v1/explain?attribute=category"
+            monkeypatch.setattr(beautytag.serve, "overlay", lambda *a, **k: time.sleep(0.8)
+                                or real(*a, **k))  # fmt: skip
+            learnt = await c.post(url, content=jpeg())  # an explanation takes 0.8 s
+            monkeypatch.setattr(beautytag.serve, "overlay", slow_overlay)
+            held = asyncio.create_task(c.post(url, content=jpeg()))
+            await asyncio.sleep(0.3)  # the explanation holds its thread
+            t0 = time.perf_counter()
+            predicted = await c.post("/v1/predict", files=files(("a.jpg", jpeg())))
+            predict_s = time.perf_counter() - t0
+            burst = [asyncio.create_task(c.post(url, content=jpeg())) for _ in range(3)]
+            await _wait_for(lambda: sum(t.done() for t in burst) == 2)  # answered at once
+            gate.set()
+            held, burst = await held, [await t for t in burst]
+            await app.state.batcher.stop()
+            return learnt, held, predicted, predict_s, burst
+
+    learnt, held, predicted, predict_s, burst = asyncio.run(scenario())
+    assert learnt.status_code == 200 and held.status_code == 200
+    assert predicted.status_code == 200 and predict_s < 1.0  # not behind the explanation
+    codes = [r.status_code for r in burst]  # 1 in flight + 1 more: 1.6 s ahead < 2 s
+    assert sorted(codes) == [200, 503, 503]
+    assert all("explanations ahead" in r.json()["detail"] for r in burst if r.status_code == 503)
+
+
+def test_a_multipart_request_may_hold_as_many_files_as_the_queue(make_client):
+    c = make_client(queue_size=40)
+    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(40))))
+    assert r.status_code == 200 and len(r.json()["results"]) == 40
+    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(41))))
+    assert r.status_code == 400
+
+
+def test_a_client_that_leaves_mid_body_is_a_400_not_a_server_error(engine):
+    app = create_app(engine, ServeSettings())
+
+    async def scenario():
+        sent: list[dict] = []
+        messages = iter([{"type": "http.request", "body": b"\xff\xd8", "more_body": True},
+                         {"type": "http.disconnect"}])  # fmt: skip
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+
+        path = "/v1/predict"
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "headers": [(b"content-length", b"100000")],
+                 "http_version": "1.1", "scheme": "http", "server": ("test", 80),
+                 "client": ("c", 1), "root_path": "", "app": app}  # fmt: skip
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400

@@ -59,6 +59,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from beautytag import __version__
@@ -82,14 +83,13 @@ class ServeSettings:
     queue_size: int = 64  # decoded images waiting for the model; more -> 503
     max_request_bytes: int = 20 * 1024 * 1024  # request body; more -> 413
     max_pixels: int = 40_000_000  # width * height of one image; more -> 413
-    max_files: int = 32  # files in one multipart request
     timeout_s: float = 10.0  # whole request; longer -> 504
     api_key: str | None = None  # required in X-API-Key when set
     workers: int = 2  # decoding threads
 
     def __post_init__(self) -> None:
         """Refuse settings the service cannot run with (ValueError naming the setting)."""
-        counts = ["max_batch", "queue_size", "max_files", "workers"]
+        counts = ["max_batch", "queue_size", "workers"]
         for name in [*counts, "max_request_bytes", "max_pixels"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -323,7 +323,9 @@ class Guard:
             if (
                 key
                 and path not in OPEN_PATHS
-                and not hmac.compare_digest(headers.get("x-api-key", "").encode(), key.encode())
+                and not hmac.compare_digest(  # the header's bytes against the key's UTF-8
+                    headers.get("x-api-key", "").encode("latin-1").strip(), key.encode()
+                )
             ):
                 await reject(401, "missing or wrong API key (send it in the X-API-Key header)")
                 return
@@ -449,15 +451,33 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     metrics = Metrics()
     batcher = MicroBatcher(engine, settings, metrics)
     decoder = ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="beautytag-decode")
+    # explanations decode and draw on full-size photos in their own thread, so that a burst
+    # of them never holds /v1/predict's decoding up
+    explainer = ThreadPoolExecutor(1, thread_name_prefix="beautytag-explain")
     explaining = 0
     inflight = 0  # /v1/predict images admitted and not yet answered
+    took: dict[str, float] = {}  # seconds per image of each step, moving averages
+
+    def clocked(step: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, its time added to the step's average (in the thread that runs it,
+        so a step cut off by a request's timeout still counts when it ends)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds = time.perf_counter() - t0
+            took[step] = 0.8 * took[step] + 0.2 * seconds if step in took else seconds
+
+    def explain_seconds() -> float:
+        return sum(took.get(f"explain {step}", 0.0) for step in ("decode", "model", "render"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
         await batcher.stop()
-        decoder.shutdown(wait=False, cancel_futures=True)
+        for pool in (decoder, explainer):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="beautytag",
@@ -480,7 +500,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     def decode_tensor(data: bytes, name: str) -> torch.Tensor:
         """Only the model input: the full-size image is freed in the thread, not held until
         the whole request is decoded."""
-        return decode(data, name)[1]
+        return clocked("decode", decode, data, name)[1]
 
     def render(img: Image.Image, cam: np.ndarray, size: int) -> bytes:
         """The explanation as PNG bytes (CPU work on the full-size photo: run in a thread)."""
@@ -491,7 +511,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     async def read_images(request: Request, filename: str | None) -> list[tuple[str, bytes]]:
         """(name, bytes) of the request's images, multipart or raw body."""
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            async with request.form(max_files=settings.max_files) as form:
+            # more files than the queue holds is answered below (400, naming the limit)
+            async with request.form(max_files=settings.queue_size + 1) as form:
                 items = form.getlist("file")
                 if any(not isinstance(u, UploadFile) for u in items):
                     raise HTTPException(400, "form field 'file' must be a file upload")
@@ -500,12 +521,15 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     for i, u in enumerate(items)
                     if isinstance(u, UploadFile)
                 ]
-        data = await request.body()
+        try:
+            data = await request.body()
+        except ClientDisconnect:  # nobody to answer: counted as a bad request, not a 500
+            raise HTTPException(400, "the client left before sending the whole body") from None
         return [(filename or RAW_NAME, data)] if data else []
 
-    async def in_thread(fn: Any, *args: Any) -> Any:
-        """Run ``fn`` in the decoding thread pool."""
-        return await asyncio.get_running_loop().run_in_executor(decoder, fn, *args)
+    async def in_thread(fn: Any, *args: Any, pool: ThreadPoolExecutor = decoder) -> Any:
+        """Run ``fn`` in a thread pool (the decoding one by default)."""
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def decode_all(files: list[tuple[str, bytes]]) -> list[torch.Tensor | BaseException]:
         """The model inputs of ``files`` in order, or each one's exception."""
@@ -582,9 +606,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 # answer in half the time left to this request, so overload is answered with 503
                 # at once instead of piling up decode work and memory, or answering 504 later.
                 # An idle server always admits: the speed estimate only changes when the model
-                # runs, so one slow call must not lock every later request out.
+                # runs, so one slow call must not lock every later request out. An image's
+                # time is the model's plus its decoding's (shared by the decoding threads).
                 limit = settings.queue_size + settings.max_batch
-                ahead_s = (inflight + len(files)) * batcher.seconds_per_image_now()
+                decoding = took.get("decode", 0.0) / settings.workers
+                per_image = batcher.seconds_per_image_now() + decoding
+                ahead_s = (inflight + len(files)) * per_image
                 left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
                     raise busy("queue full")
@@ -651,6 +678,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             )
         if explaining >= settings.queue_size:
             raise busy("queue full")
+        if explaining > 0 and (explaining + 1) * explain_seconds() > settings.timeout_s / 2:
+            raise busy(f"about {explaining * explain_seconds():.1f} s of explanations ahead")
         explaining += 1
         try:
             async with asyncio.timeout(settings.timeout_s):
@@ -661,11 +690,14 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     raise HTTPException(400, "explain takes one image")
                 ((file, data),) = files
                 try:
-                    img, x = await in_thread(decode, data, file)
+                    step = ("explain decode", decode, data, file)
+                    img, x = await in_thread(clocked, *step, pool=explainer)
                 except ImageError as e:
                     raise all_bad([e]) from None
-                cam, label = await batcher.run_model(gradcam, model, x[None], name)
-                png = await in_thread(render, img, cam, size or engine.cfg.model.image_size)
+                step = ("explain model", gradcam, model, x[None], name)
+                cam, label = await batcher.run_model(clocked, *step)
+                step = ("explain render", render, img, cam, size or engine.cfg.model.image_size)
+                png = await in_thread(clocked, *step, pool=explainer)
         except TimeoutError:
             raise timed_out() from None
         finally:
