@@ -198,6 +198,13 @@ def test_static_quantisation_calibrates_on_photos(tiny_model, onnx_path, synthet
     assert r["label_agreement"] >= 0.75 and r["max_abs_diff_per_output"]["shade"] < 2.0
     with pytest.raises(ValueError, match="calibration"):
         quantize_onnx(onnx_path, tmp_path / "x.onnx", "static", [])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo")
+    photos = [broken, *synthetic[:3], broken]  # only the usable photos count
+    q = quantize_onnx(onnx_path, tmp_path / "tiny-int8-odd.onnx", "static", photos)
+    assert onnx_metadata(q)["quantization"] == {"mode": "static", "calibration_photos": 3}
+    with pytest.raises(ValueError, match="none usable"):
+        quantize_onnx(onnx_path, tmp_path / "x.onnx", "static", [broken])
 
 
 def test_engine_onnx_backend_matches_torch(tiny_model, onnx_path, synthetic, tmp_path):
@@ -290,9 +297,12 @@ def test_cli_export_refuses_to_overwrite_the_model(tiny_model, tmp_path, capsys)
     assert ckpt.read_bytes() == before
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"an exported model")
-    for command in (["export", str(onnx)], ["calibrate", str(onnx)]):
-        assert main(command) == 2  # not "would overwrite the model"
-        assert f"{onnx}: an exported model; " in capsys.readouterr().err
+    script = tmp_path / "model.ts"
+    script.write_bytes(b"an exported model")
+    for command in (["export", str(onnx)], ["calibrate", str(onnx)], ["evaluate", str(script)]):
+        assert main(command) == 2  # not "would overwrite the model", nor torch's advice
+        err = capsys.readouterr().err
+        assert f"{command[1]}: an exported model; " in err and "weights_only" not in err
     assert onnx.read_bytes() == b"an exported model"
 
 

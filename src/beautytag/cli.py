@@ -62,22 +62,16 @@ def use_found_datasets(cfg: Config) -> None:
         cfg.data.root = str(found)
 
 
-EXPORTED_SUFFIXES = {".onnx", ".ts", ".torchscript", ".jit"}
-
-
 def model_for(name: str, out: Path, what: str) -> Path:
     """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
     `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
     from beautytag.engine import resolve_model
+    from beautytag.model import refuse_exported
 
     model = resolve_model(name)
     if not model.is_file():
         raise FileNotFoundError(f"{model}: model file not found")
-    if model.suffix.lower() in EXPORTED_SUFFIXES:
-        raise ValueError(
-            f"{model}: an exported model; {what} is made from the .pt checkpoint it was "
-            "exported from (from `beautytag train`, or default / accurate)"
-        )
+    refuse_exported(model, what)
     if out.exists() and out.samefile(model):
         raise ValueError(f"{out}: {what} would overwrite the model; give another --out")
     return model
@@ -230,7 +224,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from beautytag.engine import TORCHSCRIPT_SUFFIXES
+    from beautytag.model import TORCHSCRIPT_SUFFIXES
     from beautytag.serve import serve
 
     backend = args.backend
@@ -259,7 +253,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from beautytag.engine import TORCHSCRIPT_SUFFIXES
     from beautytag.export import (
         accuracy_cost,
         default_photos,
@@ -269,6 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         quantize_onnx,
         synthetic_photos,
     )
+    from beautytag.model import TORCHSCRIPT_SUFFIXES
 
     onnx = args.format == "onnx"
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if onnx else ".ts")

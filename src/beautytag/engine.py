@@ -21,7 +21,7 @@ from beautytag.color import lab_to_hex
 from beautytag.config import Config, config_from_dict
 from beautytag.evaluate import mirror_averaged
 from beautytag.images import MAX_PIXELS, ImageError, load_for_model
-from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.model import TORCHSCRIPT_SUFFIXES, BeautyTagNet, load_checkpoint
 
 # what a folder walk picks up (the format itself is read from the content, whatever the name)
 IMAGE_SUFFIXES = {
@@ -45,7 +45,6 @@ SHIPPED_MODELS = {
 BACKENDS = ("auto", "torch", "onnxruntime")
 METADATA_KEY = "beautytag"  # ONNX metadata_props key holding the export JSON
 TORCHSCRIPT_EXTRA = "beautytag.json"  # the same JSON inside a TorchScript file
-TORCHSCRIPT_SUFFIXES = {".ts", ".torchscript", ".jit"}
 
 
 def default_model_path(name: str = "default") -> Path:

@@ -205,20 +205,32 @@ def export_torchscript(checkpoint: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
-class _Calibration:
-    """An onnxruntime CalibrationDataReader: real photos, one at a time, preprocessed
-    exactly as for inference."""
+def calibration_inputs(
+    images: Sequence[Path], meta: dict[str, Any], n: int = 64
+) -> list[np.ndarray]:
+    """The model inputs of the first `n` usable photos of `images` (preprocessed exactly as
+    for inference; unreadable ones skipped)."""
+    size, mean, std = meta["input"]["size"], meta["input"]["mean"], meta["input"]["std"]
+    inputs = []
+    for p in images:
+        try:
+            inputs.append(load_for_model(p, size, mean, std)[1][None].numpy())
+        except ImageError:
+            continue
+        if len(inputs) == n:
+            break
+    return inputs
 
-    def __init__(self, images: Sequence[Path], meta: dict[str, Any]):
-        self.images, self.meta = list(images), meta["input"]
+
+class _Calibration:
+    """An onnxruntime CalibrationDataReader over preprocessed photos, one at a time."""
+
+    def __init__(self, inputs: list[np.ndarray], meta: dict[str, Any]):
+        self.inputs, self.name = inputs, meta["input"]["name"]
 
     def __iter__(self):
-        for p in self.images:
-            try:
-                _, x = load_for_model(p, self.meta["size"], self.meta["mean"], self.meta["std"])
-            except ImageError:
-                continue
-            yield {self.meta["name"]: x[None].numpy()}
+        for x in self.inputs:
+            yield {self.name: x}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if not hasattr(self, "_it"):
@@ -253,9 +265,10 @@ def quantize_onnx(
     calibration_images: Sequence[Path] = (),
 ) -> Path:
     """int8 quantisation for CPU. ``dynamic``: int8 weights, activations quantised on the
-    fly; ``static``: QDQ format, per-channel weights, activation ranges calibrated on up to
-    64 real photos. Convolutions and linear layers are quantised, except those named by
-    :func:`_keep_float_nodes`. The metadata is carried over."""
+    fly; ``static``: QDQ format, per-channel weights, activation ranges calibrated on the
+    first 64 usable photos of `calibration_images` (the metadata counts them). Convolutions
+    and linear layers are quantised, except those named by :func:`_keep_float_nodes`. The
+    metadata is carried over."""
     import onnx
     from onnxruntime.quantization import (
         QuantFormat,
@@ -277,7 +290,7 @@ def quantize_onnx(
         except Exception:
             src = Path(onnx_path)
         exclude = _keep_float_nodes(onnx.load(str(src)), meta)
-        images: list = []  # the calibration photos (static only)
+        inputs: list = []  # the calibration photos (static only)
         if mode == "dynamic":
             quantize_dynamic(
                 src,
@@ -288,13 +301,13 @@ def quantize_onnx(
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
             )
         else:
-            images = list(calibration_images)[:64]
-            if not images:
-                raise ValueError("static quantisation needs calibration photos")
+            inputs = calibration_inputs(calibration_images, meta)
+            if not inputs:
+                raise ValueError("static quantisation needs calibration photos (none usable)")
             quantize_static(
                 src,
                 out_path,
-                _Calibration(images, meta),
+                _Calibration(inputs, meta),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
@@ -304,7 +317,7 @@ def quantize_onnx(
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
             )
     proto = onnx.load(str(out_path))
-    meta["quantization"] = {"mode": mode, "calibration_photos": len(images)}
+    meta["quantization"] = {"mode": mode, "calibration_photos": len(inputs)}
     set_onnx_metadata(proto, meta)
     onnx.save(proto, str(out_path))
     return out_path

@@ -470,6 +470,19 @@ def mismatch(e: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else lines[0] if lines else "unknown"
 
 
+TORCHSCRIPT_SUFFIXES = {".ts", ".torchscript", ".jit"}
+EXPORTED_SUFFIXES = {".onnx", *TORCHSCRIPT_SUFFIXES}  # what `beautytag export` writes
+
+
+def refuse_exported(path: Path, what: str) -> None:
+    """ValueError for an exported model where `what` needs the checkpoint."""
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        raise ValueError(
+            f"{path}: an exported model; {what} needs the .pt checkpoint it was exported from "
+            "(from `beautytag train`, or default / accurate)"
+        )
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[BeautyTagNet, Config, dict[str, Any]]:
@@ -477,11 +490,12 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
+    refuse_exported(path, "this")
     try:  # weights only: a file's pickled code is never run
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if problem.startswith("Weights only load failed"):  # torch's advice is to run code
+        if "weights_only" in str(e) or "Weights only" in str(e):  # torch's advice: run code
             problem = "it holds more than weights, which beautytag does not load"
         raise ValueError(
             f"{path}: not a beautytag checkpoint, the .pt file `beautytag train` writes ({problem})"
