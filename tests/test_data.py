@@ -228,10 +228,11 @@ def test_a_tags_cell_with_no_known_tag_stays_unlabelled_and_is_reported(tmp_path
         "img/b.jpg,glitter,train\n"  # no known tag: not "none of the tags"
         'img/c.jpg,"spf, glitter",train\n'  # a mapped key in another case, and an unknown tag
         "img/d.jpg,,train\n"
+        "img/e.jpg,None,train\n"  # none of the tags: labelled, all negative
     )
     cfg = folder_config(tmp_path, rows, schema=schema)
     tags = [s.labels["tags"] for s in read_samples(cfg)]
-    assert tags == [["waterproof", "long_lasting"], None, ["waterproof"], None]
+    assert tags == [["waterproof", "long_lasting"], None, ["waterproof"], None, []]
     assert "2 tags values are not classes" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -158,6 +159,8 @@ def test_engine_checks_its_counts_and_threshold(tiny_model):
     ):
         with pytest.raises(ValueError, match=name):
             Engine(tiny_model, **kwargs)
+    engine = Engine(tiny_model, top_k=np.int64(2), batch_size=np.int64(4), threshold=np.float32(1))
+    assert (engine.top_k, engine.batch_size, engine.threshold) == (2, 4, 1.0)  # numpy's numbers
 
 
 def test_shipped_models_by_name(photo_folder, tmp_path, monkeypatch):
@@ -222,3 +225,9 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
     assert long["error"].startswith("unreadable") and long["attributes"] is None
     (too_long,) = engine.predict_files([tmp_path / ("x" * 300 + ".jpg")])
     assert too_long["error"].startswith("unreadable")
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (8000, 6000), (200, 30, 60)).save(big)  # 48 megapixels
+    lazy = Image.open(big)  # not decoded yet: the engine's threads decode it
+    results = list(Engine(tiny_model, batch_size=1).predict_items([("a", lazy), ("b", lazy)]))
+    assert [r["error"] for r in results] == [None, None]  # as it is: over 40 MP, one decode
+    assert results[0]["attributes"] == results[1]["attributes"]

@@ -290,6 +290,10 @@ def test_a_damaged_or_unsafe_checkpoint_is_a_one_line_error(tmp_path, small_cfg,
     torch.save(ckpt, tmp_path / "missing_key.pt")
     with pytest.raises(ValueError, match=r"missing_key.pt: a damaged beautytag checkpoint \("):
         load_checkpoint(tmp_path / "missing_key.pt")
+    ckpt["model"]["backbone.conv_stem.weight"] = None
+    torch.save(ckpt, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match=r"none.pt: a damaged .*conv_stem.weight is not a tensor"):
+        load_checkpoint(tmp_path / "none.pt")
     torch.save({"format": "beautytag-1"}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="partial.pt: a damaged beautytag checkpoint"):
         load_checkpoint(tmp_path / "partial.pt")

@@ -9,6 +9,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -495,7 +496,7 @@ def test_too_many_images_for_the_queue_is_400_not_503(make_client):
     c = make_client(queue_size=2, max_batch=1)
     r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(3))))
     assert r.status_code == 400 and "retry-after" not in r.headers
-    assert r.json()["detail"] == "too many images (3): at most 2 per request"
+    assert r.json()["detail"] == "too many images: at most 2 per request"
     r = c.post("/v1/predict", files=files(("a.jpg", jpeg()), ("b.jpg", jpeg())))
     assert r.status_code == 200
 
@@ -610,26 +611,34 @@ def test_admission_counts_the_decoding_time_of_slow_photos(engine):
     assert third.status_code == 503 and "s of images ahead" in third.json()["detail"]
 
 
-def test_explanations_never_hold_predictions_up_and_a_burst_is_503(engine, monkeypatch):
+@pytest.fixture
+def drawing(monkeypatch) -> SimpleNamespace:
+    """Explanations' drawing waits for `gate` (clear it to hold them), then `delay` s."""
     import beautytag.serve
 
-    gate = threading.Event()
+    held = SimpleNamespace(gate=threading.Event(), delay=0.0)
+    held.gate.set()
     real = beautytag.serve.overlay
 
-    def slow_overlay(*args: Any, **kwargs: Any):
-        gate.wait(5)
+    def overlay(*args: Any, **kwargs: Any):
+        held.gate.wait(5)
+        time.sleep(held.delay)
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(beautytag.serve, "overlay", overlay)
+    return held
+
+
+def test_explanations_never_hold_predictions_up_and_a_burst_is_503(engine, drawing):
     app = create_app(engine, ServeSettings(timeout_s=4.0, workers=1))
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             url = "/v1/explain?attribute=category"
-            monkeypatch.setattr(beautytag.serve, "overlay", lambda *a, **k: time.sleep(0.8)
-                                or real(*a, **k))  # fmt: skip
+            drawing.delay = 0.8
             learnt = await c.post(url, content=jpeg())  # an explanation takes 0.8 s
-            monkeypatch.setattr(beautytag.serve, "overlay", slow_overlay)
+            drawing.gate.clear()
             held = asyncio.create_task(c.post(url, content=jpeg()))
             await asyncio.sleep(0.3)  # the explanation holds its thread
             t0 = time.perf_counter()
@@ -637,7 +646,7 @@ def test_explanations_never_hold_predictions_up_and_a_burst_is_503(engine, monke
             predict_s = time.perf_counter() - t0
             burst = [asyncio.create_task(c.post(url, content=jpeg())) for _ in range(3)]
             await _wait_for(lambda: sum(t.done() for t in burst) == 2)  # answered at once
-            gate.set()
+            drawing.gate.set()
             held, burst = await held, [await t for t in burst]
             await app.state.batcher.stop()
             return learnt, held, predicted, predict_s, burst
@@ -654,16 +663,22 @@ def test_a_multipart_request_may_hold_as_many_files_as_the_queue(make_client):
     c = make_client(queue_size=40)
     r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(40))))
     assert r.status_code == 200 and len(r.json()["results"]) == 40
-    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(41))))
-    assert r.status_code == 400
+    r = c.post("/v1/predict", files=files(*((f"{i}.jpg", jpeg()) for i in range(45))))
+    assert r.status_code == 400 and r.json()["detail"] == "too many images: at most 40 per request"
 
 
-def test_a_client_that_leaves_mid_body_is_a_400_not_a_server_error(engine):
+@pytest.mark.parametrize("multipart", [False, True])
+def test_a_client_that_leaves_mid_body_is_a_400_not_a_server_error(engine, multipart):
     app = create_app(engine, ServeSettings())
+    boundary = b"xyz"
+    body = b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.jpg\r\n\r\n\xff\xd8"
+    headers = [(b"content-length", b"100000")]
+    if multipart:
+        headers.append((b"content-type", b"multipart/form-data; boundary=" + boundary))
 
     async def scenario():
         sent: list[dict] = []
-        messages = iter([{"type": "http.request", "body": b"\xff\xd8", "more_body": True},
+        messages = iter([{"type": "http.request", "body": body, "more_body": True},
                          {"type": "http.disconnect"}])  # fmt: skip
 
         async def receive():
@@ -674,7 +689,7 @@ def test_a_client_that_leaves_mid_body_is_a_400_not_a_server_error(engine):
 
         path = "/v1/predict"
         scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-                 "query_string": b"", "headers": [(b"content-length", b"100000")],
+                 "query_string": b"", "headers": headers,
                  "http_version": "1.1", "scheme": "http", "server": ("test", 80),
                  "client": ("c", 1), "root_path": "", "app": app}  # fmt: skip
         async with app.router.lifespan_context(app):
@@ -683,3 +698,22 @@ def test_a_client_that_leaves_mid_body_is_a_400_not_a_server_error(engine):
 
     sent = asyncio.run(scenario())
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+
+
+def test_a_cold_server_admits_one_explanation_at_a_time_until_it_has_timed_one(engine, drawing):
+    drawing.gate.clear()
+    app = create_app(engine, ServeSettings(timeout_s=8.0))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            url = "/v1/explain?attribute=category"
+            burst = [asyncio.create_task(c.post(url, content=jpeg())) for _ in range(5)]
+            await _wait_for(lambda: sum(t.done() for t in burst) == 4)
+            drawing.gate.set()
+            answers = [await t for t in burst]
+            await app.state.batcher.stop()
+            return answers
+
+    codes = sorted(r.status_code for r in asyncio.run(scenario()))
+    assert codes == [200, 503, 503, 503, 503]

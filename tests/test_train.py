@@ -88,16 +88,17 @@ def test_a_photo_in_both_training_and_validation_is_reported(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
-def test_a_run_whose_validation_is_never_finite_fails_and_leaves_no_earlier_best(
+def test_a_run_whose_validation_is_never_finite_fails_and_does_not_pass_off_an_earlier_best(
     tmp_path, monkeypatch
 ):
     cfg = own_folder(tmp_path, photos(8, "train") + photos(4, "val"))
     train(cfg, progress=False)  # an earlier run in the same folder
-    assert (tmp_path / "run" / "best.pt").is_file()
+    earlier = (tmp_path / "run" / "best.pt").read_bytes()
+    cfg.model.init = str(tmp_path / "run" / "best.pt")  # fine-tuned from it, into its folder
     monkeypatch.setattr(training, "validate", lambda *a, **k: (math.nan, {}))  # diverged
-    with pytest.raises(ValueError, match="no epoch gave a finite validation loss"):
+    with pytest.raises(ValueError, match="no best.pt \\(the best.pt there is an earlier run's"):
         train(cfg, progress=False)
-    assert not (tmp_path / "run" / "best.pt").exists()
+    assert (tmp_path / "run" / "best.pt").read_bytes() == earlier  # kept: it was the start
 
 
 def interrupted(monkeypatch, epoch: int, before_saving: bool):

@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")
     v.add_argument(
-        "--model", help="a checkpoint, an .onnx file or a shipped model: default, accurate"
+        "--model",
+        help="a checkpoint, an .onnx or TorchScript file, or a shipped model: default, accurate",
     )
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)

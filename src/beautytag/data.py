@@ -33,6 +33,7 @@ from beautytag.schema import Attribute, Schema, SchemaError
 from beautytag.weak_labels import RULES
 
 SPLITS = ("train", "val", "test")
+NO_TAGS = "none"  # a tags cell saying that none of the tags applies (an empty cell: unknown)
 
 
 @dataclass
@@ -77,6 +78,8 @@ def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object 
     if attr.kind == "multi":
         if isinstance(value, list):  # a rule's tags (an empty list: none of them)
             return [t for t in (as_class(attr, spec.mapped(v)) for v in value) if t is not None]
+        if str(value).strip().casefold() == NO_TAGS:  # labelled: none of the tags
+            return []
         tags = [as_class(attr, spec.mapped(t)) for t in split_tags(value)]
         known = [t for t in tags if t is not None]
         return known or None  # a cell with no known tag stays unlabelled, not all-negative
@@ -97,6 +100,8 @@ def unknown_values(attr: Attribute, source: str, row: dict[str, str]) -> list[st
         return []
     cell = (row.get(spec.column) or "").strip()
     if not cell:
+        return []
+    if attr.kind == "multi" and cell.casefold() == NO_TAGS:
         return []
     values = split_tags(cell) if attr.kind == "multi" else [cell]
     return [v for v in values if as_class(attr, spec.mapped(v)) is None]

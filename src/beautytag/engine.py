@@ -4,6 +4,7 @@ files or bytes in, one JSON-ready result per image out, batched, bad images repo
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 import warnings
@@ -240,10 +241,11 @@ class Engine:
         tta_flip: bool = False,
     ):
         for name, value in (("batch_size", batch_size), ("top_k", top_k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a whole number, 1 or more, got {value!r}")
-        if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+        if not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        batch_size, top_k, threshold = int(batch_size), int(top_k), float(threshold)
         self.model_path = resolve_model(model_path)
         self.backend = load_backend(self.model_path, backend, device, threads)
         self.model = getattr(self.backend, "model", None)  # the nn.Module, if there is one

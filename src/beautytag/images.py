@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_LOADING = threading.Lock()  # a caller's lazily opened PIL image is decoded by one thread
 
 
 class ImageError(ValueError):
@@ -123,7 +125,8 @@ def load_image(
     """Open a file path, raw bytes or a PIL image as an RGB PIL image.
 
     The format is detected from the content, EXIF orientation is applied, transparency is
-    composited onto white and animated images give their first frame. With `min_size`, a
+    composited onto white and animated images give their first frame (a PIL image: the frame
+    it is at, at any size). With `min_size`, a
     JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whose
     sides are all still >= `min_size`: far less work for a photo much larger than the model
     input (progressive JPEGs gain least). `max_pixels` bounds the pixels decoded, so such a
@@ -133,6 +136,12 @@ def load_image(
     """
     if isinstance(source, Image.Image):  # already opened: the same steps from here on
         img, label = source, name or "<PIL image>"
+        with _LOADING:  # one image loaded from two threads at once reads its file twice
+            try:
+                img.load()
+            except Exception as e:
+                raise ImageError(label, f"truncated or corrupt image: {e}") from None
+        max_pixels = max(max_pixels, img.width * img.height)  # decoded already: as it is
     else:
         data, label = _read(source, name)
         img = _open(data, label, min_size)

@@ -502,8 +502,11 @@ def load_checkpoint(
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "beautytag-1":
         raise ValueError(f"{path}: not a beautytag checkpoint")
-    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+    weights = ckpt.get("model")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(weights, dict):
         raise ValueError(f"{path}: a damaged beautytag checkpoint (no config or weights)")
+    if bad := [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]:
+        raise ValueError(f"{path}: a damaged beautytag checkpoint ({bad[0]} is not a tensor)")
     cfg = config_from_dict(ckpt["config"], where=str(path))
     model = BeautyTagNet(cfg, pretrained=False)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}

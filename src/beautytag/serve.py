@@ -59,6 +59,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -511,21 +512,31 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     async def read_images(request: Request, filename: str | None) -> list[tuple[str, bytes]]:
         """(name, bytes) of the request's images, multipart or raw body."""
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            # more files than the queue holds is answered below (400, naming the limit)
-            async with request.form(max_files=settings.queue_size + 1) as form:
-                items = form.getlist("file")
-                if any(not isinstance(u, UploadFile) for u in items):
-                    raise HTTPException(400, "form field 'file' must be a file upload")
-                return [
-                    (u.filename or f"file{i}", await u.read())
-                    for i, u in enumerate(items)
-                    if isinstance(u, UploadFile)
-                ]
+            most = settings.queue_size
+            try:
+                async with request.form(max_files=most) as form:
+                    items = form.getlist("file")
+                    if any(not isinstance(u, UploadFile) for u in items):
+                        raise HTTPException(400, "form field 'file' must be a file upload")
+                    return [
+                        (u.filename or f"file{i}", await u.read())
+                        for i, u in enumerate(items)
+                        if isinstance(u, UploadFile)
+                    ]
+            except ClientDisconnect:
+                raise left() from None
+            except StarletteHTTPException as e:  # how Starlette reports a form it refuses
+                if "Too many files" in str(e.detail):
+                    raise HTTPException(400, f"too many images: at most {most} per request") from e
+                raise
         try:
             data = await request.body()
-        except ClientDisconnect:  # nobody to answer: counted as a bad request, not a 500
-            raise HTTPException(400, "the client left before sending the whole body") from None
+        except ClientDisconnect:
+            raise left() from None
         return [(filename or RAW_NAME, data)] if data else []
+
+    def left() -> HTTPException:  # nobody to answer: counted as a bad request, not a 500
+        return HTTPException(400, "the client left before sending the whole request")
 
     async def in_thread(fn: Any, *args: Any, pool: ThreadPoolExecutor = decoder) -> Any:
         """Run ``fn`` in a thread pool (the decoding one by default)."""
@@ -611,11 +622,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 limit = settings.queue_size + settings.max_batch
                 decoding = took.get("decode", 0.0) / settings.workers
                 per_image = batcher.seconds_per_image_now() + decoding
-                ahead_s = (inflight + len(files)) * per_image
+                explanations = explaining * took.get("explain model", 0.0)  # the same model
+                ahead_s = (inflight + len(files)) * per_image + explanations
                 left_s = settings.timeout_s - (time.perf_counter() - started)
                 if inflight + len(files) > limit or batcher.room() < len(files):
                     raise busy("queue full")
-                if inflight > 0 and ahead_s > left_s / 2:
+                if (inflight > 0 or explaining > 0) and ahead_s > left_s / 2:
                     raise busy(f"about {ahead_s:.1f} s of images ahead of this request")
                 inflight += len(files)
                 try:
@@ -678,6 +690,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             )
         if explaining >= settings.queue_size:
             raise busy("queue full")
+        if explaining > 0 and "explain render" not in took:  # none timed yet: one at a time
+            raise busy("an explanation is running, and their time is not known yet")
         if explaining > 0 and (explaining + 1) * explain_seconds() > settings.timeout_s / 2:
             raise busy(f"about {explaining * explain_seconds():.1f} s of explanations ahead")
         explaining += 1

@@ -68,7 +68,8 @@ def limit_cpu_threads(cap: int = 4) -> int:
     """Cap PyTorch's CPU threads at `cap` (unless OMP_NUM_THREADS is set) and return the
     number in use. Training on a GPU leaves the CPU only batch collation, and many threads per
     process starve each other: two trainings at once on a 16-core H200 machine ran at 118
-    images/s each with 16 threads, and at 2,100 to 4,400 with OMP_NUM_THREADS=4."""
+    images/s each with 16 threads; three with 4 threads each at about 1,450-1,530 (Table B's
+    B3-B5 in benchmarks/results/accuracy.md)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(cap, torch.get_num_threads())))
     return torch.get_num_threads()
@@ -324,9 +325,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     if resume and log_path.exists():  # an epoch logged but interrupted before last.pt is redone
         lines = log_path.read_text().splitlines(keepends=True)
         log_path.write_text("".join(x for x in lines if logged_epoch(x) <= start_epoch))
-    if not resume:  # a new run: nothing of an earlier one in `out` may pass for this one's
-        for old in (log_path, out / "best.pt", out / "last.pt"):
-            old.unlink(missing_ok=True)
+    if not resume and log_path.exists():
+        log_path.unlink()
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if finished(cfg, epoch, bad_epochs):
@@ -423,10 +423,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 "elapsed": elapsed + time.time() - started,
             },
         )
-    if not (out / "best.pt").is_file():
+    if not math.isfinite(best):  # no epoch of this run (or of the run resumed) saved best.pt
+        earlier = " (the best.pt there is an earlier run's)" if (out / "best.pt").exists() else ""
         raise ValueError(
             f"{out}: no epoch gave a finite validation {cfg.train.monitor} (the training "
-            f"diverged? try a lower train.lr), so no best.pt was written; see {log_path}"
+            f"diverged? try a lower train.lr), so this run wrote no best.pt{earlier}; see "
+            f"{log_path}"
         )
     return {
         "seconds": round(elapsed + time.time() - started, 1),
