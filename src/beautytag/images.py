@@ -125,14 +125,14 @@ def load_image(
     """Open a file path, raw bytes or a PIL image as an RGB PIL image.
 
     The format is detected from the content, EXIF orientation is applied, transparency is
-    composited onto white and animated images give their first frame (a PIL image: the frame
-    it is at, at any size). With `min_size`, a
+    composited onto white and animated images give their first frame. With `min_size`, a
     JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) whose
     sides are all still >= `min_size`: far less work for a photo much larger than the model
     input (progressive JPEGs gain least). `max_pixels` bounds the pixels decoded, so such a
-    JPEG may be larger (a 48-megapixel photo decodes 0.75 megapixels for a 96 px model). Any
-    problem raises :class:`ImageError` naming the file (`name`, else the path, else
-    ``"<bytes>"`` or ``"<PIL image>"``).
+    JPEG may be larger (a 48-megapixel photo decodes 0.75 megapixels for a 96 px model). A
+    PIL image is used as it is (the frame it is at, any size) and never changed. Any problem
+    raises :class:`ImageError` naming the file (`name`, else the path, else ``"<bytes>"`` or
+    ``"<PIL image>"``).
     """
     if isinstance(source, Image.Image):  # already opened: the same steps from here on
         img, label = source, name or "<PIL image>"
