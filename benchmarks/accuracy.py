@@ -462,13 +462,15 @@ def table_c(data: Path) -> dict[str, dict]:
         # C47-C53 ran with CutMix training a mixed photo towards its box's label where the
         # photo itself had none, at weight 1 - lambda: in the training split no beauty-shades
         # photo has a colour label, no catalogue photo a shade, and 1,299 of 1,957 photos no
-        # finish (category and function are always labelled). 7b89e75
-        # counts an attribute of a mixed photo only where both photos have its label. C54 is
-        # C48's config at that code: does the fix change what CutMix does? Shipping rule,
-        # fixed before its runs: C47's (C38's against C39's row: the row's mean validation
-        # score above 0.595 and its mean whole-validation category not below 0.807; then its
-        # best seed by validation score replaces the default).
-        "C54 as C48, CutMix counting an attribute only where both photos have its label": c48,
+        # finish (category and function are always labelled). C54 counts an attribute of a
+        # mixed photo only where both photos have its label (train.cutmix_labels: both; its
+        # runs at 16e672f, where that was the only behaviour). Shipping rule, fixed before
+        # its runs: C47's (C38's against C39's row: the row's mean validation score above
+        # 0.595 and its mean whole-validation category not below 0.807; then its best seed by
+        # validation score replaces the default).
+        "C54 as C48, CutMix counting an attribute only where both photos have its label": apply(
+            c48, {"train.cutmix_labels": "both"}
+        ),
     }
 
 

@@ -137,27 +137,31 @@ def test_distillation_pulls_every_output_to_the_teacher():
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
-def test_cutmix_loss_weighs_both_labels_by_area_and_only_where_both_are_known():
+def test_cutmix_loss_weighs_each_known_label_by_area_or_only_where_both_are_known():
     torch.manual_seed(0)
     outputs, targets, masks = batch(4)
     outputs = {k: v.requires_grad_() for k, v in outputs.items()}
     perm, lam = torch.tensor([1, 0, 3, 2]), 0.9
     masks["cat"] = torch.tensor([False, True, True, True])  # photo 0's category unknown
     loss_fn = MultiTaskLoss(SCHEMA)
-    loss, _ = loss_fn.mixed(outputs, targets, masks, perm, lam)
-    loss.backward()
-    # photo 0 has no category, so neither it nor photo 1 (whose box is photo 0's) is trained
-    # on category; photos 2 and 3 are, towards 0.9 of their own label and 0.1 of the box's
-    assert outputs["cat"].grad[:2].abs().max() == 0
-    assert outputs["cat"].grad[2:].abs().min() > 0
-    rows = slice(2, 4)
-    own = F.cross_entropy(outputs["cat"][rows], targets["cat"][rows])
-    box = F.cross_entropy(outputs["cat"][rows], targets["cat"][perm][rows])
+    out = outputs["cat"]
     tags = F.binary_cross_entropy_with_logits(outputs["tags"], targets["tags"])
     tags_box = F.binary_cross_entropy_with_logits(outputs["tags"], targets["tags"][perm])
     shade = shade_loss(outputs["shade"], targets["shade"]).mean()
     shade_box = shade_loss(outputs["shade"], targets["shade"][perm]).mean()
-    expected = lam * (2.0 * own + 0.5 * tags + shade) + (1 - lam) * (
-        2.0 * box + 0.5 * tags_box + shade_box
-    )
+    rest = lam * (0.5 * tags + shade) + (1 - lam) * (0.5 * tags_box + shade_box)
+    # "area" (the default): each known label counts, weighing its part of the photo; photo 0
+    # is trained towards its box's category (photo 1's), photo 1 not towards photo 0's
+    loss, _ = loss_fn.mixed(outputs, targets, masks, perm, lam)
+    own = F.cross_entropy(out[1:], targets["cat"][1:])
+    box = F.cross_entropy(out[[0, 2, 3]], targets["cat"][perm][[0, 2, 3]])
+    expected = lam * 2.0 * own + (1 - lam) * 2.0 * box + rest
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # "both": photos 0 and 1 (a pair with one category unknown) are not trained on category
+    loss, _ = loss_fn.mixed(outputs, targets, masks, perm, lam, both=True)
+    loss.backward()
+    assert out.grad[:2].abs().max() == 0 and out.grad[2:].abs().min() > 0
+    own = F.cross_entropy(out[2:], targets["cat"][2:])
+    box = F.cross_entropy(out[2:], targets["cat"][perm][2:])
+    expected = lam * 2.0 * own + (1 - lam) * 2.0 * box + rest
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)

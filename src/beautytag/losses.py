@@ -104,13 +104,17 @@ class MultiTaskLoss(nn.Module):
         masks: dict[str, torch.Tensor],
         perm: torch.Tensor,
         lam: float,
+        both: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """CutMix's loss: towards each photo's own labels, weighing `lam`, and towards those of
-        photo `perm[i]`, whose box was pasted in, weighing its area `1 - lam`. An attribute of
-        a mixed photo counts only where both photos have its label."""
-        both = {k: v & v[perm] for k, v in masks.items()}
-        loss, parts = self(outputs, targets, both)
-        other = self(outputs, {k: v[perm] for k, v in targets.items()}, both)[0]
+        photo `perm[i]`, whose box was pasted in, weighing its area `1 - lam`, each where it
+        is known; with `both`, an attribute of a mixed photo counts only where both photos
+        have its label."""
+        own, box = masks, {k: v[perm] for k, v in masks.items()}
+        if both:
+            own = box = {k: v & v[perm] for k, v in masks.items()}
+        loss, parts = self(outputs, targets, own)
+        other = self(outputs, {k: v[perm] for k, v in targets.items()}, box)[0]
         return lam * loss + (1 - lam) * other, parts
 
     def task_weights(self) -> dict[str, float]:

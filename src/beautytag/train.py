@@ -362,7 +362,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             if perm is None:
                 loss, parts = criterion(outputs, targets, masks)
             else:
-                loss, parts = criterion.mixed(outputs, targets, masks, perm, lam)
+                both = cfg.train.cutmix_labels == "both"
+                loss, parts = criterion.mixed(outputs, targets, masks, perm, lam, both)
             if soft is not None:  # the teachers saw the same (mixed) photos
                 kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
                 loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
