@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from beautytag.config import Config, SourceConfig
 from beautytag.images import ImageError, letterbox, load_image
-from beautytag.schema import Attribute, Schema, SchemaError
+from beautytag.schema import Attribute, Schema, SchemaError, SourceSpec
 from beautytag.weak_labels import RULES
 
 SPLITS = ("train", "val", "test")
@@ -56,55 +56,57 @@ def group_split(key: str, val_fraction: float, test_fraction: float) -> str:
 def label_from_row(attr: Attribute, source: str, row: dict[str, str]) -> object | None:
     """One attribute's label for one CSV row: a class name, a list of tags, a Lab triple
     or None (not labelled)."""
+    return read_label(attr, source, row)[0]
+
+
+def read_label(
+    attr: Attribute, source: str, row: dict[str, str]
+) -> tuple[object | None, list[str]]:
+    """:func:`label_from_row`'s label, and the values of the row's cell that are neither
+    classes nor mapped to one (left out, or counted as the 'other' class): what reading a
+    labels.csv reports. A rule's values are never reported."""
     spec = attr.sources.get(source)
     if spec is None:
-        return None
+        return None, []
     if attr.kind == "shade":
         cells = [(row.get(c) or "").strip() for c in spec.columns or []]
         if any(c == "" for c in cells):
-            return None
+            return None, []
         try:
             lab = [float(c) for c in cells]
         except ValueError:
-            return None
-        return lab if all(math.isfinite(v) for v in lab) else None
-    if spec.rule is not None:
-        text = " ".join(row.get(c) or "" for c in (spec.columns or [spec.column]))
-        value = RULES[spec.rule](text)
-    else:
-        value = (row.get(spec.column or "") or "").strip() or None
-    if value is None:
-        return None
+            return None, []
+        return (lab if all(math.isfinite(v) for v in lab) else None), []
+    if spec.rule is None:
+        return cell_label(attr, spec, row.get(spec.column or "") or "")
+    value = RULES[spec.rule](" ".join(row.get(c) or "" for c in (spec.columns or [spec.column])))
+    if isinstance(value, list):  # a rule's tags (an empty list: none of them)
+        return [t for t in (as_class(attr, spec.mapped(v)) for v in value) if t is not None], []
+    return cell_label(attr, spec, value or "")[0], []
+
+
+def cell_label(attr: Attribute, spec: SourceSpec, cell: str) -> tuple[object | None, list[str]]:
+    """A class or tags cell's label (None: not labelled) and its values that are not
+    classes: one class, else the 'other' class if set; tags (separated by commas or
+    semicolons), `none` for none of them, and a cell with no known tag stays unlabelled
+    rather than meaning none of them."""
+    cell = cell.strip()
+    if not cell:
+        return None, []
+    if attr.kind == "multi" and cell.casefold() == NO_TAGS:  # labelled: none of the tags
+        return [], []
+    values = split_tags(cell) if attr.kind == "multi" else [cell]
+    classes = [as_class(attr, spec.mapped(v)) for v in values]
+    known = [c for c in classes if c is not None]
+    unknown = [v for v, c in zip(values, classes, strict=True) if c is None]
     if attr.kind == "multi":
-        if isinstance(value, list):  # a rule's tags (an empty list: none of them)
-            return [t for t in (as_class(attr, spec.mapped(v)) for v in value) if t is not None]
-        if str(value).strip().casefold() == NO_TAGS:  # labelled: none of the tags
-            return []
-        tags = [as_class(attr, spec.mapped(t)) for t in split_tags(value)]
-        known = [t for t in tags if t is not None]
-        return known or None  # a cell with no known tag stays unlabelled, not all-negative
-    value = as_class(attr, spec.mapped(str(value)))
-    return spec.other if value is None else value  # 'other' collects unknown values, if set
+        return known or None, unknown
+    return (known[0] if known else spec.other), unknown  # 'other' collects unknown values
 
 
 def split_tags(cell: str) -> list[str]:
     """A tags cell -> its tags: separated by commas or by semicolons (as predict's CSV)."""
     return [t.strip() for t in re.split(r"[,;]", cell) if t.strip()]
-
-
-def unknown_values(attr: Attribute, source: str, row: dict[str, str]) -> list[str]:
-    """The values of a row's cell for `attr` that are neither classes nor mapped to one (and
-    that no 'other' class collects): what reading a labels.csv warns about."""
-    spec = attr.sources.get(source)
-    if spec is None or spec.rule or attr.kind == "shade" or not spec.column:
-        return []
-    cell = (row.get(spec.column) or "").strip()
-    if not cell:
-        return []
-    if attr.kind == "multi" and cell.casefold() == NO_TAGS:
-        return []
-    values = split_tags(cell) if attr.kind == "multi" else [cell]
-    return [v for v in values if as_class(attr, spec.mapped(v)) is None]
 
 
 def report_values(kind: str, csv_path: Path, what: str, values: Counter) -> None:
@@ -148,10 +150,11 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
     samples = []
     unknown: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
     other_splits: Counter = Counter()  # split_column values that are not train / val / test
+    raw = csv_path.read_bytes()
     try:
-        text = csv_path.read_bytes().decode("utf-8-sig")  # -sig: Excel's leading BOM
+        text = raw.decode("utf-8-sig")  # -sig: Excel's leading BOM
     except UnicodeDecodeError as e:
-        line = csv_path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise SchemaError(
             f"{csv_path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); save "
             "it as UTF-8 (in Excel: 'CSV UTF-8')"
@@ -175,9 +178,10 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
                 group, split = "", split_name(row.get(src.split_column or "") or "")
                 if split not in SPLITS:
                     other_splits[(row.get(src.split_column or "") or "").strip()] += 1
-            labels = {a.name: label_from_row(a, src.name, row) for a in schema.attributes}
-            for a in schema.attributes:  # values that are not classes are reported
-                unknown[a.name].update(unknown_values(a, src.name, row))
+            labels = {}
+            for a in schema.attributes:  # values that are not classes are reported below
+                labels[a.name], values = read_label(a, src.name, row)
+                unknown[a.name].update(values)
             name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
             samples.append(Sample(folder / name, src.name, split, group, labels))
     for a in schema.attributes:

@@ -96,25 +96,30 @@ def topk_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float(np.mean((topk == t[:, None]).any(axis=1)))
 
 
+def _top_scores(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top score (in the scores' own float precision) and whether its answer is
+    right."""
+    s = np.asarray(scores)
+    s = s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
+    return s.max(axis=1), s.argmax(axis=1) == _labels(y_true)
+
+
 def calibration_error(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error (Guo et al. 2017): the rows binned by their top score into
     `bins` equal-width bins ([0, 0.1), ..., [0.9, 1]); the mean over rows of |accuracy - mean
     top score| of their bin. 0 for scores that are the chance of being right; nan for empty
     input."""
-    t = _labels(y_true)
-    s = np.asarray(scores)
-    s = s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
-    if t.size == 0:
+    top, right = _top_scores(y_true, scores)
+    if top.size == 0:
         return math.nan
-    top, right = s.max(axis=1), s.argmax(axis=1) == t
-    edges = (np.arange(1, bins) / bins).astype(s.dtype)  # in the scores' precision: 0.7 is 0.7
+    edges = (np.arange(1, bins) / bins).astype(top.dtype)  # in the scores' precision: 0.7 is 0.7
     which = np.searchsorted(edges, top, side="right")
     top = top.astype(np.float64)
     gaps = [
         (which == b).sum() * abs(right[which == b].mean() - top[which == b].mean())
         for b in np.unique(which)
     ]
-    return float(sum(gaps) / t.size)
+    return float(sum(gaps) / top.size)
 
 
 def selective_accuracy(
@@ -123,18 +128,15 @@ def selective_accuracy(
     """What keeping only the answers with a top score of at least each threshold gives: how
     many rows (``n``, ``share`` of all) and how many of those answers are right (``accuracy``,
     None when no row is kept). The basis for auto-accepting confident answers."""
-    t = _labels(y_true)
-    s = np.asarray(scores)
-    s = s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
-    top, right = s.max(axis=1), s.argmax(axis=1) == t
+    top, right = _top_scores(y_true, scores)
     rows = []
     for threshold in thresholds:
-        kept = top >= s.dtype.type(threshold)  # in the scores' precision: 0.7 keeps 0.7
+        kept = top >= top.dtype.type(threshold)  # in the scores' precision: 0.7 keeps 0.7
         rows.append(
             {
                 "threshold": threshold,
                 "n": int(kept.sum()),
-                "share": float(kept.mean()) if t.size else math.nan,
+                "share": float(kept.mean()) if top.size else math.nan,
                 "accuracy": float(right[kept].mean()) if kept.any() else None,
             }
         )

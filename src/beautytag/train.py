@@ -322,11 +322,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             print(f"warning: resuming with settings changed since {out / 'last.pt'}: {changed}")
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
     log_path = out / "metrics.jsonl"
-    if resume and log_path.exists():  # an epoch logged but interrupted before last.pt is redone
+    if log_path.exists() and not resume:
+        log_path.unlink()
+    elif log_path.exists():  # an epoch logged but interrupted before last.pt is redone
         lines = log_path.read_text().splitlines(keepends=True)
         log_path.write_text("".join(x for x in lines if logged_epoch(x) <= start_epoch))
-    if not resume and log_path.exists():
-        log_path.unlink()
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if finished(cfg, epoch, bad_epochs):
