@@ -63,14 +63,15 @@ import torch
 import yaml
 from benchlib import git_file, git_revision, throughput
 
+from beautytag.checkpoint import average_checkpoints
 from beautytag.color import srgb_to_lab
 from beautytag.config import Config, config_from_dict
 from beautytag.data import BeautyDataset, load_letterboxed, read_samples
-from beautytag.evaluate import evaluate
 from beautytag.images import normalize
-from beautytag.metrics import accuracy, macro_f1, shade_stats
-from beautytag.model import BeautyTagNet, average_checkpoints
-from beautytag.train import config_changes, finished, pick_device, train
+from beautytag.nn.net import BeautyTagNet
+from beautytag.training.evaluate import evaluate
+from beautytag.training.metrics import accuracy, macro_f1, shade_stats
+from beautytag.training.train import config_changes, finished, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"

@@ -20,7 +20,7 @@ import torch
 
 if TYPE_CHECKING:
     from beautytag.config import Config
-    from beautytag.model import BeautyTagNet
+    from beautytag.nn.net import BeautyTagNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,7 @@ def load_model(spec: str) -> tuple[BeautyTagNet, Config]:
     at a revision (e.g. ``c08db71:src/beautytag/weights/default.pt``, the default shipped
     then). FileNotFoundError where there is no such file, ValueError for a file that is not
     a beautytag checkpoint."""
-    from beautytag.engine import resolve_model
-    from beautytag.model import load_checkpoint
+    from beautytag.checkpoint import load_checkpoint, resolve_model
 
     revision, _, path = spec.partition(":")
     if not path or Path(spec).exists():

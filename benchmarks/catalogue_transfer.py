@@ -25,12 +25,13 @@ import torch
 from benchlib import git_revision
 from torch.utils.data import DataLoader
 
+from beautytag.checkpoint import load_checkpoint, resolve_model
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, label_from_row, read_samples
-from beautytag.engine import resolve_model
-from beautytag.evaluate import evaluate, mirror_averaged
 from beautytag.images import normalize
-from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.nn.net import BeautyTagNet
+from beautytag.runtime.engine import mirror_averaged
+from beautytag.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"

@@ -34,7 +34,7 @@ from benchlib import git_revision, load_model, write_results
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
-from beautytag.model import BeautyTagNet
+from beautytag.nn.net import BeautyTagNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"

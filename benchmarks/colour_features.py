@@ -42,11 +42,11 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from beautytag import metrics
 from beautytag.color import srgb_to_lab
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
-from beautytag.model import PixelColourHead
+from beautytag.nn.heads import PixelColourHead
+from beautytag.training import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"

@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from benchlib import git_revision, throughput
 
+from beautytag.checkpoint import load_checkpoint, resolve_model, save_checkpoint
 from beautytag.config import Config, config_from_dict
-from beautytag.engine import Engine, resolve_model
-from beautytag.export import export_model_onnx, quantize_onnx
-from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
+from beautytag.export import quantize_onnx
+from beautytag.nn.net import BeautyTagNet
+from beautytag.runtime.engine import Engine
+from beautytag.runtime.onnx import export_model_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"

@@ -17,10 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from beautytag.checkpoint import SHIPPED_MODELS, load_checkpoint, save_checkpoint
 from beautytag.config import load_config
-from beautytag.engine import SHIPPED_MODELS
-from beautytag.evaluate import evaluate
-from beautytag.model import load_checkpoint, save_checkpoint
+from beautytag.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accuracy  # noqa: E402
 
+from beautytag.checkpoint import save_checkpoint  # noqa: E402
 from beautytag.config import config_from_dict  # noqa: E402
-from beautytag.model import BeautyTagNet, save_checkpoint  # noqa: E402
+from beautytag.nn.net import BeautyTagNet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,9 @@ def datasets() -> Path:
 def make_tiny_model(path: Path, model: dict | None = None, **data) -> Path:
     """A randomly initialised default-schema model at 64 px (fast): for tests of formats and
     plumbing, not accuracy. `model` and `data` override keys of those config sections."""
+    from beautytag.checkpoint import save_checkpoint
     from beautytag.config import config_from_dict
-    from beautytag.model import BeautyTagNet, save_checkpoint
+    from beautytag.nn.net import BeautyTagNet
 
     raw = copy.deepcopy(default_raw())
     raw["data"] |= {"root": str(DATASETS), **data}

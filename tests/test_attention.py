@@ -1,6 +1,6 @@
 import torch
 
-from beautytag.attention import CBAM, SeedAttention, create_attention
+from beautytag.nn.attention import CBAM, SeedAttention, create_attention
 
 
 def test_seed_attention_follows_the_design_formulas():

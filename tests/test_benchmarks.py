@@ -309,7 +309,7 @@ def test_untrained_model_is_the_row_model_with_random_weights(datasets, tmp_path
     """scripts/untrained_model.py: a row's model to time before it is trained."""
     import torch
 
-    from beautytag.model import load_checkpoint
+    from beautytag.checkpoint import load_checkpoint
 
     script = load("untrained_model", "scripts")
     out = tmp_path / "c21.pt"
@@ -628,10 +628,10 @@ def test_catalogue_transfer_reads_catalogue_outputs_through_the_default_label_ma
     no label, so wrong), scored on the Personal Care photos next to the default."""
     import torch
 
+    from beautytag.checkpoint import load_checkpoint, resolve_model, save_checkpoint
     from beautytag.config import config_from_dict
     from beautytag.data import label_from_row
-    from beautytag.engine import resolve_model
-    from beautytag.model import BeautyTagNet, load_checkpoint, save_checkpoint
+    from beautytag.nn.net import BeautyTagNet
 
     from .conftest import make_tiny_model
 
@@ -990,7 +990,7 @@ def test_predict_benchmark_passes_when_exactly_the_broken_files_are_reported(
 
 def test_category_errors_outputs_are_the_scores_the_model_gives(datasets, tmp_path):
     """A calibrated model's probabilities there are its scaled ones (model.temperatures)."""
-    from beautytag.model import load_checkpoint
+    from beautytag.checkpoint import load_checkpoint
 
     from .conftest import make_tiny_model
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from beautytag.engine import Engine, default_model_path
-from beautytag.serve import ServeSettings, create_app
+from beautytag.checkpoint import default_model_path
+from beautytag.runtime.engine import Engine
+from beautytag.serve.app import create_app
+from beautytag.serve.settings import ServeSettings
 
 from .conftest import DATASETS
 
@@ -95,7 +97,7 @@ def hex_to_rgb(hex_: str) -> str:
 def test_page_predicts_and_explains_a_photo(server, browser, engine, tmp_path: Path):
     if not PHOTO.is_file():
         pytest.skip(f"real photo not found at {PHOTO} (place ../shared/datasets beside the repo)")
-    (expected,) = engine.predict_files([PHOTO])
+    (expected,) = [p.to_dict() for p in engine.predict_files([PHOTO])]
     category = expected["attributes"]["category"]
     shade_hex = expected["attributes"]["shade"]["hex"]
     wait = WebDriverWait(browser, 30)

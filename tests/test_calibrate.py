@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from beautytag.calibrate import calibrate, fit_temperature, nll
+from beautytag.checkpoint import load_checkpoint
 from beautytag.cli import main
 from beautytag.config import config_from_dict
-from beautytag.engine import Engine
-from beautytag.evaluate import evaluate
-from beautytag.export import (
-    ExportWrapper,
-    export_onnx,
-    onnx_metadata,
-    parity_check,
-    synthetic_photos,
-)
-from beautytag.model import load_checkpoint
+from beautytag.export import export_onnx, parity_check, synthetic_photos
+from beautytag.runtime.engine import Engine
+from beautytag.runtime.onnx import ExportWrapper, onnx_metadata
 from beautytag.schema import SchemaError
+from beautytag.training.calibrate import calibrate, fit_temperature, nll
+from beautytag.training.evaluate import evaluate
 
 from .conftest import default_raw, make_tiny_model
 
@@ -85,8 +80,8 @@ def test_calibrate_writes_a_model_with_the_same_answers_and_fitted_temperatures(
     for k, v in before.state_dict().items():
         torch.testing.assert_close(after.state_dict()[k], v)
     photos = synthetic_photos(tmp_path / "photos", n=6)
-    a = list(Engine(src).predict_files(photos))
-    b = list(Engine(out).predict_files(photos))
+    a = [p.to_dict() for p in Engine(src).predict_files(photos)]
+    b = [p.to_dict() for p in Engine(out).predict_files(photos)]
     for x, y in zip(a, b, strict=True):
         for name in single:
             assert x["attributes"][name]["label"] == y["attributes"][name]["label"]
@@ -138,7 +133,7 @@ def test_cli_calibrate_refuses_to_overwrite_and_reports(datasets, tmp_path, caps
 def test_a_fit_that_runs_to_its_bound_leaves_the_temperature_and_says_so(
     datasets, tmp_path, monkeypatch, capsys
 ):
-    import beautytag.calibrate as cal
+    import beautytag.training.calibrate as cal
 
     real = cal.split_outputs
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
+from beautytag.checkpoint import save_checkpoint
 from beautytag.cli import main
 from beautytag.config import config_from_dict, load_config
 from beautytag.data import read_samples
-from beautytag.model import BeautyTagNet, save_checkpoint
+from beautytag.nn.net import BeautyTagNet
 
 from .conftest import ROOT, make_tiny_model
 
@@ -182,10 +183,9 @@ def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
     than the same training on the labels; a teacher that normalises differently is refused."""
     import torch.nn.functional as F
 
+    from beautytag.checkpoint import load_checkpoint, resolve_model
     from beautytag.data import BeautyDataset
-    from beautytag.engine import resolve_model
-    from beautytag.evaluate import run_dataset
-    from beautytag.model import load_checkpoint
+    from beautytag.training.evaluate import run_dataset
 
     raw = raw_config
     raw["data"]["limit"] = 64
@@ -228,8 +228,9 @@ def test_several_teachers_teach_the_mean_of_their_outputs(raw_config, tmp_path):
     the target is the mean of their raw outputs; a teacher that cannot teach is named."""
     import torch.nn.functional as F
 
-    from beautytag.model import BeautyTagNet, save_checkpoint
-    from beautytag.train import load_teachers, teach
+    from beautytag.checkpoint import save_checkpoint
+    from beautytag.nn.net import BeautyTagNet
+    from beautytag.training.distill import load_teachers, teach
 
     paths = []
     for i, size in enumerate((64, 32)):
@@ -260,7 +261,7 @@ def test_several_teachers_teach_the_mean_of_their_outputs(raw_config, tmp_path):
 
 
 def test_limit_cpu_threads_caps_torch_unless_omp_num_threads_is_set(monkeypatch):
-    from beautytag.train import limit_cpu_threads
+    from beautytag.training.train import limit_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -278,9 +279,9 @@ def test_evaluate_an_ensemble_averages_its_models_outputs(tmp_path, capsys):
     """Several models evaluated together: each photo's probabilities are the mean of the
     models' (the metrics follow from them); a model with another input size is refused with a
     message naming its file."""
+    from beautytag.checkpoint import load_checkpoint, save_checkpoint
     from beautytag.data import BeautyDataset
-    from beautytag.evaluate import evaluate, run_dataset
-    from beautytag.model import load_checkpoint, save_checkpoint
+    from beautytag.training.evaluate import evaluate, run_dataset
 
     a = make_tiny_model(tmp_path / "a.pt", limit=16)
     model, cfg, _ = load_checkpoint(a)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from beautytag.checkpoint import SHIPPED_MODELS, default_model_path, resolve_model
 from beautytag.cli import main
-from beautytag.engine import SHIPPED_MODELS, Engine, default_model_path, expand_paths, resolve_model
+from beautytag.runtime.engine import Engine, expand_paths
 
 
 @pytest.fixture
@@ -40,7 +41,9 @@ def test_batch_prediction_reports_bad_files_and_keeps_the_rest(tiny_model, photo
         "f_empty.png",
         "g_grey.webp",
     ]
-    results = list(engine.predict_files([photo_folder, photo_folder / "missing.jpg"]))
+    results = [
+        r.to_dict() for r in engine.predict_files([photo_folder, photo_folder / "missing.jpg"])
+    ]
     assert [r["file"].split("/")[-1] for r in results] == [f.name for f in files] + ["missing.jpg"]
     errors = {r["file"].split("/")[-1]: r["error"] for r in results}
     assert errors["a_good.jpg"] is None and errors["b_png_named.jpg"] is None
@@ -66,8 +69,8 @@ def test_batch_prediction_reports_bad_files_and_keeps_the_rest(tiny_model, photo
 
 
 def test_same_image_same_answer_whatever_the_batch(tiny_model, photo_folder):
-    a = list(Engine(tiny_model, batch_size=1).predict_files([photo_folder]))
-    b = list(Engine(tiny_model, batch_size=16).predict_files([photo_folder]))
+    a = [r.to_dict() for r in Engine(tiny_model, batch_size=1).predict_files([photo_folder])]
+    b = [r.to_dict() for r in Engine(tiny_model, batch_size=16).predict_files([photo_folder])]
     for x, y in zip(a, b, strict=True):
         if x["attributes"]:
             assert x["attributes"]["category"]["label"] == y["attributes"]["category"]["label"]
@@ -171,7 +174,7 @@ def test_shipped_models_by_name(photo_folder, tmp_path, monkeypatch):
         engine = Engine(name)
         assert engine.model_path == default_model_path(name) and engine.model_path.is_file()
         sizes[name] = engine.cfg.model.image_size
-        result = next(engine.predict_files([photo_folder / "a_good.jpg"]))
+        result = next(engine.predict_files([photo_folder / "a_good.jpg"])).to_dict()
         assert result["error"] is None and result["attributes"]["shade"]["hex"].startswith("#")
     assert sizes["accurate"] > sizes["default"]  # the fast default sees smaller inputs
     monkeypatch.chdir(tmp_path)
@@ -183,7 +186,7 @@ def test_shipped_default_model_predicts_offline(photo_folder):
     path = default_model_path()
     assert path.is_file(), "the default model must ship inside the package"
     assert path.stat().st_size < 20 * 1024 * 1024
-    result = next(Engine().predict_files([photo_folder / "a_good.jpg"]))
+    result = next(Engine().predict_files([photo_folder / "a_good.jpg"])).to_dict()
     assert result["error"] is None and result["attributes"]["category"]["label"]
 
 
@@ -211,7 +214,9 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
     photo = tmp_path / "a.jpg"
     Image.new("RGB", (60, 80), (200, 30, 60)).save(photo)
     engine = Engine(tiny_model)
-    (one,) = engine.predict_files(str(photo))  # one path, not one per character
+    (one,) = [
+        p.to_dict() for p in engine.predict_files(str(photo))
+    ]  # one path, not one per character
     assert one["file"] == str(photo) and one["error"] is None
     items = [
         ("image", Image.open(photo)),
@@ -219,15 +224,15 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
         ("array", [[0, 0, 0]]),
         ("long", tmp_path / ("x" * 300 + ".jpg")),  # longer than the file system allows
     ]
-    image, data, array, long = engine.predict_items(items)
+    image, data, array, long = [p.to_dict() for p in engine.predict_items(items)]
     assert image["attributes"] == data["attributes"] == one["attributes"]
     assert array["error"] == "expected a file path, bytes or a PIL image, got list"
     assert long["error"].startswith("unreadable") and long["attributes"] is None
-    (too_long,) = engine.predict_files([tmp_path / ("x" * 300 + ".jpg")])
+    (too_long,) = [p.to_dict() for p in engine.predict_files([tmp_path / ("x" * 300 + ".jpg")])]
     assert too_long["error"].startswith("unreadable")
     big = tmp_path / "big.jpg"
     Image.new("RGB", (8000, 6000), (200, 30, 60)).save(big)  # 48 megapixels
     lazy = Image.open(big)  # not decoded yet: the engine's threads decode it
     results = list(Engine(tiny_model, batch_size=1).predict_items([("a", lazy), ("b", lazy)]))
-    assert [r["error"] for r in results] == [None, None]  # as it is: over 40 MP, one decode
+    assert [r.error for r in results] == [None, None]  # as it is: over 40 MP, one decode
     assert results[0]["attributes"] == results[1]["attributes"]

@@ -9,23 +9,22 @@ import pytest
 import torch
 from PIL import Image
 
+from beautytag.checkpoint import load_checkpoint
 from beautytag.cli import main
 from beautytag.config import config_from_dict
-from beautytag.engine import Engine, expand_paths
 from beautytag.export import (
-    ExportWrapper,
     accuracy_cost,
     default_photos,
-    export_model_onnx,
     export_onnx,
     export_torchscript,
-    onnx_metadata,
     parity_check,
     quantize_onnx,
     synthetic_photos,
 )
 from beautytag.images import load_image, preprocess
-from beautytag.model import fixed_size_copy, load_checkpoint
+from beautytag.nn.net import fixed_size_copy
+from beautytag.runtime.engine import Engine, expand_paths
+from beautytag.runtime.onnx import ExportWrapper, export_model_onnx, onnx_metadata
 
 from .conftest import DATASETS, make_tiny_model
 
@@ -210,11 +209,11 @@ def test_static_quantisation_calibrates_on_photos(tiny_model, onnx_path, synthet
 def test_engine_onnx_backend_matches_torch(tiny_model, onnx_path, synthetic, tmp_path):
     (tmp_path / "bad.jpg").write_text("not an image")
     files = [*synthetic, tmp_path / "bad.jpg"]
-    ref = list(Engine(tiny_model, batch_size=4).predict_files(files))
+    ref = [p.to_dict() for p in Engine(tiny_model, batch_size=4).predict_files(files)]
     ort_engine = Engine(onnx_path, batch_size=4, backend="onnxruntime")
     assert ort_engine.backend.name == "onnxruntime" and ort_engine.model is None
-    out = list(Engine(onnx_path, batch_size=5).predict_files(files))  # auto: by suffix
-    assert out == list(ort_engine.predict_files(files))
+    out = [p.to_dict() for p in Engine(onnx_path, batch_size=5).predict_files(files)]  # auto
+    assert out == [p.to_dict() for p in ort_engine.predict_files(files)]
     assert [r["file"] for r in out] == [r["file"] for r in ref]
     assert out[-1]["error"] == ref[-1]["error"] and out[-1]["attributes"] is None
     for a, b in zip(ref[:-1], out[:-1], strict=True):

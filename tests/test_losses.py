@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beautytag.losses import LOGVAR_LIMIT, MultiTaskLoss, distillation_loss, shade_loss
+from beautytag.nn.losses import LOGVAR_LIMIT, MultiTaskLoss, distillation_loss, shade_loss
 from beautytag.schema import parse_schema
 
 SCHEMA = parse_schema(

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
-from beautytag.metrics import (
+from beautytag.training.metrics import (
     accuracy,
     calibration_error,
     confusion_matrix,

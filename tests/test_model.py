@@ -6,23 +6,22 @@ import timm
 import torch
 from torch import nn
 
-from beautytag.attention import SeedAttention
+from beautytag.checkpoint import (
+    average_checkpoints,
+    init_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from beautytag.color import linear_rgb_to_lab_torch, srgb_to_lab, srgb_to_linear_torch
 from beautytag.config import config_from_dict
 from beautytag.images import normalize
-from beautytag.model import (
+from beautytag.nn.attention import SeedAttention
+from beautytag.nn.heads import ColourPoolShadeHead, PixelColourHead, lab_prototypes, product_weights
+from beautytag.nn.net import (
     BeautyTagNet,
-    ColourPoolShadeHead,
-    PixelColourHead,
     WeightsError,
-    average_checkpoints,
     create_backbone,
-    init_from_checkpoint,
-    lab_prototypes,
     load_backbone_file,
-    load_checkpoint,
-    product_weights,
-    save_checkpoint,
     wheel_weights_path,
 )
 from beautytag.schema import SchemaError

@@ -154,7 +154,7 @@ def test_schema_round_trips_through_dict(raw_config):
 
 
 def test_check_same_outputs_names_the_attributes_that_differ(raw_config):
-    from beautytag.evaluate import check_same_outputs
+    from beautytag.training.evaluate import check_same_outputs
 
     cfg = config_from_dict(raw_config)
     other = copy.deepcopy(raw_config)

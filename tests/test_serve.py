@@ -18,10 +18,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from beautytag.checkpoint import load_checkpoint
 from beautytag.cli import build_parser, main
-from beautytag.engine import Engine
-from beautytag.model import load_checkpoint
-from beautytag.serve import ServeSettings, create_app, gradcam
+from beautytag.runtime.engine import Engine
+from beautytag.runtime.explain import gradcam
+from beautytag.serve.app import create_app
+from beautytag.serve.settings import ServeSettings
 
 from .conftest import make_tiny_model
 
@@ -100,7 +102,7 @@ def test_predict_one_file_matches_the_engine(client, engine):
     data = jpeg()
     r = client.post("/v1/predict", files=files(("a.jpg", data)))
     assert r.status_code == 200
-    expected = next(engine.predict_items([("a.jpg", data)]))
+    expected = next(engine.predict_items([("a.jpg", data)])).to_dict()
     assert r.json() == {"results": [expected]}
     assert expected["error"] is None and set(expected["attributes"]) == set(engine.schema.names)
 
@@ -109,7 +111,7 @@ def test_predict_raw_body(client, engine):
     data = jpeg((10, 120, 200), fmt="PNG")
     r = client.post("/v1/predict", content=data, headers={"content-type": "image/png"})
     assert r.status_code == 200
-    assert r.json() == {"results": [next(engine.predict_items([("<body>", data)]))]}
+    assert r.json() == {"results": [next(engine.predict_items([("<body>", data)])).to_dict()]}
     r = client.post("/v1/predict?filename=x.png", content=data)
     assert r.json()["results"][0]["file"] == "x.png"
 
@@ -119,7 +121,7 @@ def test_predict_several_files_keeps_order_and_reports_bad_ones(client, engine):
     items += [("c.jpg", jpeg((0, 0, 200)))]
     r = client.post("/v1/predict", files=files(*items))
     assert r.status_code == 200
-    assert r.json() == {"results": list(engine.predict_items(items))}
+    assert r.json() == {"results": [p.to_dict() for p in engine.predict_items(items)]}
 
     mixed = [items[0], ("bad.jpg", b"not an image at all"), ("cut.jpg", jpeg()[:300])]
     r = client.post("/v1/predict", files=files(*mixed))
@@ -284,7 +286,7 @@ def test_concurrent_requests_are_batched(engine):
     assert sum(rec.sizes) == 8 and max(rec.sizes) > 1, rec.sizes
     # each answer is its own image's, whatever batch it travelled in
     for i, (r, d) in enumerate(zip(responses, images, strict=True)):
-        expected = next(engine.predict_items([(f"{i}.jpg", d)]))
+        expected = next(engine.predict_items([(f"{i}.jpg", d)])).to_dict()
         got = r.json()["results"][0]
         assert got["file"] == expected["file"]
         assert got["attributes"]["shade"]["hex"] == expected["attributes"]["shade"]["hex"]
@@ -349,7 +351,7 @@ def test_cli_serve_options(monkeypatch):
     args = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "4"])
     assert args.host == "127.0.0.1" and args.max_batch == 4 and args.api_key is None
     seen: dict[str, Any] = {}
-    monkeypatch.setattr("beautytag.serve.serve", lambda model, **kw: seen.update(kw))
+    monkeypatch.setattr("beautytag.serve.server.serve", lambda model, **kw: seen.update(kw))
     monkeypatch.setenv("BEAUTYTAG_API_KEY", "k")
     assert args.func(args) == 0
     assert seen["api_key"] == "k" and seen["port"] == 0 and seen["max_batch"] == 4
@@ -366,7 +368,7 @@ def test_onnxruntime_engine_from_a_checkpoint_predicts_and_explains(
     assert c.get("/healthz").json()["backend"] == "onnxruntime"
     data = jpeg((30, 160, 90))
     got = c.post("/v1/predict", content=data).json()["results"][0]["attributes"]
-    want = next(engine.predict_items([("a.jpg", data)]))["attributes"]
+    want = next(engine.predict_items([("a.jpg", data)])).to_dict()["attributes"]
     assert got["category"]["label"] == want["category"]["label"]
     assert got["category"]["score"] == pytest.approx(want["category"]["score"], abs=1e-3)
     assert got["shade"]["lab"] == pytest.approx(want["shade"]["lab"], abs=0.05)
@@ -504,18 +506,18 @@ def test_too_many_images_for_the_queue_is_400_not_503(make_client):
 def test_explain_renders_in_its_own_thread_within_the_timeout(make_client, monkeypatch):
     """The overlay and the PNG work on the full-size photo: off the event loop, and a slow
     one is cut by the request's timeout (504) like the rest of the request."""
-    import beautytag.serve
+    import beautytag.runtime.explain
 
     threads: list[str] = []
     release = threading.Event()
-    real = beautytag.serve.overlay
+    real = beautytag.runtime.explain.overlay
 
     def slow_overlay(*args: Any, **kwargs: Any):
         threads.append(threading.current_thread().name)
         release.wait(5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(beautytag.serve, "overlay", slow_overlay)
+    monkeypatch.setattr(beautytag.runtime.explain, "overlay", slow_overlay)
     c = make_client(timeout_s=1.0)
     t0 = time.perf_counter()
     r = c.post("/v1/explain?attribute=category", content=jpeg())
@@ -565,7 +567,7 @@ def test_cli_serve_refuses_a_bad_setting_before_loading_the_model(
     def no_engine(*args: Any, **kwargs: Any):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("beautytag.serve.Engine", no_engine)
+    monkeypatch.setattr("beautytag.serve.server.Engine", no_engine)
     assert main(["serve", *flag]) == 2
     err = capsys.readouterr().err
     assert err == f"beautytag serve: error: {message}\n"
@@ -573,7 +575,9 @@ def test_cli_serve_refuses_a_bad_setting_before_loading_the_model(
 
 def test_cli_serve_runs_a_torchscript_file_with_torch_unless_told(monkeypatch):
     seen = []
-    monkeypatch.setattr("beautytag.serve.serve", lambda model, **kw: seen.append(kw["backend"]))
+    monkeypatch.setattr(
+        "beautytag.serve.server.serve", lambda model, **kw: seen.append(kw["backend"])
+    )
     assert main(["serve", "--model", "model.ts"]) == 0
     assert main(["serve", "--model", "model.onnx"]) == 0
     assert main(["serve"]) == 0  # the shipped default: exported to ONNX at start
@@ -614,18 +618,18 @@ def test_admission_counts_the_decoding_time_of_slow_photos(engine):
 @pytest.fixture
 def drawing(monkeypatch) -> SimpleNamespace:
     """Explanations' drawing waits for `gate` (clear it to hold them), then `delay` s."""
-    import beautytag.serve
+    import beautytag.runtime.explain
 
     held = SimpleNamespace(gate=threading.Event(), delay=0.0)
     held.gate.set()
-    real = beautytag.serve.overlay
+    real = beautytag.runtime.explain.overlay
 
     def overlay(*args: Any, **kwargs: Any):
         held.gate.wait(5)
         time.sleep(held.delay)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(beautytag.serve, "overlay", overlay)
+    monkeypatch.setattr(beautytag.runtime.explain, "overlay", overlay)
     return held
 
 

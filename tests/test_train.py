@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import beautytag.train as training
+import beautytag.training.train as training
 from beautytag.config import config_from_dict
 
 train = training.train

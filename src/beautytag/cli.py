@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 from beautytag import __version__
 
 if TYPE_CHECKING:
-    from beautytag.config import Config
+    pass
 
 
 def positive_int(text: str) -> int:
@@ -45,28 +46,10 @@ def share(text: str) -> float:
     return value
 
 
-def find_datasets() -> Path | None:
-    """``../shared/datasets`` beside the current folder or beside this checkout, if any."""
-    here = Path(__file__).resolve()
-    for base in (Path.cwd(), *here.parents):
-        cand = base.parent / "shared" / "datasets"
-        if cand.is_dir():
-            return cand
-    return None
-
-
-def use_found_datasets(cfg: Config) -> None:
-    """A model's data root saved relative to another folder (a shipped model's
-    ../shared/datasets): point it at :func:`find_datasets`' folder when it is not there."""
-    if not cfg.data_root.is_dir() and (found := find_datasets()) is not None:
-        cfg.data.root = str(found)
-
-
 def model_for(name: str, out: Path, what: str) -> Path:
     """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
     `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
-    from beautytag.engine import resolve_model
-    from beautytag.model import refuse_exported
+    from beautytag.checkpoint import refuse_exported, resolve_model
 
     model = resolve_model(name)
     if not model.is_file():
@@ -79,7 +62,7 @@ def model_for(name: str, out: Path, what: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from beautytag.config import check_ranges, load_config
-    from beautytag.train import train
+    from beautytag.training.train import train
 
     cfg = load_config(args.config)
     if args.out:
@@ -97,9 +80,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from beautytag.checkpoint import resolve_model
     from beautytag.config import load_config
-    from beautytag.engine import resolve_model
-    from beautytag.evaluate import evaluate
+    from beautytag.training.evaluate import evaluate
 
     cfg = load_config(args.config) if args.config else None
     first = str(Path(args.model[0]).with_suffix(""))
@@ -118,8 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from beautytag.calibrate import calibrate
     from beautytag.config import load_config
+    from beautytag.training.calibrate import calibrate
 
     out = Path(args.out or f"{Path(args.model).with_suffix('')}-calibrated.pt")
     model = model_for(args.model, out, "the calibrated model")
@@ -135,35 +118,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def csv_fields(schema) -> list[str]:
-    """The CSV header: file, error, then each attribute's columns (as :func:`csv_row` fills)."""
-    fields = ["file", "error"]
-    for a in schema.attributes:
-        fields += {
-            "single": [a.name, f"{a.name}_score"],
-            "multi": [a.name],
-            "shade": [a.name, f"{a.name}_lab"],
-        }[a.kind]
-    return fields
-
-
-def csv_row(result: dict) -> dict[str, str]:
-    row = {"file": result["file"], "error": result["error"] or ""}
-    for name, v in (result["attributes"] or {}).items():
-        if "label" in v:
-            row[name], row[f"{name}_score"] = v["label"], f"{v['score']:.4f}"
-        elif "labels" in v:
-            row[name] = ";".join(label for label, _ in v["labels"])
-        else:
-            row[name], row[f"{name}_lab"] = v["hex"], " ".join(f"{t:.2f}" for t in v["lab"])
-    return row
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.engine import Engine, expand_paths
+    from beautytag.runtime.engine import Engine, expand_paths
+    from beautytag.runtime.results import csv_fields
 
     paths = args.paths
     if not paths:
+        from beautytag.config import find_datasets
+
         datasets = find_datasets()
         if datasets is None or not (datasets / "beauty-shades" / "images").is_dir():
             print(
@@ -201,11 +163,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         for result in engine.predict_items([(str(f), f) for f in photos]):
             n += 1
-            bad += result["error"] is not None
+            bad += not result.ok
             if writer is None:
-                out.write(json.dumps(result) + "\n")
+                out.write(json.dumps(result.to_dict()) + "\n")
             else:
-                writer.writerow(csv_row(result))
+                writer.writerow(result.csv_row())
             out.flush()
     finally:
         if out is not sys.stdout:
@@ -224,8 +186,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from beautytag.model import TORCHSCRIPT_SUFFIXES
-    from beautytag.serve import serve
+    from beautytag.checkpoint import TORCHSCRIPT_SUFFIXES
+    from beautytag.serve.server import serve
 
     backend = args.backend
     if backend is None:  # ONNX Runtime, but a TorchScript file can only run with torch
@@ -253,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
+    from beautytag.checkpoint import TORCHSCRIPT_SUFFIXES
     from beautytag.export import (
         accuracy_cost,
         default_photos,
@@ -262,7 +225,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         quantize_onnx,
         synthetic_photos,
     )
-    from beautytag.model import TORCHSCRIPT_SUFFIXES
 
     onnx = args.format == "onnx"
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if onnx else ".ts")
@@ -306,10 +268,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help names each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "%(default)" in text else text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="beautytag", description=__doc__.splitlines()[0])
+    shown = DefaultsShown
+    p = argparse.ArgumentParser(
+        prog="beautytag", description=__doc__.splitlines()[0], formatter_class=shown
+    )
     p.add_argument("--version", action="version", version=f"beautytag {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=shown)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config")
@@ -328,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint (.pt), or a shipped model: default, accurate; several: an ensemble "
         "(their outputs averaged)",
     )
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split")
     e.add_argument("--config", help="evaluate on this config's data instead of the model's")
     e.add_argument(
         "--source",
@@ -353,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the calibrated model, not the model itself (default: MODEL-calibrated.pt, here "
         "for a shipped model)",
     )
-    c.add_argument("--split", default="val", choices=["train", "val", "test"])
+    c.add_argument(
+        "--split", default="val", choices=["train", "val", "test"], help="fit on this split"
+    )
     c.add_argument("--config", help="fit on this config's data instead of the model's")
     c.add_argument("--source", action="append", help="only this data source (repeatable)")
     c.set_defaults(func=cmd_calibrate)
@@ -364,16 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 every photo predicted, 1 some skipped (each reported in the "
         "output, the rest predicted), 2 nothing run (a usage or model error)",
     )
-    r.add_argument("paths", nargs="*")
+    r.add_argument("paths", nargs="*", help="photos or folders (walked for image files)")
     r.add_argument(
         "--model",
         help="a checkpoint (.pt), an exported model (.onnx, .ts) or a shipped model's name: "
         "default (96 px, fast), accurate (192 px)",
     )
-    r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format")
     r.add_argument("--output", "-o", help="write here instead of standard output")
-    r.add_argument("--batch-size", type=positive_int, default=32)
-    r.add_argument("--top-k", type=positive_int, default=3)
+    r.add_argument("--batch-size", type=positive_int, default=32, help="photos per model call")
+    r.add_argument("--top-k", type=positive_int, default=3, help="answers per class attribute")
     r.add_argument("--threshold", type=share, default=0.5, help="for multi-label tags")
     r.add_argument(
         "--tta-flip",
@@ -387,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="a checkpoint, an .onnx or TorchScript file, or a shipped model: default, accurate",
     )
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
     v.add_argument("--max-batch", type=int, default=16, help="images per model call")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait")
     v.add_argument("--queue-size", type=int, default=64, help="waiting images; more -> 503")
@@ -410,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")
     x.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
-    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file type")
     x.add_argument(
         "--out",
         help="output file, not the model itself; must end in .onnx for onnx, .ts (or .torchscript, "
@@ -435,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and usage errors import nothing heavy
     from beautytag.images import ImageError
-    from beautytag.model import WeightsError
+    from beautytag.nn.net import WeightsError
     from beautytag.schema import SchemaError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `beautytag predict ... | head`

@@ -316,3 +316,20 @@ def load_config(path: str | Path) -> Config:
             f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}"
         ) from None
     return config_from_dict(raw, base_dir=path.resolve().parent, where=str(path))
+
+
+def find_datasets() -> Path | None:
+    """``../shared/datasets`` beside the current folder or beside this checkout, if any."""
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *here.parents):
+        cand = base.parent / "shared" / "datasets"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def use_found_datasets(cfg: Config) -> None:
+    """A model's data root saved relative to another folder (a shipped model's
+    ../shared/datasets): point it at :func:`find_datasets`' folder when it is not there."""
+    if not cfg.data_root.is_dir() and (found := find_datasets()) is not None:
+        cfg.data.root = str(found)

@@ -8,7 +8,7 @@ schema attribute, in schema order, already activated: softmax probabilities ``(B
 ``shade``. The batch axis is dynamic. The file embeds, as JSON (ONNX metadata key
 ``beautytag``; TorchScript extra file ``beautytag.json``), the full config, the output
 order with each output's kind and classes, and the preprocessing settings, so an exported
-file is self-describing and :class:`beautytag.engine.Engine` can run it alone.
+file is self-describing and :class:`beautytag.runtime.engine.Engine` can run it alone.
 """
 
 from __future__ import annotations
@@ -25,81 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch import nn
 
-from beautytag import __version__
+from beautytag.checkpoint import load_checkpoint
 from beautytag.config import Config
-from beautytag.engine import (
-    METADATA_KEY,
-    TORCHSCRIPT_EXTRA,
-    expand_paths,
-    load_backend,
-)
-from beautytag.evaluate import check_same_outputs, compute_metrics
 from beautytag.images import ImageError, load_for_model, normalize
-from beautytag.model import BeautyTagNet, fixed_size_copy, load_checkpoint
+from beautytag.runtime.backends import load_backend
+from beautytag.runtime.engine import expand_paths
+from beautytag.runtime.onnx import (
+    TORCHSCRIPT_EXTRA,
+    ExportWrapper,
+    _example,
+    export_metadata,
+    export_model_onnx,
+    onnx_metadata,
+    set_onnx_metadata,
+)
+from beautytag.training.evaluate import check_same_outputs, compute_metrics
 
-ONNX_FORMAT = "beautytag-onnx-1"
 TORCHSCRIPT_FORMAT = "beautytag-torchscript-1"
-ACTIVATION = {"single": "softmax", "multi": "sigmoid", "shade": "CIELAB (L, a, b)"}
-
-
-class ExportWrapper(nn.Module):
-    """BeautyTagNet with a plain-tensor interface for export.
-
-    ``forward(image)`` takes float32 ``(B, 3, S, S)`` normalised as by
-    :func:`beautytag.images.preprocess` and returns a tuple with one tensor per schema
-    attribute, **in schema order** (``cfg.schema.names``): softmax ``(B, N)`` for single,
-    sigmoid ``(B, N)`` for multi, CIELAB ``(B, 3)`` for shade attributes."""
-
-    def __init__(self, model: BeautyTagNet):
-        super().__init__()
-        self.model = model
-        self.names = model.schema.names
-        self.eval()
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = self.model.activated(self.model(image))
-        return tuple(y[name] for name in self.names)
-
-
-def export_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
-    """The JSON embedded in an exported file: config, output order and preprocessing."""
-    m = cfg.model
-    return {
-        "format": fmt,
-        "beautytag_version": __version__,
-        "config": cfg.to_dict(),
-        "outputs": [
-            {
-                "name": a.name,
-                "kind": a.kind,
-                "classes": list(a.classes),
-                "shape": ["batch", a.num_outputs],
-                "activation": ACTIVATION[a.kind]
-                + (
-                    f" of the logits / {m.temperatures[a.name]}" if a.name in m.temperatures else ""
-                ),
-            }
-            for a in cfg.schema.attributes
-        ],
-        "input": {
-            "name": "image",
-            "size": m.image_size,
-            "mean": list(m.mean),
-            "std": list(m.std),
-            "letterbox_fill": 255,
-            "resample": "bicubic",
-            "layout": "NCHW float32 RGB",
-            "formula": "(pixel / 255 - mean) / std",
-        },
-    }
-
-
-def _example(cfg: Config) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    s = cfg.model.image_size
-    return torch.rand(2, 3, s, s, generator=g) * 2 - 1  # batch 2: the batch axis stays symbolic
 
 
 def export_onnx(
@@ -109,85 +52,6 @@ def export_onnx(
     (TorchScript-based) exporter first and falls back to the ``torch.export`` one."""
     model, cfg, _ = load_checkpoint(checkpoint)
     return export_model_onnx(model, cfg, out_path, opset, dynamo)
-
-
-def export_model_onnx(
-    model: BeautyTagNet,
-    cfg: Config,
-    out_path: str | Path,
-    opset: int = 17,
-    dynamo: bool | None = None,
-    fixed_padding: bool = True,
-) -> Path:
-    """:func:`export_onnx` for a model already loaded (with its config). The exported model
-    is :func:`~beautytag.model.fixed_size_copy`'s; ``fixed_padding=False`` keeps timm's
-    padding computed at run time (as exports were before; the serving benchmark compares)."""
-    import onnx
-
-    wrapper = ExportWrapper(
-        fixed_size_copy(model, cfg.model.image_size) if fixed_padding else model
-    )
-    x = _example(cfg)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    names = cfg.schema.names
-    common: dict[str, Any] = {
-        "input_names": ["image"],
-        "output_names": names,
-        "opset_version": opset,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation and tracer chatter
-        if dynamo is not True:
-            try:
-                torch.onnx.export(
-                    wrapper,
-                    (x,),
-                    str(out_path),
-                    dynamo=False,
-                    dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
-                    **common,
-                )
-            except Exception:
-                if dynamo is False:
-                    raise
-                dynamo = True
-        if dynamo is True:
-            torch.onnx.export(
-                wrapper,
-                (x,),
-                str(out_path),
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                **common,
-            )
-    proto = onnx.load(str(out_path))
-    set_onnx_metadata(proto, export_metadata(cfg, ONNX_FORMAT))
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(out_path))
-    return out_path
-
-
-def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
-    """Put `meta` under the ``beautytag`` metadata key and document the output order."""
-    for p in [p for p in proto.metadata_props if p.key == METADATA_KEY]:
-        proto.metadata_props.remove(p)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    order = ", ".join(f"{o['name']} ({o['activation']})" for o in meta["outputs"])
-    proto.doc_string = f"beautytag model; input image (B,3,S,S); outputs in order: {order}"
-
-
-def onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``beautytag`` metadata of an ONNX file."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    raise ValueError(f"{path}: no beautytag metadata (not exported by beautytag export)")
 
 
 def export_torchscript(checkpoint: str | Path, out_path: str | Path) -> Path:
@@ -347,7 +211,7 @@ def default_photos(paths: Sequence[str | os.PathLike] | None, n: int = 32) -> tu
     """At most `n` photos for parity/calibration and where they came from: the first of the
     given files/folders, else of ../shared/datasets/beauty-shades/images, else none
     (``"synthetic"``: the caller makes some with :func:`synthetic_photos`)."""
-    from beautytag.cli import find_datasets
+    from beautytag.config import find_datasets
 
     if paths:
         return expand_paths(paths)[:n], "given"
@@ -434,7 +298,7 @@ def accuracy_cost(
 ) -> dict[str, Any]:
     """Metrics of the checkpoint and of each exported model on a labelled split of the
     checkpoint's data, and each exported model's change (exported - PyTorch)."""
-    from beautytag.cli import use_found_datasets
+    from beautytag.config import use_found_datasets
     from beautytag.data import BeautyDataset, read_samples
 
     ref = load_backend(checkpoint, "torch")

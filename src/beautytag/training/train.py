@@ -19,16 +19,22 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
+from beautytag.checkpoint import (
+    init_from_checkpoint,
+    mismatch,
+    resolve_model,
+    save_checkpoint,
+)
 from beautytag.config import Config, config_from_dict
 from beautytag.data import (
     BeautyDataset,
@@ -39,17 +45,11 @@ from beautytag.data import (
     read_samples,
     summarise,
 )
-from beautytag.engine import resolve_model
-from beautytag.evaluate import check_same_outputs, compute_metrics, run_dataset
 from beautytag.images import normalize
-from beautytag.losses import MultiTaskLoss, distillation_loss
-from beautytag.model import (
-    BeautyTagNet,
-    init_from_checkpoint,
-    load_checkpoint,
-    mismatch,
-    save_checkpoint,
-)
+from beautytag.nn.losses import MultiTaskLoss, distillation_loss
+from beautytag.nn.net import BeautyTagNet
+from beautytag.training.distill import Teacher, load_teachers, teach
+from beautytag.training.evaluate import compute_metrics, run_dataset
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -146,44 +146,6 @@ def set_backbone_trainable(model: BeautyTagNet, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-Teacher = tuple[BeautyTagNet, int]  # a frozen model and its input size
-
-
-def load_teachers(cfg: Config, device: torch.device) -> list[Teacher]:
-    """The frozen models that ``train.distill_from`` names (none without one), each with its
-    input size; each must predict the same attributes and classes and normalise its input
-    the same way."""
-    teachers = []
-    for name in cfg.train.teachers:
-        try:
-            path = resolve_model(name)
-            teacher, teacher_cfg, _ = load_checkpoint(path, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"train.distill_from: {e}") from None
-        try:
-            check_same_outputs(teacher_cfg, cfg, ordered=False)  # outputs are read by name
-        except ValueError as e:
-            raise ValueError(f"{path}: cannot teach this model: {e}") from None
-        if (teacher_cfg.model.mean, teacher_cfg.model.std) != (cfg.model.mean, cfg.model.std):
-            raise ValueError(f"{path}: cannot teach this model: its input mean / std differ")
-        teachers.append((teacher.requires_grad_(False), teacher_cfg.model.image_size))
-    return teachers
-
-
-def teach(teachers: list[Teacher], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teachers' raw outputs for a normalised batch, each teacher's input resized to its
-    size (the letterboxed square scales as a whole), averaged over the teachers (for
-    classes: mean logits, a geometric mean of their probabilities)."""
-    outputs = []
-    for teacher, size in teachers:
-        xs = x
-        if x.shape[-1] != size:
-            xs = F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1])
-        with torch.no_grad():
-            outputs.append(teacher(xs))
-    return {k: torch.stack([o[k] for o in outputs]).mean(0) for k in outputs[0]}
-
-
 @torch.no_grad()
 def validate(
     model: BeautyTagNet,
@@ -224,17 +186,9 @@ def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
     return changed
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train a model as the config says; returns the checkpoints' paths and ``seconds``, the
-    wall time of the whole training (every sitting, when resumed)."""
-    started = time.time()
-    seed_everything(cfg.train.seed)
-    device = pick_device()
-    if device.type == "cuda":
-        limit_cpu_threads()
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teachers = load_teachers(cfg, device)  # before the photos: a wrong teacher fails at once
+def read_datasets(cfg: Config) -> tuple[BeautyDataset, BeautyDataset]:
+    """The training and validation photos, with warnings for what looks like a mistake in the
+    config or labels.csv; ValueError when a split has no photo."""
     samples = read_samples(cfg, splits=("train", "val"))
     counts = summarise(samples, cfg.schema)
     print(f"data: {json.dumps({k: counts[k] for k in ('train', 'val')})}")
@@ -258,7 +212,35 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 "(a split_column's values must be train / val / test; split_by hashes a column "
                 "into val_fraction and test_fraction)"
             )
+    return train_ds, val_ds
 
+
+@dataclass
+class Run:
+    """What a training run carries from epoch to epoch (all of it saved in ``last.pt``)."""
+
+    model: BeautyTagNet
+    criterion: MultiTaskLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEmaV3 | None
+    generator: torch.Generator
+    loader: DataLoader
+    use_amp: bool
+    epoch: int = 0  # the next epoch to run (0-based)
+    best: float = -math.inf  # the best monitored score so far ('higher is better')
+    bad_epochs: int = 0  # epochs since the best
+    elapsed: float = 0.0  # wall time of earlier sittings (a resumed run)
+
+    @property
+    def kept(self) -> BeautyTagNet:
+        """The model that is validated and saved as best.pt (the EMA when there is one)."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def build_run(cfg: Config, train_ds: BeautyDataset, device: torch.device) -> Run:
+    """The model (from ``model.init`` if set), loss, AdamW with the backbone's own learning
+    rate, EMA, and the loader with its seeded generator and cosine schedule."""
     model = BeautyTagNet(cfg)
     if cfg.model.init:
         fresh = init_from_checkpoint(model, resolve_model(cfg.model.init))
@@ -295,111 +277,175 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.train.epochs, steps)
     )
+    return Run(model, criterion, optimizer, scheduler, ema, generator, loader, use_amp)
 
-    start_epoch, best, bad_epochs, elapsed = 0, -math.inf, 0, 0.0
+
+def resume_run(run: Run, last: Path, cfg: Config) -> None:
+    """Continue ``run`` from ``last`` (a ``last.pt``): weights, optimiser, schedule, random
+    state and early-stopping counters. ValueError when its model differs from the config's."""
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{last}: cannot resume, its model differs from this config's "
+            f"({mismatch(e)}); train without --resume or into another --out"
+        ) from None
+    run.criterion.load_state_dict(state["criterion"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(state.get("ema") or state["model"])
+    run.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    run.epoch, run.best, run.bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+    run.elapsed = state.get("elapsed", 0.0)  # the earlier sittings' wall time
+    if changed := config_changes(state["config"], cfg):
+        print(f"warning: resuming with settings changed since {last}: {changed}")
+    print(f"resumed from {last} at epoch {run.epoch + 1}")
+
+
+def save_last(run: Run, last: Path, cfg: Config, epoch: int, seconds: float) -> None:
+    """Write everything :func:`resume_run` needs to go on after ``epoch``."""
+    save_checkpoint(
+        last,
+        run.model,
+        cfg,
+        {
+            "epoch": epoch,
+            "best": run.best,
+            "bad_epochs": run.bad_epochs,
+            "criterion": run.criterion.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "generator": run.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "ema": None if run.ema is None else run.ema.module.state_dict(),
+            "elapsed": seconds,
+        },
+    )
+
+
+def train_one_epoch(
+    run: Run,
+    cfg: Config,
+    device: torch.device,
+    teachers: list[Teacher],
+    epoch: int,
+    progress: bool = True,
+) -> tuple[int, float, bool]:
+    """One pass over the training photos (augmented, CutMix'd, distilled as the config
+    says). Returns the photos seen, their summed loss, and whether the backbone was frozen."""
+    model, criterion = run.model, run.criterion
+    frozen = epoch < cfg.train.freeze_epochs
+    set_backbone_trainable(model, not frozen)
+    model.train()
+    if frozen:
+        model.backbone.eval()  # keep pretrained BatchNorm statistics while frozen
+    seen, total_loss = 0, 0.0
+    bar = tqdm(
+        run.loader,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}" + (" (frozen)" * frozen),
+        disable=not progress,
+        mininterval=1.0,
+        leave=False,
+    )
+    for x, targets, masks in bar:
+        x = x.to(device, non_blocking=True)
+        if cfg.data.augment:
+            x = augment_batch(x)
+        perm = None  # with CutMix: which photo of the batch each photo's box came from
+        if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
+            x, perm, lam = cutmix_batch(x)
+        x = normalize(x, cfg.model.mean, cfg.model.std)
+        if run.use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = {k: v.to(device) for k, v in targets.items()}
+        masks = {k: v.to(device) for k, v in masks.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+            outputs = model(x)
+            soft = teach(teachers, x) if teachers else None
+        if perm is None:
+            loss, parts = criterion(outputs, targets, masks)
+        else:
+            both = cfg.train.cutmix_labels == "both"
+            loss, parts = criterion.mixed(outputs, targets, masks, perm, lam, both)
+        if soft is not None:  # the teachers saw the same (mixed) photos
+            kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
+            loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
+            parts["distill"] = float(kd.detach())
+        if not loss.requires_grad:  # no photo of the batch is labelled, and no teacher
+            continue
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(model, step=run.scheduler.last_epoch)  # last_epoch counts steps
+        seen += len(x)
+        total_loss += float(loss.detach()) * len(x)
+        bar.set_postfix(
+            loss=f"{total_loss / seen:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}
+        )
+    return seen, total_loss, frozen
+
+
+def trim_log(log_path: Path, resumed_at: int | None) -> None:
+    """A fresh run starts a new metrics.jsonl; a resumed one drops the epochs it redoes (one
+    logged but interrupted before last.pt was written)."""
+    if not log_path.exists():
+        return
+    if resumed_at is None:
+        log_path.unlink()
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(x for x in lines if logged_epoch(x) <= resumed_at))
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train a model as the config says; returns the checkpoints' paths and ``seconds``, the
+    wall time of the whole training (every sitting, when resumed)."""
+    started = time.time()
+    seed_everything(cfg.train.seed)
+    device = pick_device()
+    if device.type == "cuda":
+        limit_cpu_threads()
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teachers = load_teachers(cfg, device)  # before the photos: a wrong teacher fails at once
+    train_ds, val_ds = read_datasets(cfg)
+    run = build_run(cfg, train_ds, device)
     if resume and not (out / "last.pt").is_file():
         print(f"warning: nothing to resume in {out} (no last.pt): training from the start")
         resume = False
     if resume:
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(
-                f"{out / 'last.pt'}: cannot resume, its model differs from this config's "
-                f"({mismatch(e)}); train without --resume or into another --out"
-            ) from None
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(state.get("ema") or state["model"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
-        elapsed = state.get("elapsed", 0.0)  # the earlier sittings' wall time
-        if changed := config_changes(state["config"], cfg):
-            print(f"warning: resuming with settings changed since {out / 'last.pt'}: {changed}")
-        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
+        resume_run(run, out / "last.pt", cfg)
     log_path = out / "metrics.jsonl"
-    if log_path.exists() and not resume:
-        log_path.unlink()
-    elif log_path.exists():  # an epoch logged but interrupted before last.pt is redone
-        lines = log_path.read_text().splitlines(keepends=True)
-        log_path.write_text("".join(x for x in lines if logged_epoch(x) <= start_epoch))
+    trim_log(log_path, run.epoch if resume else None)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if finished(cfg, epoch, bad_epochs):
+    for epoch in range(run.epoch, cfg.train.epochs):
+        if finished(cfg, epoch, run.bad_epochs):
             break
-        frozen = epoch < cfg.train.freeze_epochs
-        set_backbone_trainable(model, not frozen)
-        model.train()
-        if frozen:
-            model.backbone.eval()  # keep pretrained BatchNorm statistics while frozen
-        t0, seen, total_loss = time.time(), 0, 0.0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}" + (" (frozen)" * frozen),
-            disable=not progress,
-            mininterval=1.0,
-            leave=False,
-        )
-        for x, targets, masks in bar:
-            x = x.to(device, non_blocking=True)
-            if cfg.data.augment:
-                x = augment_batch(x)
-            perm = None  # with CutMix: which photo of the batch each photo's box came from
-            if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
-                x, perm, lam = cutmix_batch(x)
-            x = normalize(x, cfg.model.mean, cfg.model.std)
-            if use_amp:
-                x = x.contiguous(memory_format=torch.channels_last)
-            targets = {k: v.to(device) for k, v in targets.items()}
-            masks = {k: v.to(device) for k, v in masks.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = model(x)
-                soft = teach(teachers, x) if teachers else None
-            if perm is None:
-                loss, parts = criterion(outputs, targets, masks)
-            else:
-                both = cfg.train.cutmix_labels == "both"
-                loss, parts = criterion.mixed(outputs, targets, masks, perm, lam, both)
-            if soft is not None:  # the teachers saw the same (mixed) photos
-                kd = distillation_loss(cfg.schema, outputs, soft, cfg.train.distill_temperature)
-                loss = (1 - cfg.train.distill_weight) * loss + cfg.train.distill_weight * kd
-                parts["distill"] = float(kd.detach())
-            if not loss.requires_grad:  # no photo of the batch is labelled, and no teacher
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model, step=scheduler.last_epoch)  # last_epoch counts steps
-            seen += len(x)
-            total_loss += float(loss.detach()) * len(x)
-            bar.set_postfix(
-                loss=f"{total_loss / seen:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}
-            )
+        t0 = time.time()
+        seen, total_loss, frozen = train_one_epoch(run, cfg, device, teachers, epoch, progress)
         train_time = time.time() - t0
-        kept = model if ema is None else ema.module
-        val_loss, val_metrics = validate(kept, val_ds, cfg, criterion, device)
+        val_loss, val_metrics = validate(run.kept, val_ds, cfg, run.criterion, device)
         score = monitor_value(cfg, val_loss, val_metrics)
-        improved = math.isfinite(score) and score > best  # a NaN never replaces a model
+        improved = math.isfinite(score) and score > run.best  # a NaN never replaces a model
         if improved:
-            best, bad_epochs = score, 0
-            save_checkpoint(out / "best.pt", kept, cfg, {"epoch": epoch, "val": val_metrics})
+            run.best, run.bad_epochs = score, 0
+            save_checkpoint(out / "best.pt", run.kept, cfg, {"epoch": epoch, "val": val_metrics})
         else:
-            bad_epochs += 1
+            run.bad_epochs += 1
         record = {
             "epoch": epoch + 1,
             "frozen": frozen,
             "train_loss": total_loss / max(1, seen),
             "val_loss": val_loss,
             "val": val_metrics,
-            "task_weights": criterion.task_weights(),
-            "lr": scheduler.get_last_lr(),
+            "task_weights": run.criterion.task_weights(),
+            "lr": run.scheduler.get_last_lr(),
             "images_per_s": seen / train_time,
             "seconds": train_time,
             "best": improved,
@@ -407,24 +453,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(summary_line(record))
-        save_checkpoint(
-            out / "last.pt",
-            model,
-            cfg,
-            {
-                "epoch": epoch,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "criterion": criterion.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "ema": None if ema is None else ema.module.state_dict(),
-                "elapsed": elapsed + time.time() - started,
-            },
-        )
-    if not math.isfinite(best):  # no epoch of this run (or of the run resumed) saved best.pt
+        save_last(run, out / "last.pt", cfg, epoch, run.elapsed + time.time() - started)
+    if not math.isfinite(run.best):  # no epoch of this run (or of the run resumed) saved best.pt
         earlier = " (the best.pt there is an earlier run's)" if (out / "best.pt").exists() else ""
         raise ValueError(
             f"{out}: no epoch gave a finite validation {cfg.train.monitor} (the training "
@@ -432,7 +462,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             f"{log_path}"
         )
     return {
-        "seconds": round(elapsed + time.time() - started, 1),
+        "seconds": round(run.elapsed + time.time() - started, 1),
         "best": str(out / "best.pt"),
         "last": str(out / "last.pt"),
         "log": str(log_path),

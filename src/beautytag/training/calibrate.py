@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from beautytag import metrics
+from beautytag.checkpoint import load_checkpoint, save_checkpoint
 from beautytag.config import Config
-from beautytag.evaluate import split_outputs
-from beautytag.model import load_checkpoint, save_checkpoint
+from beautytag.training import metrics
+from beautytag.training.evaluate import split_outputs
 
 MIN_T, MAX_T = 0.01, 100.0  # the range a model's stored temperature is kept in
 

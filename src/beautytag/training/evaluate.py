@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from beautytag import metrics
+from beautytag.checkpoint import load_checkpoint
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
-from beautytag.model import BeautyTagNet, load_checkpoint
+from beautytag.nn.net import BeautyTagNet
+from beautytag.runtime.engine import mirror_averaged
 from beautytag.schema import SchemaError
+from beautytag.training import metrics
 
 
 @torch.inference_mode()
@@ -58,14 +60,6 @@ def run_dataset(
             msks[a.name].append(masks[a.name])
     cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
     return cat(outs), cat(tgts), cat(msks)
-
-
-def mirror_averaged(
-    probs: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Test-time flip: `probs` of a batch averaged with `probs` of its mirror image."""
-    a, b = probs(x), probs(torch.flip(x, dims=[3]))
-    return {k: (v + b[k]) / 2 for k, v in a.items()}
 
 
 def compute_metrics(
@@ -111,7 +105,7 @@ def split_outputs(
     """The models' (averaged) answers on a split of their config's data (or of `config`'s
     data and label sources; the model's own preprocessing is kept): the config used, the
     dataset, and run_dataset's outputs, targets and masks."""
-    from beautytag.cli import use_found_datasets
+    from beautytag.config import use_found_datasets
 
     models, cfg = load_ensemble(paths, device)
     if config is None:

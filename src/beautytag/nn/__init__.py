@@ -1,0 +1,1 @@
+"""The network: attention, colour heads, the multi-task net and its losses."""

@@ -1,0 +1,183 @@
+"""The inference engine behind ``beautytag predict`` (and anything else that predicts):
+files or bytes in, one JSON-ready result per image out, batched, bad images reported."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from beautytag.checkpoint import resolve_model
+from beautytag.color import lab_to_hex
+from beautytag.images import MAX_PIXELS, ImageError, load_for_model
+from beautytag.runtime.backends import load_backend
+from beautytag.runtime.results import Answer, ClassAnswer, Prediction, ShadeAnswer, TagsAnswer
+
+# what a folder walk picks up (the format itself is read from the content, whatever the name)
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".web",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+}
+
+
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders walked recursively for image files (sorted). An empty path
+    is an error (it would mean the current folder: an unset variable in a script?)."""
+    if isinstance(paths, str | os.PathLike):  # one path, not its characters
+        paths = [paths]
+    out: list[Path] = []
+    for given in paths:
+        if str(given) == "":
+            raise ValueError("an empty path was given (an unset variable?); use . for this folder")
+        p = Path(given)
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # e.g. a name too long for the file system: reported per item
+            is_dir = False
+        if is_dir:
+            out += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            out.append(p)  # a missing file is reported per item, not fatal
+    return out
+
+
+Item = str | os.PathLike | bytes | Image.Image  # what the engine can predict
+
+
+class Engine:
+    """A loaded model plus its preprocessing; call :meth:`predict_files` or
+    :meth:`predict_items`. The model may be a checkpoint (PyTorch) or an exported file
+    (ONNX via onnxruntime, TorchScript); see :func:`load_backend`."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+        top_k: int = 3,
+        threshold: float = 0.5,
+        backend: str = "auto",
+        threads: int | None = None,
+        tta_flip: bool = False,
+    ):
+        for name, value in (("batch_size", batch_size), ("top_k", top_k)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number, 1 or more, got {value!r}")
+        if not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        batch_size, top_k, threshold = int(batch_size), int(top_k), float(threshold)
+        self.model_path = resolve_model(model_path)
+        self.backend = load_backend(self.model_path, backend, device, threads)
+        self.model = getattr(self.backend, "model", None)  # the nn.Module, if there is one
+        self.cfg = self.backend.cfg
+        self.device = device
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self.threshold = threshold
+        self.tta_flip = tta_flip  # also run the mirrored photo and average: 2x the compute
+        self.schema = self.cfg.schema
+
+    def load(
+        self, item: Item, name: str | None = None, max_pixels: int = MAX_PIXELS
+    ) -> tuple[Image.Image, torch.Tensor]:
+        """Decode one photo (path, bytes or PIL image) -> (RGB image, model input); raises
+        ImageError."""
+        m = self.cfg.model
+        return load_for_model(item, m.image_size, m.mean, m.std, name=name, max_pixels=max_pixels)
+
+    def predict_tensors(self, x: torch.Tensor) -> list[dict[str, Answer]]:
+        """A batch of preprocessed images -> each image's answers by attribute."""
+        probs = mirror_averaged(self.backend, x) if self.tta_flip else self.backend(x)
+        return [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
+
+    def describe(self, out: dict[str, torch.Tensor]) -> dict[str, Answer]:
+        """One image's outputs -> its answers (top-k classes, tags over the threshold,
+        shade)."""
+        result: dict[str, Answer] = {}
+        for a in self.schema.attributes:
+            v = out[a.name]
+            if a.kind == "single":
+                scores, idx = v.topk(min(self.top_k, len(a.classes)))
+                top = [(a.classes[i], round(float(s), 4)) for s, i in zip(scores, idx, strict=True)]
+                result[a.name] = ClassAnswer(top[0][0], top[0][1], top)
+            elif a.kind == "multi":
+                order = v.argsort(descending=True)
+                result[a.name] = TagsAnswer(
+                    [
+                        (a.classes[i], round(float(v[i]), 4))
+                        for i in order
+                        if v[i] >= self.threshold
+                    ],
+                    {c: round(float(s), 4) for c, s in zip(a.classes, v, strict=False)},
+                )
+            else:
+                lab = [round(float(t), 2) for t in v]
+                result[a.name] = ShadeAnswer(tuple(lab), lab_to_hex(lab))
+        return result
+
+    def predict_items(
+        self, items: Sequence[tuple[str, Item]], workers: int = 2
+    ) -> Iterator[Prediction]:
+        """(name, photo) pairs, a photo being a path, encoded bytes or a PIL image -> results
+        in order. Decoding runs in a thread pool while the model works on the previous batch;
+        a bad item yields its error only."""
+
+        def load_chunk(chunk):
+            out = []
+            for name, item in chunk:
+                try:
+                    out.append(self.load(item, name)[1])
+                except ImageError as e:
+                    out.append(e)
+            return out
+
+        workers = max(1, workers)
+        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        with ThreadPoolExecutor(workers) as pool:
+            futures: deque = deque()
+            for chunk in chunks[:workers]:  # bounded prefetch: memory stays flat
+                futures.append(pool.submit(load_chunk, chunk))
+            for i, chunk in enumerate(chunks):
+                loaded = futures.popleft().result()
+                if i + workers < len(chunks):
+                    futures.append(pool.submit(load_chunk, chunks[i + workers]))
+                good = [t for t in loaded if isinstance(t, torch.Tensor)]
+                preds = iter(self.predict_tensors(torch.stack(good))) if good else iter(())
+                for (name, _), t in zip(chunk, loaded, strict=True):
+                    if isinstance(t, ImageError):
+                        yield Prediction(name, None, t.problem)
+                    else:
+                        yield Prediction(name, next(preds))
+
+    def predict_files(
+        self, paths: str | os.PathLike | Iterable[str | os.PathLike]
+    ) -> Iterator[Prediction]:
+        """Photos and folders (walked for image files, sorted) -> one :class:`Prediction` per
+        photo, in order (``to_dict()``: what ``beautytag predict`` writes)."""
+        files = expand_paths(paths)
+        return self.predict_items([(str(f), f) for f in files])
+
+
+def mirror_averaged(
+    probs: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Test-time flip: `probs` of a batch averaged with `probs` of its mirror image."""
+    a, b = probs(x), probs(torch.flip(x, dims=[3]))
+    return {k: (v + b[k]) / 2 for k, v in a.items()}

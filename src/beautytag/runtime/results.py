@@ -1,0 +1,100 @@
+"""Typed answers: a :class:`Prediction` per photo. ``to_dict()`` is the JSON contract that
+``beautytag predict`` writes, the service answers and the Python API returns; ``csv_row()``
+is its CSV form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from beautytag.schema import Schema
+
+
+@dataclass(frozen=True)
+class ClassAnswer:
+    """A single-label attribute: the top class, its score, the top-k (class, score) pairs."""
+
+    label: str
+    score: float
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "score": self.score, "top": [list(t) for t in self.top]}
+
+
+@dataclass(frozen=True)
+class TagsAnswer:
+    """A multi-label attribute: the tags at or above the threshold (best first, with their
+    scores) and every tag's score."""
+
+    labels: list[tuple[str, float]]
+    scores: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": [list(t) for t in self.labels], "scores": dict(self.scores)}
+
+
+@dataclass(frozen=True)
+class ShadeAnswer:
+    """A shade: CIELAB (D65) and its sRGB hex."""
+
+    lab: tuple[float, float, float]
+    hex: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lab": list(self.lab), "hex": self.hex}
+
+
+Answer = ClassAnswer | TagsAnswer | ShadeAnswer
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One photo's answer: ``attributes`` by name, or ``error`` when the photo could not be
+    used (then ``attributes`` is None)."""
+
+    file: str
+    attributes: dict[str, Answer] | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __getitem__(self, name: str) -> Answer:
+        """An attribute's answer (KeyError for a failed photo or an unknown name)."""
+        if self.attributes is None:
+            raise KeyError(f"{self.file}: no attributes ({self.error})")
+        return self.attributes[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``{"file", "attributes", "error"}``."""
+        attributes = None
+        if self.attributes is not None:
+            attributes = {name: a.to_dict() for name, a in self.attributes.items()}
+        return {"file": self.file, "attributes": attributes, "error": self.error}
+
+    def csv_row(self) -> dict[str, str]:
+        """The CSV form (columns of :func:`csv_fields`): a class's label and score, the tags
+        joined by ``;``, a shade's hex and its L a b."""
+        row = {"file": self.file, "error": self.error or ""}
+        for name, v in (self.attributes or {}).items():
+            if isinstance(v, ClassAnswer):
+                row[name], row[f"{name}_score"] = v.label, f"{v.score:.4f}"
+            elif isinstance(v, TagsAnswer):
+                row[name] = ";".join(label for label, _ in v.labels)
+            else:
+                row[name], row[f"{name}_lab"] = v.hex, " ".join(f"{t:.2f}" for t in v.lab)
+        return row
+
+
+def csv_fields(schema: Schema) -> list[str]:
+    """The CSV header: file, error, then each attribute's columns (as ``csv_row`` fills)."""
+    fields = ["file", "error"]
+    for a in schema.attributes:
+        fields += {
+            "single": [a.name, f"{a.name}_score"],
+            "multi": [a.name],
+            "shade": [a.name, f"{a.name}_lab"],
+        }[a.kind]
+    return fields

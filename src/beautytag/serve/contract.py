@@ -1,0 +1,66 @@
+"""The API contract: answer models, documented request bodies and error answers, and the
+HTTP status of an image problem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Result(BaseModel):
+    """One image's answer, as ``beautytag predict`` prints it."""
+
+    file: str
+    attributes: dict[str, Any] | None = Field(
+        description="per attribute: {label, score, top} | {labels, scores} | {lab, hex}"
+    )
+    error: str | None = Field(description="why the image could not be used")
+
+
+class Results(BaseModel):
+    results: list[Result]
+
+
+def status_for(problem: str) -> int:
+    """The HTTP status for an image problem reported by :func:`load_image`."""
+    if problem.startswith(("too many pixels", "absurd dimensions")):
+        return 413
+    if problem.startswith("not an image"):
+        return 415
+    return 422
+
+
+BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as repeatable multipart field `file`, or one image as the body.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def error_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "no file, a malformed form, or more images than one request may hold",
+        401: "missing or wrong X-API-Key",
+        413: "body too large, or an image with too many pixels",
+        415: "not an image",
+        422: "truncated or corrupt image, or an unknown attribute",
+        501: "the engine has no torch model",
+        503: "queue full (see Retry-After)",
+        504: "timed out",
+    }
+    return {c: {"description": text[c]} for c in codes}
