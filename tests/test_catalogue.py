@@ -1,0 +1,240 @@
+"""beautytag.catalogue: resumable records, the Label Studio review loop and the HTML report."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from beautytag.catalogue.records import (
+    RecordsError,
+    csv_fields,
+    journal_path,
+    model_id,
+    open_output,
+    read_records,
+)
+
+from .conftest import ROOT
+
+MODEL = "default@0123abcd"
+CATEGORIES = ["Lipstick", "Mascara", "Nail Polish"]
+SCHEMA = SimpleNamespace(
+    attributes=[
+        SimpleNamespace(name="category", kind="single", classes=CATEGORIES),
+        SimpleNamespace(name="color", kind="single", classes=["Red", "Pink", "Black"]),
+        SimpleNamespace(name="shade", kind="shade", classes=[]),
+        SimpleNamespace(name="function", kind="multi", classes=["waterproof", "long_lasting"]),
+    ]
+)
+FIELDS = csv_fields(SCHEMA)
+
+
+def record(i: int, score: float = 0.9, label: str | None = "Lipstick") -> dict:
+    """A record as predict writes it (photo p<i>.jpg)."""
+    return {
+        "file": f"p{i:03d}.jpg",
+        "attributes": {
+            "category": {"label": label, "score": score, "top": [[label, score]]},
+            "color": {"label": "Red", "score": 0.5, "top": [["Red", 0.5], ["Pink", 0.3]]},
+            "shade": {"lab": [40.0 + i % 3, 30.0, 10.0], "hex": "#8a3b3b"},
+            "function": {"labels": [["waterproof", 0.8]], "scores": {"waterproof": 0.8}},
+        },
+        "error": None,
+        "model": MODEL,
+    }
+
+
+def error_record(i: int) -> dict:
+    return {"file": f"p{i:03d}.jpg", "attributes": None, "error": "not an image", "model": MODEL}
+
+
+def write_all(path: Path, fmt: str, items: list[dict], **kw) -> set[str]:
+    writer, done = open_output(path, fmt, fields=FIELDS, model=MODEL, **kw)
+    with writer:
+        for r in items:
+            if r["file"] not in done:
+                writer.write(r)
+    return done
+
+
+def assert_whole_once(path: Path, fmt: str, n: int) -> None:
+    """Every photo has exactly one record, and (JSONL) every line is whole JSON."""
+    if fmt == "jsonl":
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b""
+        assert all(isinstance(json.loads(line), dict) for line in lines[:-1])
+    files = [r["file"] for r in read_records(path)]
+    assert sorted(files) == sorted(f"p{i:03d}.jpg" for i in range(n))
+
+
+def test_model_id_is_name_and_short_sha256(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights" * 1000)
+    short = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    assert model_id("default", weights) == f"default@{short}"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_repairs_a_torn_last_line(tmp_path, fmt):
+    out = tmp_path / f"out.{fmt}"
+    items = [record(i) if i % 4 else error_record(i) for i in range(10)]
+    write_all(out, fmt, items[:6])
+    with open(out, "ab") as f:  # a record cut off mid-write (in CSV, inside a quoted cell)
+        f.write(b'{"file": "p006.jpg", "attri' if fmt == "jsonl" else b'p006.jpg,"not an')
+    done = write_all(out, fmt, items, resume=True)
+    assert done == {f"p{i:03d}.jpg" for i in range(6)}
+    assert_whole_once(out, fmt, 10)
+    assert read_records(out)[:6] == read_records(out)[:6]  # stable
+    back = {r["file"]: r for r in read_records(out)}
+    assert back["p000.jpg"]["error"] == "not an image" and back["p000.jpg"]["attributes"] is None
+    assert back["p007.jpg"]["attributes"]["category"]["label"] == "Lipstick"
+    assert back["p007.jpg"]["model"] == MODEL
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_existing_output_is_refused_without_resume_or_force(tmp_path, fmt):
+    out = tmp_path / f"out.{fmt}"
+    write_all(out, fmt, [record(0), record(1)])
+    with pytest.raises(RecordsError, match="--resume .* --force") as e:
+        open_output(out, fmt, fields=FIELDS)
+    assert "\n" not in str(e.value)
+    assert len(read_records(out)) == 2  # untouched
+    write_all(out, fmt, [record(5)], force=True)
+    assert [r["file"] for r in read_records(out)] == ["p005.jpg"]
+
+
+def test_resume_refuses_records_of_another_model(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_all(out, "jsonl", [record(0)])
+    with pytest.raises(RecordsError, match="default@0123abcd.*other@ffffffff"):
+        open_output(out, "jsonl", resume=True, model="other@ffffffff")
+
+
+def test_parquet_round_trip_and_resume(tmp_path):
+    out = tmp_path / "out.parquet"
+    items = [record(i, score=i / 10) for i in range(6)] + [error_record(6)]
+    writer, _ = open_output(out, "parquet", model=MODEL)
+    for r in items[:3]:
+        writer.write(r)
+    writer.close(finish=False)  # as a killed run: the journal only
+    assert not out.exists() and journal_path(out).exists()
+    with pytest.raises(RecordsError, match="not finished.*--resume"):
+        read_records(out)
+    assert write_all(out, "parquet", items[:5], resume=True) == {r["file"] for r in items[:3]}
+    assert read_records(out) == items[:5] and not journal_path(out).exists()
+    assert write_all(out, "parquet", items, resume=True) == {r["file"] for r in items[:5]}
+    assert read_records(out) == items  # lossless, whatever the kind of answer
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)  # flat, typed columns for data teams
+    assert table.column("category_score").to_pylist()[:2] == [0.0, 0.1]
+    assert table.column("function").to_pylist()[0] == ["waterproof"]
+    assert table.column("shade_lab").to_pylist()[6] is None
+    assert table.column("error").to_pylist()[6] == "not an image"
+
+
+def test_a_full_disk_keeps_the_records_written_whole(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    writer, _ = open_output(out, "jsonl")
+    writer.write(record(0))
+    writer.write(record(1))
+    real_write, calls = os.write, []
+
+    def half_then_full(fd: int, data: bytes) -> int:  # a short write, then no space
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(RecordsError, match="disk full; it holds the 2 records") as e:
+        writer.write(record(2))
+    monkeypatch.undo()
+    writer.close()
+    assert len(calls) == 2 and "\n" not in str(e.value)
+    assert_whole_once(out, "jsonl", 2)
+
+
+def test_an_unwritable_output_is_a_one_line_error(tmp_path):
+    with pytest.raises(RecordsError, match="cannot write"):
+        open_output(tmp_path / "no" / "such" / "folder.jsonl", "jsonl")
+    with pytest.raises(RecordsError, match="is a folder"):
+        open_output(tmp_path, "jsonl")
+    with pytest.raises(RecordsError, match="needs its fields"):
+        open_output(tmp_path / "out.csv", "csv")
+
+
+def test_a_file_that_is_not_predictions_is_a_one_line_error(tmp_path):
+    cases = {
+        "notes.txt": b"shopping list\nmilk\n",
+        "tasks.json": b'[{"data": {"image": "a.jpg"}}]\n',
+        "other.jsonl": b'{"id": 1}\n',
+        "binary.bin": bytes(range(256)),
+        "labels.csv": b"file_name,category\na.jpg,Lipstick\n",
+    }
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name in [*cases, "other.parquet", "missing.jsonl"]:
+        with pytest.raises(RecordsError) as e:
+            read_records(tmp_path / name)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(str(tmp_path / name)), message
+
+
+PRODUCER = """
+import sys, time
+from types import SimpleNamespace as NS
+from beautytag.catalogue.records import csv_fields, open_output
+
+out, fmt, n, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+kinds = [("category", "single"), ("shade", "shade"), ("function", "multi")]
+fields = csv_fields(NS(attributes=[NS(name=a, kind=k) for a, k in kinds]))
+writer, done = open_output(out, fmt, resume=resume, fields=fields, model="default@0123abcd")
+with writer:
+    for i in range(n):
+        file = f"p{i:03d}.jpg"
+        if file in done:
+            continue
+        writer.write({"file": file, "model": "default@0123abcd", "error": None, "attributes": {
+            "category": {"label": "Lipstick", "score": 0.5, "top": [["Lipstick", 0.5]]},
+            "shade": {"lab": [50.0, 10.0, 5.0], "hex": "#8a6a60"},
+            "function": {"labels": [], "scores": {"waterproof": 0.1}}}})
+        if not resume:
+            time.sleep(0.002)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_run_killed_with_sigkill_resumes(tmp_path, fmt):
+    """A producer using the writer is killed mid-run and resumed: every photo once."""
+    script, out, n = tmp_path / "producer.py", tmp_path / f"out.{fmt}", 2000
+    script.write_text(PRODUCER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(script), str(out), fmt, str(n)]
+    proc = subprocess.Popen([*cmd, "new"], env=env)
+    written = journal_path(out) if fmt == "parquet" else out
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if written.exists() and written.read_bytes().count(b"\n") > 50:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the producer ended before it was killed"
+    assert 0 < len(read_records(written)) < n
+    subprocess.run([*cmd, "resume"], env=env, check=True)
+    assert_whole_once(out, fmt, n)
