@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from beautytag.catalogue.records import (
     RecordsError,
@@ -22,6 +24,12 @@ from beautytag.catalogue.records import (
     model_id,
     open_output,
     read_records,
+)
+from beautytag.catalogue.review import (
+    import_export,
+    labeling_config,
+    review_tasks,
+    write_labels_csv,
 )
 
 from .conftest import ROOT
@@ -238,3 +246,119 @@ def test_a_run_killed_with_sigkill_resumes(tmp_path, fmt):
     assert 0 < len(read_records(written)) < n
     subprocess.run([*cmd, "resume"], env=env, check=True)
     assert_whole_once(out, fmt, n)
+
+
+def review_records() -> list[dict]:
+    return [
+        record(0, 0.95),
+        record(1, 0.30, "Mascara"),
+        record(2, 0.55),
+        record(3, 0.10, "Nail Polish"),
+        record(4, 0.20, None),  # not a cosmetic: a task without a pre-filled answer
+        error_record(5),
+    ]
+
+
+def test_review_tasks_are_label_studio_tasks_least_confident_first():
+    tasks = review_tasks(review_records(), attribute="category", below=0.6)
+    assert [t["data"]["file"] for t in tasks] == ["p003.jpg", "p004.jpg", "p001.jpg", "p002.jpg"]
+    first = tasks[0]
+    assert first["data"]["image"] == "p003.jpg"
+    [prediction] = first["predictions"]
+    assert prediction["model_version"] == MODEL and prediction["score"] == 0.10
+    assert prediction["result"] == [
+        {
+            "from_name": "category",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": ["Nail Polish"]},
+        }
+    ]
+    assert tasks[1]["predictions"][0]["result"] == []
+    json.dumps(tasks)  # plain JSON
+    local = review_tasks(review_records(), below=0.2, image_prefix="/data/local-files/?d=")
+    assert [t["data"]["image"] for t in local] == ["/data/local-files/?d=p003.jpg"]
+    with pytest.raises(ValueError, match="not a class attribute"):
+        review_tasks(review_records(), attribute="function")
+    with pytest.raises(ValueError, match="no record has an answer for 'categry'"):
+        review_tasks(review_records(), attribute="categry")
+
+
+def test_labeling_config_has_a_choices_group_per_class_attribute():
+    view = ET.fromstring(labeling_config(SCHEMA))
+    assert view.find("Image").attrib == {"name": "image", "value": "$image"}
+    groups = {c.get("name"): c for c in view.iter("Choices")}
+    assert list(groups) == ["category", "color", "function"]  # no shade: it is not a choice
+    assert [c.get("value") for c in groups["category"]] == CATEGORIES
+    assert groups["category"].get("toName") == "image"
+    assert groups["function"].get("choice") == "multiple"
+    assert groups["color"].get("choice") == "single-radio"
+    mapping = ET.fromstring(labeling_config({"finish": ["matte", 'a "quoted" & <odd>']}))
+    assert [c.get("value") for c in mapping.iter("Choice")] == ["matte", 'a "quoted" & <odd>']
+
+
+def annotate(task: dict, results: list[dict], **extra) -> dict:
+    """A task as Label Studio exports it once annotated."""
+    annotation = {"id": 1, "result": results, "was_cancelled": False, **extra}
+    return {"id": 7, **task, "annotations": [annotation]}
+
+
+def test_review_round_trip_gives_a_labels_csv_that_training_reads(tmp_path):
+    folder = tmp_path / "reviewed"
+    folder.mkdir()
+    recs = [record(i, 0.3) | {"file": str(folder / f"p{i:03d}.jpg")} for i in range(5)]
+    tasks = review_tasks(recs, below=0.6)
+    choices = tasks[0]["predictions"][0]["result"]  # accepted as the model said
+    fixed = [{**choices[0], "value": {"choices": ["Mascara"]}}]
+    function = {**choices[0], "from_name": "function", "value": {"choices": ["waterproof"]}}
+    export = [
+        annotate(tasks[0], choices),
+        annotate(tasks[1], [*fixed, function], updated_at="2024-05-02T10:00:00Z"),
+        annotate(tasks[2], choices, was_cancelled=True),
+        annotate(tasks[3], []),
+        tasks[4],  # never annotated
+    ]
+    # a second, older annotation of the same task loses to the later one
+    export[1]["annotations"].insert(0, {"result": choices, "updated_at": "2024-05-01T10:00:00Z"})
+    export_file = tmp_path / "export.json"
+    export_file.write_text(json.dumps(export))
+    rows, skipped = import_export(export_file, relative_to=folder)
+    assert rows == [
+        {"file_name": "p000.jpg", "split": "train", "category": "Lipstick"},
+        {
+            "file_name": "p001.jpg",
+            "split": "train",
+            "category": "Mascara",
+            "function": "waterproof",
+        },
+    ]
+    names = [s.split(": ")[1] for s in skipped]
+    assert names == ["cancelled", "empty annotation", "not annotated"]
+    write_labels_csv(rows, folder / "labels.csv", ["category", "color", "function"])
+    header = (folder / "labels.csv").read_text().splitlines()[0]
+    assert header == "file_name,split,category,color,function"
+
+    from beautytag.config import load_config
+    from beautytag.data import read_samples
+
+    attributes = [
+        {"name": a.name, "kind": a.kind, "sources": {"reviewed": {"column": a.name}}}
+        | ({"classes": a.classes} if a.classes else {})
+        for a in SCHEMA.attributes
+        if a.kind != "shade"
+    ]
+    config = {
+        "attributes": attributes,
+        "data": {"root": str(tmp_path), "sources": [{"name": "reviewed", "path": "reviewed"}]},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    samples = read_samples(load_config(tmp_path / "config.yaml"))
+    assert [(s.path.name, s.split) for s in samples] == [
+        ("p000.jpg", "train"),
+        ("p001.jpg", "train"),
+    ]
+    assert samples[0].labels == {"category": "Lipstick", "color": None, "function": None}
+    assert samples[1].labels == {"category": "Mascara", "color": None, "function": ["waterproof"]}
+
+    with pytest.raises(ValueError, match="not a Label Studio JSON export"):
+        import_export([{"image": "a.jpg"}])
