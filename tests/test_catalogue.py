@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from PIL import Image
 
 from beautytag.catalogue.records import (
     RecordsError,
@@ -25,6 +27,7 @@ from beautytag.catalogue.records import (
     open_output,
     read_records,
 )
+from beautytag.catalogue.report import write_report
 from beautytag.catalogue.review import (
     import_export,
     labeling_config,
@@ -362,3 +365,51 @@ def test_review_round_trip_gives_a_labels_csv_that_training_reads(tmp_path):
 
     with pytest.raises(ValueError, match="not a Label Studio JSON export"):
         import_export([{"image": "a.jpg"}])
+
+
+def photo(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (600, 800)) -> str:
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def test_report_is_one_self_contained_page(tmp_path):
+    recs = [record(i, score=0.2 + i / 20) for i in range(8)]
+    for i, r in enumerate(recs[:5]):
+        r["file"] = photo(tmp_path / f"p{i}.jpg", (200, 40 * i, 60))
+    recs[5]["file"] = str(tmp_path / "moved.jpg")  # missing: just no thumbnail
+    recs[6]["attributes"]["category"]["label"] = None  # not a cosmetic
+    recs[7]["attributes"]["color"]["label"] = "Pink"
+    recs[7]["attributes"]["shade"] = {"lab": [80.0, 5.0, 5.0], "hex": "#d6c4c0"}
+    recs += [error_record(8), error_record(9)]
+    out = tmp_path / "report.html"
+    write_report(recs, out, thumbnails=4)
+    page = out.read_text()
+
+    assert "10 photos: 8 tagged, 1 not a cosmetic (no category), 2 errors" in page
+    assert re.search(r"<td>Lipstick</td><td class=n>7</td>", page)
+    assert re.search(r"<td>Red</td><td class=n>7</td>", page)  # colour families
+    assert re.search(r"<td>Pink</td><td class=n>1</td>", page)
+    assert re.search(r"<td>waterproof</td><td class=n>8</td>", page)
+    assert re.search(r"<td>not an image</td><td class=n>2</td>", page)
+    swatch = r'class=sw style="background:(#[0-9a-f]{6})" title="[^"]*: (\d+) photo'
+    assert re.findall(swatch, page) == [("#d6c4c0", "1"), ("#8a3b3b", "7")]  # lightest first
+    histograms = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="(\w+)"', page)
+    assert histograms == ["category", "color"]
+    thumbs = re.findall(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)" alt="([^"]+)"', page)
+    assert [Path(alt).name for _, alt in thumbs] == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]
+    import base64
+    import io
+
+    assert max(Image.open(io.BytesIO(base64.b64decode(thumbs[0][0]))).size) <= 112
+    assert not re.search(r"https?://|<script|<link", page)
+
+
+def test_report_and_review_leave_matplotlib_and_torch_unimported():
+    code = (
+        "import sys, beautytag.catalogue.records, beautytag.catalogue.review, "
+        "beautytag.catalogue.report; "
+        "print(sorted(m for m in ('matplotlib', 'torch', 'pyarrow') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
