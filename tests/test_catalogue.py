@@ -225,8 +225,8 @@ with writer:
             "category": {"label": "Lipstick", "score": 0.5, "top": [["Lipstick", 0.5]]},
             "shade": {"lab": [50.0, 10.0, 5.0], "hex": "#8a6a60"},
             "function": {"labels": [], "scores": {"waterproof": 0.1}}}})
-        if not resume:
-            time.sleep(0.002)
+        if not resume:  # slow, and never past half: the kill always comes mid-run
+            time.sleep(0.002 if i < n // 2 else 600)
 """
 
 
