@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from beautytag.catalogue.records import attribute_kind
+
 MAX_SWATCHES = 120
 SWATCH_STEP = 5.0  # shades closer than this in each Lab coordinate share a swatch
 HEX = re.compile(r"#[0-9a-fA-F]{6}")
@@ -105,8 +107,7 @@ def attribute_kinds(records: Iterable[dict]) -> dict[str, str]:
     kinds: dict[str, str] = {}
     for r in records:
         for name, v in r["attributes"].items():
-            kind = "single" if "label" in v else "multi" if "labels" in v else "shade"
-            kinds.setdefault(name, kind)
+            kinds.setdefault(name, attribute_kind(v))
     return kinds
 
 
