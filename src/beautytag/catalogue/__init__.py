@@ -1,0 +1,14 @@
+"""Whole-catalogue tools that work on prediction records (issue 36), not on the model.
+
+A record is what ``beautytag predict`` writes for one photo::
+
+    {"file": str, "model": "default@1a2b3c4d", "attributes": {...} | None, "error": str | None}
+
+* :mod:`beautytag.catalogue.records` writes records resumably (JSONL, CSV, Parquet) and reads
+  them back,
+* :mod:`beautytag.catalogue.review` turns doubtful answers into Label Studio tasks and a
+  Label Studio export back into a ``labels.csv`` that training reads,
+* :mod:`beautytag.catalogue.report` draws a one-page HTML overview of a catalogue.
+
+Nothing here imports torch or the model code.
+"""
