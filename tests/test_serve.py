@@ -88,6 +88,7 @@ def test_healthz_and_page(client, engine):
     h = client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok"
     assert h.json()["image_size"] == 64 and h.json()["explain"] is True
+    assert h.json()["model"] == engine.model_path.name  # the file's name, not its path
     assert [a["name"] for a in h.json()["attributes"]] == engine.schema.names
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -345,6 +346,11 @@ def test_openapi_lists_the_endpoints(client):
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "image/*" in body
     assert {"413", "503", "504"} <= set(spec["paths"]["/v1/predict"]["post"]["responses"])
+    for path in ("/v1/predict", "/v1/explain"):  # a form without a file is a 400: not allowed
+        form = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        assert form["schema"]["required"] == ["file"]
+        assert form["schema"]["properties"]["file"]["minItems"] == 1
+        assert {"400", "413", "415", "503"} <= set(spec["paths"][path]["post"]["responses"])
 
 
 def test_cli_serve_options(monkeypatch):
@@ -355,6 +361,19 @@ def test_cli_serve_options(monkeypatch):
     monkeypatch.setenv("BEAUTYTAG_API_KEY", "k")
     assert args.func(args) == 0
     assert seen["api_key"] == "k" and seen["port"] == 0 and seen["max_batch"] == 4
+
+
+def test_cli_serve_takes_the_api_key_from_a_file(monkeypatch, tmp_path, capsys):
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("beautytag.serve.server.serve", lambda model, **kw: seen.update(kw))
+    (tmp_path / "key").write_text("s3cret\n")
+    assert main(["serve", "--api-key-file", str(tmp_path / "key")]) == 0
+    assert seen["api_key"] == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    assert main(["serve", "--api-key-file", str(tmp_path / "empty")]) == 2
+    assert "the API key file is empty" in capsys.readouterr().err
+    assert main(["serve", "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read the API key" in capsys.readouterr().err
 
 
 def test_onnxruntime_engine_from_a_checkpoint_predicts_and_explains(

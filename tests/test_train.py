@@ -140,3 +140,33 @@ def test_a_class_with_no_training_photo_is_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: category classes with no training photo (a typo in the config" in out
     assert out.count("Lipstik") == 1
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"garbage, not a checkpoint", "not a beautytag checkpoint"),
+        (None, "not a last.pt that `beautytag train` writes (no criterion)"),  # a best.pt
+    ],
+)
+def test_resume_from_a_garbage_last_pt_is_a_one_line_error(tmp_path, capsys, content, problem):
+    import yaml
+
+    from beautytag.cli import main
+
+    cfg = own_folder(tmp_path, photos(4, "train") + photos(2, "val"))
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    if content is None:  # a real checkpoint, but without the training state
+        from beautytag.checkpoint import save_checkpoint
+        from beautytag.nn.net import BeautyTagNet
+
+        save_checkpoint(last, BeautyTagNet(cfg, pretrained=False), cfg)
+    else:
+        last.write_bytes(content)
+    assert main(["train", str(config), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"beautytag train: error: {last}: ") and problem in err
+    assert "\n" not in err and "Traceback" not in err

@@ -132,15 +132,11 @@ def refuse_exported(path: Path, what: str) -> None:
         )
 
 
-def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[BeautyTagNet, Config, dict[str, Any]]:
-    """Rebuild the model and its config from a checkpoint; no pretrained download needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    refuse_exported(path, "this")
-    try:  # weights only: a file's pickled code is never run
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The contents of a file that ``save_checkpoint`` wrote (``best.pt``, ``last.pt``, a
+    shipped model), read as weights only (a file's pickled code is never run); ValueError in
+    one line naming the file for anything else (garbage, a truncated file, another format)."""
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -151,6 +147,18 @@ def load_checkpoint(
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "beautytag-1":
         raise ValueError(f"{path}: not a beautytag checkpoint")
+    return ckpt
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BeautyTagNet, Config, dict[str, Any]]:
+    """Rebuild the model and its config from a checkpoint; no pretrained download needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    refuse_exported(path, "this")
+    ckpt = read_checkpoint(path)
     weights = ckpt.get("model")
     if not isinstance(ckpt.get("config"), dict) or not isinstance(weights, dict):
         raise ValueError(f"{path}: a damaged beautytag checkpoint (no config or weights)")

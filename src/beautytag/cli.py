@@ -194,6 +194,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         suffix = Path(args.model or "").suffix.lower()
         backend = "torch" if suffix in TORCHSCRIPT_SUFFIXES else "onnxruntime"
     key = args.api_key or os.environ.get("BEAUTYTAG_API_KEY") or None
+    if args.api_key_file:  # a file keeps the key out of `ps` and the shell's history
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{args.api_key_file}: cannot read the API key ({e})") from None
+        if key is None:
+            raise ValueError(f"{args.api_key_file}: the API key file is empty")
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     serve(
@@ -382,7 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="model threads (default: all CPUs but one, left for HTTP and decoding)",
     )
-    v.add_argument("--api-key", help="require this X-API-Key (default: $BEAUTYTAG_API_KEY)")
+    keys = v.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        help="require this X-API-Key (seen by `ps`: prefer $BEAUTYTAG_API_KEY or --api-key-file)",
+    )
+    keys.add_argument("--api-key-file", help="require the X-API-Key written in this file")
     v.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")

@@ -37,6 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,7 +193,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         return {
             "status": "ok",
             "version": __version__,
-            "model": str(getattr(engine, "model_path", "")),
+            "model": Path(getattr(engine, "model_path", "")).name,  # no server paths shown
             "backend": getattr(getattr(engine, "backend", None), "name", "torch"),
             "image_size": engine.cfg.model.image_size,
             "attributes": [{"name": a.name, "kind": a.kind} for a in engine.schema.attributes],

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from beautytag.checkpoint import (
     init_from_checkpoint,
     mismatch,
+    read_checkpoint,
     resolve_model,
     save_checkpoint,
 )
@@ -280,10 +281,17 @@ def build_run(cfg: Config, train_ds: BeautyDataset, device: torch.device) -> Run
     return Run(model, criterion, optimizer, scheduler, ema, generator, loader, use_amp)
 
 
+# what save_last writes and resume_run reads
+RESUME_KEYS = ("model", "config", "criterion", "optimizer", "scheduler", "generator")
+RESUME_KEYS += ("torch_rng", "epoch", "best", "bad_epochs")
+
+
 def resume_run(run: Run, last: Path, cfg: Config) -> None:
     """Continue ``run`` from ``last`` (a ``last.pt``): weights, optimiser, schedule, random
     state and early-stopping counters. ValueError when its model differs from the config's."""
-    state = torch.load(last, map_location="cpu", weights_only=True)
+    state = read_checkpoint(last)
+    if missing := [k for k in RESUME_KEYS if k not in state]:
+        raise ValueError(f"{last}: not a last.pt that `beautytag train` writes (no {missing[0]})")
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as e:
