@@ -59,7 +59,7 @@ from beautytag.runtime.engine import Engine
 from beautytag.runtime.explain import gradcam, render_png
 from beautytag.runtime.results import Prediction
 from beautytag.serve.batcher import Admission, Metrics, MicroBatcher, QueueFull
-from beautytag.serve.contract import BODY_DOC, Result, Results, error_doc, status_for
+from beautytag.serve.contract import Result, Results, body_doc, error_doc, status_for
 from beautytag.serve.guard import Guard
 from beautytag.serve.settings import RAW_NAME, ServeSettings
 
@@ -210,7 +210,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.post(
         "/v1/predict",
         summary="Attributes of one or several photos",
-        openapi_extra=BODY_DOC,
+        openapi_extra=body_doc(settings.queue_size),
         responses=error_doc(400, 401, 413, 415, 422, 503, 504),
     )
     async def predict(
@@ -261,7 +261,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.post(
         "/v1/explain",
         summary="Heatmap of where the model looks for one attribute",
-        openapi_extra=BODY_DOC,
+        openapi_extra=body_doc(1),
         response_class=Response,
         responses={
             200: {"content": {"image/png": {}}, "description": "the photo with the heatmap"},
@@ -270,7 +270,11 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     )
     async def explain(
         request: Request,
-        attribute: str | None = Query(None, description="attribute name (default: the first)"),
+        attribute: str | None = Query(
+            None,
+            description="attribute name (default: the first)",
+            json_schema_extra={"enum": engine.schema.names},
+        ),
         size: int | None = Query(None, ge=16, le=1024, description="PNG side (default: model's)"),
         filename: str | None = Query(None),
     ) -> Response:

@@ -31,31 +31,28 @@ def status_for(problem: str) -> int:
     return 422
 
 
-BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "description": "Images as repeatable multipart field `file`, or one image as the body.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 1,
-                        }
-                    },
-                    "required": ["file"],
-                }
+def body_doc(max_files: int) -> dict[str, Any]:
+    """The documented request body: 1 to ``max_files`` images as the repeatable multipart
+    field ``file``, or one non-empty image as the raw body."""
+    binary = {"type": "string", "format": "binary"}
+    files = {"type": "array", "items": binary, "minItems": 1, "maxItems": max_files}
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "Images as repeatable multipart field `file`, or one image as the body.",
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": files},
+                        "required": ["file"],
+                    }
+                },
+                "image/*": {"schema": binary | {"minLength": 1}},
+                "application/octet-stream": {"schema": binary | {"minLength": 1}},
             },
-            "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary", "minLength": 1}
-            },
-        },
+        }
     }
-}
 
 
 def error_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
