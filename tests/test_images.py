@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import struct
+import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from PIL import Image
 
 from beautytag.images import (
+    MAX_FILE_BYTES,
     MAX_PIXELS,
     ImageError,
     letterbox,
@@ -355,6 +359,61 @@ def test_invalid_path() -> None:
 def test_directory(tmp_path: Path) -> None:
     err = _error(tmp_path)
     assert err.problem == "is a directory"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a FIFO named like a photo hung a run
+    for ever. (Should it block, a helper thread writes nothing and closes, after 5 s.)"""
+    fifo = tmp_path / "p.jpg"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock() -> None:  # opens the writing end once a reader waits in open()
+        deadline = time.monotonic() + 5
+        while not done.wait(0.05) and time.monotonic() < deadline:
+            pass
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader yet
+                time.sleep(0.05)
+
+    threading.Thread(target=unblock, daemon=True).start()
+    start = time.monotonic()
+    try:
+        err = _error(fifo)
+    finally:
+        done.set()
+    assert str(err) == f"{fifo}: not a regular file (a FIFO)"
+    assert time.monotonic() - start < 2
+
+
+def test_devices_and_sockets_are_refused(tmp_path: Path) -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    assert str(_error("/dev/zero")) == "/dev/zero: not a regular file (a character device)"
+    if hasattr(socket, "AF_UNIX"):
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(tmp_path / "s.jpg"))
+            assert _error(tmp_path / "s.jpg").problem == "not a regular file (a socket)"
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A 6 GB file named .tif was read whole into memory (a MemoryError, or all the RAM);
+    its size is checked first. (The file is sparse: it takes no disk space.)"""
+    huge = tmp_path / "huge.tif"
+    with huge.open("wb") as f:
+        f.truncate(6 * 1024**3)
+    err = _error(huge)
+    assert str(err) == f"{huge}: file too large ({6 * 1024**3} bytes > {MAX_FILE_BYTES})"
+    assert MAX_FILE_BYTES < 6 * 1024**3
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_dangling_symlink_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert _error(tmp_path / "a.jpg").problem == "file not found (a symbolic link to nothing)"
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read anything")

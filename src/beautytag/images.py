@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height decoded)
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
+# the largest file read (checked with stat before reading): a 40-megapixel photo stored
+# uncompressed as 8-bit RGB is 120 MB
+MAX_FILE_BYTES: int = 256 * 1024**2
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _LOADING = threading.Lock()  # a caller's lazily opened PIL image is decoded by one thread
@@ -33,6 +36,40 @@ class ImageError(ValueError):
         self.problem = problem
 
 
+_NOT_REGULAR = {  # what stat says a path is, when it is neither a file nor a folder
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+# opening never waits (a FIFO with no writer) nor takes a terminal
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+def _check_file(st: os.stat_result, label: str) -> None:
+    """Only a regular file of at most MAX_FILE_BYTES is read."""
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(label, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "an unknown kind of file")
+        raise ImageError(label, f"not a regular file ({kind})")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(label, f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
+
+
+def _read_file(path: str | os.PathLike, label: str) -> bytes:
+    """The bytes of a regular file, checked before reading: by stat, before opening it (a
+    device may act on being opened), then by fstat, on what was opened (the path may have
+    changed in between), and the read stops past the cap (the file may have grown)."""
+    _check_file(os.stat(path), label)
+    with open(os.open(path, _OPEN_FLAGS | getattr(os, "O_BINARY", 0)), "rb", buffering=0) as f:
+        _check_file(os.fstat(f.fileno()), label)
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(label, f"file too large (more than {MAX_FILE_BYTES} bytes)")
+    return data
+
+
 def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, str]:
     """Return the raw bytes of `source` and the name error messages use for it."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -44,14 +81,14 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
         )
     label = name or str(source)
     try:
-        path = Path(source)
-        if path.is_dir():
-            raise ImageError(label, "is a directory")
-        return path.read_bytes(), label
+        return _read_file(source, label), label
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(label, "file not found") from None
+        dangling = os.path.islink(source)
+        raise ImageError(
+            label, "file not found (a symbolic link to nothing)" if dangling else "file not found"
+        ) from None
     except PermissionError:
         raise ImageError(label, "permission denied") from None
     except OSError as e:
