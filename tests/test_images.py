@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -32,6 +35,7 @@ from beautytag.images import (
 )
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+SRC = Path(__file__).resolve().parents[1] / "src"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -455,6 +459,84 @@ def test_pixel_limit_counts_the_pixels_a_jpeg_is_decoded_at(tmp_path: Path) -> N
     assert err.problem == "too many pixels (1000 x 1000 at the smallest decoding scale > 500000)"
     png = _save(big, tmp_path / "big.png", "PNG")  # no scaled decoding for other formats
     assert "too many pixels" in _error(png, min_size=96, max_pixels=1_000_000).problem
+
+
+def _crafted_jpeg(width: int, height: int, progressive: bool = True, scans: int = 0) -> bytes:
+    """A 16 x 16 JPEG whose frame header (SOF0 or SOF2) claims `width` x `height`; with
+    `scans`, its first scan holds that many of the 3 components (the rest would follow in
+    later scans, as libjpeg allows in a sequential JPEG)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 50, 50)).save(buf, "JPEG", progressive=progressive)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    if scans:
+        sos = data.index(b"\xff\xda")
+        length = struct.unpack_from(">H", data, sos + 2)[0]
+        head = struct.pack(">BBH", 0xFF, 0xDA, 6 + 2 * scans) + bytes([scans])
+        head += bytes(data[sos + 5 : sos + 5 + 2 * scans]) + b"\x00\x3f\x00"
+        data[sos : sos + 2 + length] = head
+    return bytes(data)
+
+
+def test_a_progressive_jpeg_counts_its_full_size_whatever_the_scale() -> None:
+    """libjpeg holds the whole coefficient array of a progressive JPEG (2 bytes a
+    component sample) whatever the scale it decodes at: a 521-byte file claiming 40000 x
+    40000 passed the pixel limit at 1/8 scale and took 5 GB. It is refused from its header,
+    as is a sequential one whose first scan holds only some components (several scans)."""
+    for data in (_crafted_jpeg(40_000, 40_000), _crafted_jpeg(40_000, 40_000, False, scans=1)):
+        err = _error(data, name="bomb.jpg", min_size=96)
+        assert str(err) == (
+            "bomb.jpg: too many pixels (40000 x 40000 > 40000000; a progressive or "
+            "multi-scan JPEG is decoded whole at any scale)"
+        )
+    img = Image.new("RGB", (2000, 2000), (200, 120, 90))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", progressive=True)
+    _assert_rgb(load_image(buf.getvalue(), min_size=96, max_pixels=4_000_000), (250, 250))
+    assert (
+        "2000 x 2000 > 1000000; a progressive"
+        in _error(buf.getvalue(), min_size=96, max_pixels=1_000_000).problem
+    )
+    # a big baseline JPEG is still decoded at 1/8 scale (a 200-megapixel photo's size; libjpeg
+    # fills what the file lacks)
+    _assert_rgb(load_image(_crafted_jpeg(16_320, 12_240, False), min_size=96), (2040, 1530))
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_a_crafted_progressive_jpeg_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """The same bomb in a fresh process (with address space to spare for 2 GiB, not 5):
+    refused in well under a second, its peak memory hardly above the process's start."""
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_crafted_jpeg(40_000, 40_000))
+    code = """
+import json, os, resource, sys, time
+from beautytag.images import ImageError, load_for_model
+vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+soft = vm + 2 * 1024**3 if hard == resource.RLIM_INFINITY else min(hard, vm + 2 * 1024**3)
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+try:
+    load_for_model(sys.argv[1], 96, (0.5,) * 3, (0.5,) * 3)
+    error = None
+except ImageError as e:
+    error = str(e)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"error": error, "seconds": time.monotonic() - start, "grew_kb": grew}))
+"""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(bomb)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert "too many pixels (40000 x 40000 > 40000000" in out["error"]
+    assert out["seconds"] < 1 and out["grew_kb"] < 100 * 1024
 
 
 def test_our_pixel_limit_replaces_pillows_warning(tmp_path: Path, monkeypatch) -> None:

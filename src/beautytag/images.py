@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height decoded)
+# the decoding budget: the most pixels (width * height) a decoder may hold at once, checked
+# from the header before decoding. A JPEG decoded at a DCT scale (load_image's min_size)
+# holds that scale's pixels, except a progressive or multi-scan one: libjpeg keeps its whole
+# coefficient array (2 bytes a component sample), so it counts at full size
+MAX_PIXELS: int = 40_000_000
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
 # the largest file read (checked with stat before reading): a 40-megapixel photo stored
 # uncompressed as 8-bit RGB is 120 MB
@@ -129,6 +133,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SEQUENTIAL_SOF = {0xC0, 0xC1, 0xC9}  # baseline, extended and arithmetic sequential frames
+_STANDALONE = {0x01, *range(0xD0, 0xDA)}  # markers with no length field (TEM, RSTn, SOI, EOI)
+
+
+def _decoded_whole(data: bytes) -> bool:
+    """Whether libjpeg holds a JPEG's whole coefficient array whatever the scale it decodes
+    at: a frame other than a sequential one (progressive, lossless), or a first scan with
+    fewer components than the frame (the others follow in later scans). Reads the markers
+    up to the first scan the way libjpeg does (bytes between segments skipped); a file
+    without one counts as held whole."""
+    i, sof, components = 2, 0, 0
+    while (i := data.find(b"\xff", i)) >= 0 and i + 4 <= len(data):
+        marker = data[i + 1]
+        if marker in (0x00, 0xFF) or marker in _STANDALONE:  # a stuffed 0 or fill byte
+            i += 1 if marker in (0x00, 0xFF) else 2
+            continue
+        if marker == 0xDA:  # start of scan: its component count follows the length
+            return sof not in _SEQUENTIAL_SOF or i + 4 >= len(data) or data[i + 4] < components
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
+            sof, components = marker, data[i + 9] if i + 9 < len(data) else 0
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return True
+
+
 def _open(data: bytes, label: str, min_size: int | None) -> Image.Image:
     """Open encoded bytes lazily (header only); raises :class:`ImageError`."""
     if not data:
@@ -172,7 +200,7 @@ def load_image(
     ``"<PIL image>"``).
     """
     if isinstance(source, Image.Image):  # already opened: the same steps from here on
-        img, label = source, name or "<PIL image>"
+        img, label, data = source, name or "<PIL image>", b""
         with _LOADING:  # one image loaded from two threads at once reads its file twice
             try:
                 img.load()
@@ -191,6 +219,12 @@ def load_image(
     if min_size and img is not source:  # a caller's own image is not changed
         img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
     w, h = img.size  # what will be decoded
+    if (w, h) != (width, height) and width * height > max_pixels and _decoded_whole(data):
+        raise ImageError(
+            label,
+            f"too many pixels ({width} x {height} > {max_pixels}; a progressive or multi-scan "
+            "JPEG is decoded whole at any scale)",
+        )
     if w * h > max_pixels:
         scaled = "" if (w, h) == (width, height) else " at the smallest decoding scale"
         raise ImageError(label, f"too many pixels ({w} x {h}{scaled} > {max_pixels})")
