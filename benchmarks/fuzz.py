@@ -39,6 +39,10 @@ MEAN = STD = (0.5, 0.5, 0.5)
 # largest side allowed (images.MAX_SIDE) and sides whose square passes the pixel budget at
 # 1/8 scale but not at full size
 HUGE = (0, 1, 0x7FFF, 0xFFFF, 40_000, 65_535, 2**31 - 1, 2**32 - 1)
+# what one input may add to the process's peak memory: the decoding budget, MAX_PIXELS
+# (40 megapixels), at up to 8 bytes each (a CMYK progressive JPEG's coefficients, 2 bytes
+# a sample), and room for the conversions to RGB
+PEAK_GROWTH_MB = 1024
 
 FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # a JPEG's SOFn
 
@@ -70,33 +74,29 @@ def seeds() -> dict[str, bytes]:
 SEEDS = seeds()
 
 
-def size_fields(data: bytes | bytearray) -> list[tuple[int, str]]:
-    """(offset, struct format) of the width and height fields in `data`, by its format: a
-    JPEG's frame headers, a PNG's IHDR, a GIF's screen and image descriptors, a WebP's VP8,
-    VP8L and VP8X headers."""
-    fields: list[tuple[int, str]] = []
+def size_fields(data: bytes | bytearray) -> list[list[tuple[int, str]]]:
+    """The headers in `data` that give a width and a height, each as the (offset, struct
+    format) of its fields, by the format: a JPEG's frame headers, a PNG's IHDR, a GIF's
+    screen and image descriptors, a WebP's VP8, VP8L (one field: 14 bits each) and VP8X."""
+    headers: list[list[tuple[int, str]]] = []
     if data[:2] == b"\xff\xd8":
         for i in range(2, len(data) - 8):
-            if (
-                data[i] == 0xFF
-                and 0xC0 <= data[i + 1] <= 0xCF
-                and data[i + 1] not in b"\xc4\xc8\xcc"
-            ):
-                fields += [(i + 5, ">H"), (i + 7, ">H")]
+            if data[i] == 0xFF and data[i + 1] in FRAME_MARKERS:
+                headers.append([(i + 5, ">H"), (i + 7, ">H")])
     elif data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        fields += [(16, ">I"), (20, ">I")]
+        headers.append([(16, ">I"), (20, ">I")])
     elif data[:3] == b"GIF" and len(data) >= 10:
-        fields += [(6, "<H"), (8, "<H")]
+        headers.append([(6, "<H"), (8, "<H")])
         if (i := data.find(b"\x2c", 13)) > 0 and i + 9 <= len(data):
-            fields += [(i + 5, "<H"), (i + 7, "<H")]
+            headers.append([(i + 5, "<H"), (i + 7, "<H")])
     elif data[:4] == b"RIFF":
         if (i := data.find(b"\x9d\x01\x2a")) > 0 and i + 7 <= len(data):
-            fields += [(i + 3, "<H"), (i + 5, "<H")]
+            headers.append([(i + 3, "<H"), (i + 5, "<H")])
         if (i := data.find(b"VP8L")) > 0 and i + 13 <= len(data):
-            fields += [(i + 9, "<I")]  # 14 bits width - 1, 14 bits height - 1
+            headers.append([(i + 9, "<I")])
         if (i := data.find(b"VP8X")) > 0 and i + 18 <= len(data):
-            fields += [(i + 12, "<H"), (i + 15, "<H")]  # the low 16 of 24 bits
-    return fields
+            headers.append([(i + 12, "<H"), (i + 15, "<H")])  # the low 16 of 24 bits
+    return headers
 
 
 def rewrite_size(data: bytearray, offset: int, fmt: str, value: int) -> None:
@@ -127,23 +127,36 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
             data[at:at] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "truncate":  # mostly past the headers (an empty file is one case)
             del data[draw(st.integers(0, 3)) * len(data) // 4 + at // 4 :]
-        elif fields := size_fields(data):
-            offset, fmt = draw(st.sampled_from(fields))
-            value = draw(st.sampled_from(HUGE) | st.integers(0, 2 ** (8 * struct.calcsize(fmt))))
-            rewrite_size(data, offset, fmt, value)
+        elif headers := size_fields(data):  # a header's width and height, or one of them
+            for offset, fmt in draw(st.sampled_from(headers)):
+                if draw(st.integers(0, 3)):
+                    limit = 2 ** (8 * struct.calcsize(fmt))
+                    value = draw(st.sampled_from(HUGE) | st.integers(0, limit))
+                    rewrite_size(data, offset, fmt, value)
     return name, bytes(data)
 
 
+def peak_mb() -> float:
+    """The process's peak memory so far (resident set), in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**2 if sys.platform == "darwin" else 1024)  # bytes there, KiB here
+
+
 def check(name: str, data: bytes) -> str:
-    """The property: a model input of the right shape, or an ImageError naming the input.
-    Returns what became of it ("decoded", or the ImageError's problem, cut to its kind)."""
+    """The property: a model input of the right shape, or an ImageError naming the input,
+    and the process's peak memory raised by less than PEAK_GROWTH_MB. Returns what became
+    of the input ("decoded", or the ImageError's problem, cut to its kind)."""
+    before = peak_mb()
     try:
         img, x = load_for_model(data, SIZE, MEAN, STD, name=name)
+        assert img.mode == "RGB" and tuple(x.shape) == (3, SIZE, SIZE), (img.mode, x.shape)
+        outcome = "decoded"
     except ImageError as e:
         assert str(e).startswith(f"{name}: ") and "\n" not in str(e), str(e)
-        return e.problem.split(":")[0].split(" (")[0]
-    assert img.mode == "RGB" and tuple(x.shape) == (3, SIZE, SIZE), (img.mode, x.shape)
-    return "decoded"
+        outcome = e.problem.split(":")[0].split(" (")[0]
+    grew = peak_mb() - before
+    assert grew < PEAK_GROWTH_MB, f"peak memory grew by {grew:.0f} MB ({outcome})"
+    return outcome
 
 
 def fuzz_settings(examples: int) -> settings:
