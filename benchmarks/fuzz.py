@@ -225,12 +225,13 @@ def write(result: dict, out: Path) -> None:
 Command: `{result["command"]}` at {result["revision"]} (Hypothesis {result["hypothesis"]},
 Pillow {result["pillow"]}, {result["machine"]}).
 
-{result["inputs"]} mutated inputs (bit flips, overwritten, inserted and cut bytes, size
-fields rewritten to huge values) of small JPEG (baseline, progressive, CMYK), PNG (RGB,
-interlaced RGBA, 16-bit grey), WebP (lossy, lossless with alpha) and GIF (animated) files
-went through `beautytag.images.load_for_model` in {result["seconds"]} s; the process's peak
-memory grew by {result["peak_rss_growth_mb"]} MB. **Findings (an exception other than
-ImageError, or a malformed answer): {result["findings"]}.**
+{result["inputs"]} mutated inputs (bit flips, overwritten, inserted and cut bytes, width and
+height fields rewritten to huge values) of small JPEG (baseline, progressive, CMYK), PNG
+(RGB, interlaced RGBA, 16-bit grey), WebP (lossy, lossless with alpha) and GIF (animated)
+files went through `beautytag.images.load_for_model` in {result["seconds"]} s; the
+process's peak memory grew by {result["peak_rss_growth_mb"]} MB in all. **Findings:
+{result["findings"]}** (an exception other than ImageError, a malformed answer, or one input
+raising the peak memory by {PEAK_GROWTH_MB} MB or more).
 
 Inputs per seed file: {seeds_line}.
 
