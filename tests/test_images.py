@@ -503,12 +503,10 @@ def test_a_progressive_jpeg_counts_its_full_size_whatever_the_scale() -> None:
     _assert_rgb(load_image(_crafted_jpeg(16_320, 12_240, False), min_size=96), (2040, 1530))
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
-def test_a_crafted_progressive_jpeg_is_refused_fast_and_small(tmp_path: Path) -> None:
-    """The same bomb in a fresh process (with address space to spare for 2 GiB, not 5):
-    refused in well under a second, its peak memory hardly above the process's start."""
-    bomb = tmp_path / "bomb.jpg"
-    bomb.write_bytes(_crafted_jpeg(40_000, 40_000))
+def _load_in_a_fresh_process(path: Path) -> dict:
+    """load_for_model(path) in a new Python, with address space for 2 GiB more than it has
+    at the start: the error (None if it loaded), the seconds, and how far it raised the
+    process's peak memory (KiB)."""
     code = """
 import json, os, resource, sys, time
 from beautytag.images import ImageError, load_for_model
@@ -527,16 +525,34 @@ print(json.dumps({"error": error, "seconds": time.monotonic() - start, "grew_kb"
 """
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
-        [sys.executable, "-c", code, str(bomb)],
+        [sys.executable, "-c", code, str(path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_a_crafted_progressive_jpeg_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """The same bomb in a fresh process: refused in well under a second, its peak memory
+    hardly above the process's start."""
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_crafted_jpeg(40_000, 40_000))
+    out = _load_in_a_fresh_process(bomb)
     assert "too many pixels (40000 x 40000 > 40000000" in out["error"]
     assert out["seconds"] < 1 and out["grew_kb"] < 100 * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_a_16_bit_png_within_the_budget_decodes_in_little_memory(tmp_path: Path) -> None:
+    """A 25-megapixel 16-bit grey PNG (60 KB) is within the pixel budget; scaling it to 8
+    bits took 600 MB in float64 copies, now about 310 (float32, in place, no alpha)."""
+    deep = _save(Image.fromarray(np.full((5000, 5000), 300, np.uint16)), tmp_path / "d.png", "PNG")
+    out = _load_in_a_fresh_process(deep)
+    assert out["error"] is None and out["grew_kb"] < 420 * 1024
 
 
 def test_our_pixel_limit_replaces_pillows_warning(tmp_path: Path, monkeypatch) -> None:

@@ -101,30 +101,36 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
         raise ImageError(label, f"invalid path: {e}") from None
 
 
-def _high_depth_to_la(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'LA' (its transparent
-    value, if any, fully transparent)."""
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'L', or 'LA' where it
+    has a transparent value (fully transparent). In float32 and in place: a 36-megapixel
+    16-bit PNG of 84 KB took a GB in float64 copies."""
     raw = np.asarray(img)
-    arr = np.nan_to_num(raw.astype(np.float64))
+    arr = np.nan_to_num(raw.astype(np.float32), copy=False)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (0 <= lo and 255 < hi <= 65_535):
-        arr = arr / 257.0  # 16-bit range -> 8-bit
+        arr /= 257.0  # 16-bit range -> 8-bit
     elif img.mode == "F" and 0 <= lo and hi <= 1.0:
-        arr = arr * 255.0  # unit-range floats
+        arr *= 255.0  # unit-range floats
     elif lo < 0 or hi > 255:
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if hi > lo:
+            arr -= lo
+            arr *= 255.0 / (hi - lo)
+        else:
+            arr[...] = 0
+    grey = np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8)
+    del arr
     transparent = img.info.get("transparency")
-    alpha = np.full_like(grey, 255)
-    if isinstance(transparent, int | float):  # a PNG's tRNS value, in the image's own range
-        alpha[raw == transparent] = 0
+    if not isinstance(transparent, int | float):
+        return Image.fromarray(grey, "L")
+    alpha = np.where(raw == transparent, np.uint8(0), np.uint8(255))  # a PNG's tRNS value
     return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
     if img.mode.startswith("I") or img.mode == "F":
-        img = _high_depth_to_la(img)
+        img = _high_depth_to_8bit(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
