@@ -8,6 +8,7 @@ from PIL import Image
 
 from beautytag.config import config_from_dict
 from beautytag.data import (
+    MAX_MISSING_SHARE,
     Sample,
     augment_batch,
     classes_without_photos,
@@ -166,10 +167,11 @@ def test_cutmix_pastes_one_box_of_another_photo_and_weighs_it_by_its_area():
 
 
 def folder_config(root, rows: str, schema: list | None = None, **source) -> object:
-    """A config reading `root`/photos/labels.csv (text `rows`) with three photos in it."""
+    """A config reading `root`/photos/labels.csv (text `rows`) with five photos in it,
+    img/a.jpg to img/e.jpg."""
     folder = root / "photos"
     (folder / "img").mkdir(parents=True, exist_ok=True)
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d", "e"):
         Image.new("RGB", (40, 40), (200, 30, 60)).save(folder / "img" / f"{name}.jpg")
     (folder / "labels.csv").write_bytes(rows.encode("utf-8"))
     schema = schema or [
@@ -278,3 +280,42 @@ def test_classes_without_photos_names_each_attributes_missing_classes():
     missing = classes_without_photos(samples, SCHEMA)
     assert missing == {"category": ["Lip Gloss", "Other"], "finish": ["matte", "gloss"],
                        "tags": ["waterproof"]}  # fmt: skip
+
+
+def test_files_outside_the_source_folder_are_left_out_and_reported(tmp_path, capsys):
+    rows = (
+        "file_name,category,color,split\n"
+        "img/a.jpg,Lipstick,Red,train\n"
+        "../../x.jpg,Lipstick,Red,train\n"
+        "/etc/passwd,Lipstick,Red,train\n"
+        "img/../../photos/img/b.jpg,Lipstick,Red,val\n"  # out and back in: still out
+        "img/../img/c.jpg,Lipstick,Red,val\n"  # stays inside
+    )
+    samples = read_samples(folder_config(tmp_path, rows))
+    assert [s.path.name for s in samples] == ["a.jpg", "c.jpg"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert "labels.csv: 3 files are outside the source's folder and are left out: " in err
+    assert "../../x.jpg (1), /etc/passwd (1)" in err
+
+
+def test_missing_files_are_reported_and_too_many_are_an_error(tmp_path, capsys):
+    listed = [f"img/{n}.jpg" for n in "abcde"] + [f"img/gone{i}.jpg" for i in range(12)]
+    rows = "file_name,category,color,split\n" + "".join(f"{f},Lipstick,Red,val\n" for f in listed)
+    rows += "".join(f"img/{n}.jpg,Lipstick,Red,train\n" for n in "abcde" * 2)
+    rows += "img/missing.jpg,Lipstick,Red,train\n"  # 1 of 11 train files: under MAX_MISSING_SHARE
+    cfg = folder_config(tmp_path, rows)
+    assert len(read_samples(cfg, splits=["train"])) == 11  # still listed: loading reports them
+    err = capsys.readouterr().err
+    assert err == (
+        f"warning: {tmp_path / 'photos' / 'labels.csv'}: 1 listed files are missing "
+        "(train: 1 of 11): img/missing.jpg (1)\n"
+    )
+    assert MAX_MISSING_SHARE == 0.1
+    with pytest.raises(SchemaError) as e:  # 12 of 17 val files
+        read_samples(cfg)
+    assert str(e.value) == (
+        f"{tmp_path / 'photos' / 'labels.csv'}: 12 of the 17 files listed for val are missing "
+        "(more than 10%): is data.root or the source's path wrong?"
+    )
+    assert "13 listed files are missing (train: 1 of 11, val: 12 of 17)" in capsys.readouterr().err

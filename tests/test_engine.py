@@ -1,5 +1,6 @@
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ from PIL import Image
 
 from beautytag.checkpoint import SHIPPED_MODELS, default_model_path, resolve_model
 from beautytag.cli import main
+from beautytag.images import ImageError, load_image
 from beautytag.runtime.engine import Engine, expand_paths
 
 
@@ -236,3 +238,35 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
     results = list(Engine(tiny_model, batch_size=1).predict_items([("a", lazy), ("b", lazy)]))
     assert [r.error for r in results] == [None, None]  # as it is: over 40 MP, one decode
     assert results[0]["attributes"] == results[1]["attributes"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_folder_walk_keeps_dangling_links_and_reports_unreadable_folders(
+    tmp_path, monkeypatch, capsys
+):
+    """A dangling .jpg link (and a FIFO named .jpg) is listed, so that loading gives it an
+    error record; a subfolder that cannot be read is a warning, not silently skipped."""
+    d = tmp_path / "photos"
+    (d / "locked").mkdir(parents=True)
+    (d / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(d / "sub" / "a.jpg")
+    (d / "b.jpg").symlink_to(d / "gone.jpg")
+    (d / "c.jpg").symlink_to(d / "sub" / "a.jpg")
+    (d / "dir.jpg").symlink_to(d / "sub")  # a folder, whatever its name: not walked into
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "d.jpg")
+    scandir = os.scandir
+
+    def locked(path):  # what reading a folder without permission does (root may read all)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    names = [f.relative_to(d).as_posix() for f in expand_paths(d)]
+    assert names == ["b.jpg", "c.jpg", *(["d.jpg"] if hasattr(os, "mkfifo") else []), "sub/a.jpg"]
+    assert capsys.readouterr().err == (
+        f"warning: {d / 'locked'}: folder not read (Permission denied); its photos are left out\n"
+    )
+    with pytest.raises(ImageError, match="b.jpg: file not found"):  # an error record
+        load_image(d / "b.jpg")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -17,6 +23,7 @@ import torch
 from PIL import Image
 
 from beautytag.images import (
+    MAX_FILE_BYTES,
     MAX_PIXELS,
     ImageError,
     letterbox,
@@ -28,6 +35,7 @@ from beautytag.images import (
 )
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+SRC = Path(__file__).resolve().parents[1] / "src"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -357,6 +365,61 @@ def test_directory(tmp_path: Path) -> None:
     assert err.problem == "is a directory"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a FIFO named like a photo hung a run
+    for ever. (Should it block, a helper thread writes nothing and closes, after 5 s.)"""
+    fifo = tmp_path / "p.jpg"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock() -> None:  # opens the writing end once a reader waits in open()
+        deadline = time.monotonic() + 5
+        while not done.wait(0.05) and time.monotonic() < deadline:
+            pass
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader yet
+                time.sleep(0.05)
+
+    threading.Thread(target=unblock, daemon=True).start()
+    start = time.monotonic()
+    try:
+        err = _error(fifo)
+    finally:
+        done.set()
+    assert str(err) == f"{fifo}: not a regular file (a FIFO)"
+    assert time.monotonic() - start < 2
+
+
+def test_devices_and_sockets_are_refused(tmp_path: Path) -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    assert str(_error("/dev/zero")) == "/dev/zero: not a regular file (a character device)"
+    if hasattr(socket, "AF_UNIX"):
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(tmp_path / "s.jpg"))
+            assert _error(tmp_path / "s.jpg").problem == "not a regular file (a socket)"
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A 6 GB file named .tif was read whole into memory (a MemoryError, or all the RAM);
+    its size is checked first. (The file is sparse: it takes no disk space.)"""
+    huge = tmp_path / "huge.tif"
+    with huge.open("wb") as f:
+        f.truncate(6 * 1024**3)
+    err = _error(huge)
+    assert str(err) == f"{huge}: file too large ({6 * 1024**3} bytes > {MAX_FILE_BYTES})"
+    assert MAX_FILE_BYTES < 6 * 1024**3
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_dangling_symlink_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert _error(tmp_path / "a.jpg").problem == "file not found (a symbolic link to nothing)"
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read anything")
 def test_unreadable_file(tmp_path: Path) -> None:
     path = _save(Image.new("RGB", (2, 2)), tmp_path / "locked.png", "PNG")
@@ -396,6 +459,100 @@ def test_pixel_limit_counts_the_pixels_a_jpeg_is_decoded_at(tmp_path: Path) -> N
     assert err.problem == "too many pixels (1000 x 1000 at the smallest decoding scale > 500000)"
     png = _save(big, tmp_path / "big.png", "PNG")  # no scaled decoding for other formats
     assert "too many pixels" in _error(png, min_size=96, max_pixels=1_000_000).problem
+
+
+def _crafted_jpeg(width: int, height: int, progressive: bool = True, scans: int = 0) -> bytes:
+    """A 16 x 16 JPEG whose frame header (SOF0 or SOF2) claims `width` x `height`; with
+    `scans`, its first scan holds that many of the 3 components (the rest would follow in
+    later scans, as libjpeg allows in a sequential JPEG)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 50, 50)).save(buf, "JPEG", progressive=progressive)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    if scans:
+        sos = data.index(b"\xff\xda")
+        length = struct.unpack_from(">H", data, sos + 2)[0]
+        head = struct.pack(">BBH", 0xFF, 0xDA, 6 + 2 * scans) + bytes([scans])
+        head += bytes(data[sos + 5 : sos + 5 + 2 * scans]) + b"\x00\x3f\x00"
+        data[sos : sos + 2 + length] = head
+    return bytes(data)
+
+
+def test_a_progressive_jpeg_counts_its_full_size_whatever_the_scale() -> None:
+    """libjpeg holds the whole coefficient array of a progressive JPEG (2 bytes a
+    component sample) whatever the scale it decodes at: a 521-byte file claiming 40000 x
+    40000 passed the pixel limit at 1/8 scale and took 5 GB. It is refused from its header,
+    as is a sequential one whose first scan holds only some components (several scans)."""
+    for data in (_crafted_jpeg(40_000, 40_000), _crafted_jpeg(40_000, 40_000, False, scans=1)):
+        err = _error(data, name="bomb.jpg", min_size=96)
+        assert str(err) == (
+            "bomb.jpg: too many pixels (40000 x 40000 > 40000000; a progressive or "
+            "multi-scan JPEG is decoded whole at any scale)"
+        )
+    img = Image.new("RGB", (2000, 2000), (200, 120, 90))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", progressive=True)
+    _assert_rgb(load_image(buf.getvalue(), min_size=96, max_pixels=4_000_000), (250, 250))
+    assert (
+        "2000 x 2000 > 1000000; a progressive"
+        in _error(buf.getvalue(), min_size=96, max_pixels=1_000_000).problem
+    )
+    # a big baseline JPEG is still decoded at 1/8 scale (a 200-megapixel photo's size; libjpeg
+    # fills what the file lacks)
+    _assert_rgb(load_image(_crafted_jpeg(16_320, 12_240, False), min_size=96), (2040, 1530))
+
+
+def _load_in_a_fresh_process(path: Path) -> dict:
+    """load_for_model(path) in a new Python, with address space for 2 GiB more than it has
+    at the start: the error (None if it loaded), the seconds, and how far it raised the
+    process's peak memory (KiB)."""
+    code = """
+import json, os, resource, sys, time
+from beautytag.images import ImageError, load_for_model
+vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+soft = vm + 2 * 1024**3 if hard == resource.RLIM_INFINITY else min(hard, vm + 2 * 1024**3)
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+try:
+    load_for_model(sys.argv[1], 96, (0.5,) * 3, (0.5,) * 3)
+    error = None
+except ImageError as e:
+    error = str(e)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"error": error, "seconds": time.monotonic() - start, "grew_kb": grew}))
+"""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_a_crafted_progressive_jpeg_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """The same bomb in a fresh process: refused in well under a second, its peak memory
+    hardly above the process's start."""
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_crafted_jpeg(40_000, 40_000))
+    out = _load_in_a_fresh_process(bomb)
+    assert "too many pixels (40000 x 40000 > 40000000" in out["error"]
+    assert out["seconds"] < 1 and out["grew_kb"] < 100 * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_a_16_bit_png_within_the_budget_decodes_in_little_memory(tmp_path: Path) -> None:
+    """A 25-megapixel 16-bit grey PNG (60 KB) is within the pixel budget; scaling it to 8
+    bits took 600 MB in float64 copies, now about 310 (float32, in place, no alpha)."""
+    deep = _save(Image.fromarray(np.full((5000, 5000), 300, np.uint16)), tmp_path / "d.png", "PNG")
+    out = _load_in_a_fresh_process(deep)
+    assert out["error"] is None and out["grew_kb"] < 420 * 1024
 
 
 def test_our_pixel_limit_replaces_pillows_warning(tmp_path: Path, monkeypatch) -> None:

@@ -115,6 +115,23 @@ def test_config_errors(raw_config, tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_yaml_aliases_are_refused(tmp_path):
+    """A "billion laughs" config (each alias repeats the one before nine times) would grow
+    to gigabytes once read; aliases are refused with one line naming the file."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SchemaError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"{path}: invalid YAML at line 2, column 10: aliases (*name) are not allowed in a config"
+    )
+    path.write_text((ROOT / "configs" / "default.yaml").read_text() + "x: &n 1\ny: *n\n")
+    with pytest.raises(SchemaError, match="line .*: aliases"):  # even a harmless one
+        load_config(path)
+
+
 def test_config_names_and_split_fractions_are_checked(raw_config):
     for section_key, value, message in (
         ("train.monitor", "category.macro-f1", "train.monitor must be 'loss' or an attribute"),

@@ -302,13 +302,28 @@ def config_from_dict(
     return Config(model=model, schema=schema, data=data, train=train, base_dir=str(base_dir))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases: a few lines of nested aliases ("billion
+    laughs") expand to gigabytes once a config's values are walked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a config",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_NoAliasLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

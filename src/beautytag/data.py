@@ -14,13 +14,14 @@ import hashlib
 import io
 import math
 import os
+import posixpath
 import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from beautytag.weak_labels import RULES
 
 SPLITS = ("train", "val", "test")
 NO_TAGS = "none"  # a tags cell saying that none of the tags applies (an empty cell: unknown)
+# a split of a source whose listed files are missing in a larger share than this is an error
+# (a wrong data.root or path?); fewer are reported, and skipped when loading
+MAX_MISSING_SHARE = 0.1
 
 
 @dataclass
@@ -150,6 +154,7 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
     samples = []
     unknown: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
     other_splits: Counter = Counter()  # split_column values that are not train / val / test
+    outside: Counter = Counter()  # file names that lead out of the source's folder
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: Excel's leading BOM
@@ -183,6 +188,9 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
                 labels[a.name], values = read_label(a, src.name, row)
                 unknown[a.name].update(values)
             name = (row["file_name"] or "").strip().replace("\\", "/")  # Windows paths too
+            if leaves_folder(name):
+                outside[name] += 1
+                continue
             samples.append(Sample(folder / name, src.name, split, group, labels))
     for a in schema.attributes:
         spec = a.sources.get(src.name)
@@ -204,7 +212,37 @@ def read_source(src: SourceConfig, schema: Schema, root: Path) -> list[Sample]:
             f"rows have a {src.split_column} that is not train / val / test and are left out",
             other_splits,
         )
+    if outside:
+        what = "files are outside the source's folder and are left out"
+        report_values("warning", csv_path, what, outside)
     return samples
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether a labels.csv file name leads out of its folder: absolute (``/etc/passwd``,
+    ``C:/x.jpg``) or up past it (``../../x.jpg``). Read as text: symbolic links inside the
+    folder may lead anywhere, as their owner chose."""
+    up = posixpath.normpath(name)
+    return name.startswith("/") or bool(PureWindowsPath(name).drive) or up.split("/")[0] == ".."
+
+
+def check_missing(folder: Path, parts: dict[str, list[Sample]]) -> None:
+    """Report a source's listed files that are missing (one line), and fail when more than
+    MAX_MISSING_SHARE of a split's are: the data is not where the config says."""
+    missing = {split: [s for s in part if not s.path.exists()] for split, part in parts.items()}
+    if not any(missing.values()):
+        return
+    csv_path = folder / "labels.csv"
+    counts = ", ".join(f"{k}: {len(missing[k])} of {len(v)}" for k, v in parts.items() if v)
+    names = Counter(s.path.relative_to(folder).as_posix() for m in missing.values() for s in m)
+    report_values("warning", csv_path, f"listed files are missing ({counts})", names)
+    for split, part in parts.items():
+        if len(missing[split]) > MAX_MISSING_SHARE * len(part):
+            raise SchemaError(
+                f"{csv_path}: {len(missing[split])} of the {len(part)} files listed for {split} "
+                f"are missing (more than {MAX_MISSING_SHARE:.0%}): is data.root or the "
+                "source's path wrong?"
+            )
 
 
 def read_samples(
@@ -222,13 +260,16 @@ def read_samples(
         if sources is not None and src.name not in sources:
             continue
         rows = read_source(src, cfg.schema, cfg.data_root)
+        parts = {}
         for split in splits:
             part = [s for s in rows if s.split == split]
             if split == "train" and cfg.data.train_fraction < 1:
                 part = spread(part, max(1, round(len(part) * cfg.data.train_fraction)))
             if 0 < cfg.data.limit < len(part):
                 part = spread(part, cfg.data.limit)
-            out += part
+            parts[split] = part
+        check_missing(cfg.data_root / src.path, parts)
+        out += [s for part in parts.values() for s in part]
     return out
 
 

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-MAX_PIXELS: int = 40_000_000  # default decompression-bomb limit (width * height decoded)
+# the decoding budget: the most pixels (width * height) a decoder may hold at once, checked
+# from the header before decoding. A JPEG decoded at a DCT scale (load_image's min_size)
+# holds that scale's pixels, except a progressive or multi-scan one: libjpeg keeps its whole
+# coefficient array (2 bytes a component sample), so it counts at full size
+MAX_PIXELS: int = 40_000_000
 MAX_SIDE: int = 65_535  # no sane photo has a longer side than this
+# the largest file read (checked with stat before reading): a 40-megapixel photo stored
+# uncompressed as 8-bit RGB is 120 MB
+MAX_FILE_BYTES: int = 256 * 1024**2
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _LOADING = threading.Lock()  # a caller's lazily opened PIL image is decoded by one thread
@@ -33,6 +40,40 @@ class ImageError(ValueError):
         self.problem = problem
 
 
+_NOT_REGULAR = {  # what stat says a path is, when it is neither a file nor a folder
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+# opening never waits (a FIFO with no writer) nor takes a terminal
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+def _check_file(st: os.stat_result, label: str) -> None:
+    """Only a regular file of at most MAX_FILE_BYTES is read."""
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(label, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "an unknown kind of file")
+        raise ImageError(label, f"not a regular file ({kind})")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(label, f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
+
+
+def _read_file(path: str | os.PathLike, label: str) -> bytes:
+    """The bytes of a regular file, checked before reading: by stat, before opening it (a
+    device may act on being opened), then by fstat, on what was opened (the path may have
+    changed in between), and the read stops past the cap (the file may have grown)."""
+    _check_file(os.stat(path), label)
+    with open(os.open(path, _OPEN_FLAGS | getattr(os, "O_BINARY", 0)), "rb", buffering=0) as f:
+        _check_file(os.fstat(f.fileno()), label)
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(label, f"file too large (more than {MAX_FILE_BYTES} bytes)")
+    return data
+
+
 def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, str]:
     """Return the raw bytes of `source` and the name error messages use for it."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -44,14 +85,14 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
         )
     label = name or str(source)
     try:
-        path = Path(source)
-        if path.is_dir():
-            raise ImageError(label, "is a directory")
-        return path.read_bytes(), label
+        return _read_file(source, label), label
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(label, "file not found") from None
+        dangling = os.path.islink(source)
+        raise ImageError(
+            label, "file not found (a symbolic link to nothing)" if dangling else "file not found"
+        ) from None
     except PermissionError:
         raise ImageError(label, "permission denied") from None
     except OSError as e:
@@ -60,36 +101,66 @@ def _read(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, s
         raise ImageError(label, f"invalid path: {e}") from None
 
 
-def _high_depth_to_la(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'LA' (its transparent
-    value, if any, fully transparent)."""
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit 'L', or 'LA' where it
+    has a transparent value (fully transparent). In float32 and in place: a 36-megapixel
+    16-bit PNG of 84 KB took a GB in float64 copies."""
     raw = np.asarray(img)
-    arr = np.nan_to_num(raw.astype(np.float64))
+    arr = np.nan_to_num(raw.astype(np.float32), copy=False)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (0 <= lo and 255 < hi <= 65_535):
-        arr = arr / 257.0  # 16-bit range -> 8-bit
+        arr /= 257.0  # 16-bit range -> 8-bit
     elif img.mode == "F" and 0 <= lo and hi <= 1.0:
-        arr = arr * 255.0  # unit-range floats
+        arr *= 255.0  # unit-range floats
     elif lo < 0 or hi > 255:
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if hi > lo:
+            arr -= lo
+            arr *= 255.0 / (hi - lo)
+        else:
+            arr[...] = 0
+    grey = np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8)
+    del arr
     transparent = img.info.get("transparency")
-    alpha = np.full_like(grey, 255)
-    if isinstance(transparent, int | float):  # a PNG's tRNS value, in the image's own range
-        alpha[raw == transparent] = 0
+    if not isinstance(transparent, int | float):
+        return Image.fromarray(grey, "L")
+    alpha = np.where(raw == transparent, np.uint8(0), np.uint8(255))  # a PNG's tRNS value
     return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
     if img.mode.startswith("I") or img.mode == "F":
-        img = _high_depth_to_la(img)
+        img = _high_depth_to_8bit(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         img = canvas
     return img.convert("RGB")
+
+
+_SEQUENTIAL_SOF = {0xC0, 0xC1, 0xC9}  # baseline, extended and arithmetic sequential frames
+_STANDALONE = {0x01, *range(0xD0, 0xDA)}  # markers with no length field (TEM, RSTn, SOI, EOI)
+
+
+def _decoded_whole(data: bytes) -> bool:
+    """Whether libjpeg holds a JPEG's whole coefficient array whatever the scale it decodes
+    at: a frame other than a sequential one (progressive, lossless), or a first scan with
+    fewer components than the frame (the others follow in later scans). Reads the markers
+    up to the first scan the way libjpeg does (bytes between segments skipped); a file
+    without one counts as held whole."""
+    i, sof, components = 2, 0, 0
+    while (i := data.find(b"\xff", i)) >= 0 and i + 4 <= len(data):
+        marker = data[i + 1]
+        if marker in (0x00, 0xFF) or marker in _STANDALONE:  # a stuffed 0 or fill byte
+            i += 1 if marker in (0x00, 0xFF) else 2
+            continue
+        if marker == 0xDA:  # start of scan: its component count follows the length
+            return sof not in _SEQUENTIAL_SOF or i + 4 >= len(data) or data[i + 4] < components
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
+            sof, components = marker, data[i + 9] if i + 9 < len(data) else 0
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return True
 
 
 def _open(data: bytes, label: str, min_size: int | None) -> Image.Image:
@@ -135,7 +206,7 @@ def load_image(
     ``"<PIL image>"``).
     """
     if isinstance(source, Image.Image):  # already opened: the same steps from here on
-        img, label = source, name or "<PIL image>"
+        img, label, data = source, name or "<PIL image>", b""
         with _LOADING:  # one image loaded from two threads at once reads its file twice
             try:
                 img.load()
@@ -154,6 +225,12 @@ def load_image(
     if min_size and img is not source:  # a caller's own image is not changed
         img.draft(None, (min_size, min_size))  # no-op for formats other than JPEG
     w, h = img.size  # what will be decoded
+    if (w, h) != (width, height) and width * height > max_pixels and _decoded_whole(data):
+        raise ImageError(
+            label,
+            f"too many pixels ({width} x {height} > {max_pixels}; a progressive or multi-scan "
+            "JPEG is decoded whole at any scale)",
+        )
     if w * h > max_pixels:
         scaled = "" if (w, h) == (width, height) else " at the smallest decoding scale"
         raise ImageError(label, f"too many pixels ({w} x {h}{scaled} > {max_pixels})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,19 @@ IMAGE_SUFFIXES = {
 
 
 def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders walked recursively for image files (sorted). An empty path
-    is an error (it would mean the current folder: an unset variable in a script?)."""
+    """Files as given; folders walked recursively for image files (sorted): every entry with
+    an image suffix that is not a folder, so that loading reports a dangling link or a FIFO;
+    a subfolder that cannot be read is a warning on stderr. An empty path is an error (it
+    would mean the current folder: an unset variable in a script?)."""
     if isinstance(paths, str | os.PathLike):  # one path, not its characters
         paths = [paths]
+
+    def unreadable(e: OSError) -> None:
+        print(
+            f"warning: {e.filename}: folder not read ({e.strerror or e}); its photos are left out",
+            file=sys.stderr,
+        )
+
     out: list[Path] = []
     for given in paths:
         if str(given) == "":
@@ -51,7 +61,10 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             is_dir = False
         if is_dir:
             out += sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                Path(top, f)
+                for top, _, files in os.walk(p, onerror=unreadable)  # not into folder links
+                for f in files
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES
             )
         else:
             out.append(p)  # a missing file is reported per item, not fatal
