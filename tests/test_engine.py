@@ -237,7 +237,7 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
     lazy = Image.open(big)  # not decoded yet: the engine's threads decode it
     results = list(Engine(tiny_model, batch_size=1).predict_items([("a", lazy), ("b", lazy)]))
     assert [r.error for r in results] == [None, None]  # as it is: over 40 MP, one decode
-    assert results[0]["attributes"] == results[1]["attributes"]
+    assert results[0].attributes == results[1].attributes
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")

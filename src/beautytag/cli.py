@@ -119,8 +119,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.catalogue.records import csv_fields
     from beautytag.runtime.engine import Engine, expand_paths
+    from beautytag.runtime.results import csv_fields
 
     paths = args.paths
     if not paths:
