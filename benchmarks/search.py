@@ -10,7 +10,7 @@ Each size is built as ``beautytag index`` would: `Index.add` in chunks of 50,000
 top 10; filtered queries keep one category of 20 (5 % of the photos); shade queries rank
 every photo by CIEDE2000.
 
-    python benchmarks/search.py [--sizes 10000 100000 1000000] [--data clustered random]
+    python benchmarks/search.py [--sizes 10000 100000 200000] [--data clustered random]
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ def markdown(payload: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    # 1,000,000 (issue 37's size) is feasible but slow here: HNSW adds ~800 vectors/s on the
+    # 2 shared cores, ~20 min a distribution, so the default stops at 200,000
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000])
     parser.add_argument(
         "--data", nargs="+", choices=["clustered", "random"], default=["clustered", "random"]
     )
