@@ -49,10 +49,13 @@ def test_create_add_remove_save_open_round_trip(tmp_path):
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert hits[0].attributes == record()
     assert index.get(hits[0].id).file == "p3.jpg"
-    assert index.remove(["p3.jpg", "not-there.jpg"]) == 1
+    assert index.remove(["p3.jpg", "not-there.jpg", "p29.jpg"]) == 2
     index.save()
     index = Index.open(tmp_path / "idx")
-    assert len(index) == 29 and "p3.jpg" not in index and "p4.jpg" in index
+    assert len(index) == 28 and "p3.jpg" not in index and "p4.jpg" in index
+    # ids are not given again, not even the last one's, removed before the save
+    assert index.add(["new.jpg"], vectors[3], [{"shade": {"lab": np.array([50.0, 1, 2])}}]) == [30]
+    assert index.get(30).attributes == {"shade": {"lab": [50.0, 1.0, 2.0]}}
     assert all(h.file != "p3.jpg" for h in index.search(vectors[3], top_k=29)[0])
     with pytest.raises(SearchError, match="no photo with id"):
         index.get(hits[0].id)

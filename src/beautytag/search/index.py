@@ -64,7 +64,9 @@ class Index:
         self._meta = meta
         self._id_map = faiss.vector_to_array(vectors.id_map)  # FAISS position -> id
         self._live: np.ndarray | None = None  # FAISS position of each metadata row
-        self._next_id = int(max(self._id_map.max(initial=-1), meta.ids.max(initial=-1))) + 1
+        # ids are never given again, not even those of photos removed before a save
+        used = max(self._id_map.max(initial=-1), meta.ids.max(initial=-1))
+        self._next_id = max(int(used) + 1, manifest.get("next_id", 0))
 
     # -- making, opening, saving -----------------------------------------------------------
 
@@ -142,6 +144,7 @@ class Index:
             "vocabulary": self.vocabulary,
             "kind": self.kind,
             "count": len(self),
+            "next_id": self._next_id,
         }
         _replace(self.folder / VECTORS, lambda p: faiss.write_index(self._vectors, str(p)))
         _replace(self.folder / METADATA, self._meta.save)

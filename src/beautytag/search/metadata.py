@@ -91,7 +91,7 @@ class Metadata:
         self._extend(
             np.asarray(ids, dtype=np.int64),
             np.array(list(files), dtype=object),
-            np.array([json.dumps(a) for a in attributes], dtype=object),
+            np.array([json.dumps(a, default=_plain) for a in attributes], dtype=object),
             np.array([record_shade(a) for a in attributes], dtype=np.float64).reshape(n, 3),
             labels,
             tags,
@@ -164,6 +164,13 @@ class Metadata:
             },
         )
         return meta
+
+
+def _plain(value: Any) -> Any:
+    """A numpy value in an attributes record as plain Python, for JSON."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} in an attributes record is not JSON")
 
 
 def _objects(items: list) -> np.ndarray:
