@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from benchlib import git_file, git_revision, throughput
+from benchlib import datasets_dir, git_file, git_revision, no_datasets, throughput
 
 from beautytag.checkpoint import average_checkpoints
 from beautytag.color import srgb_to_lab
@@ -70,7 +70,6 @@ from beautytag.training.metrics import accuracy, macro_f1, shade_stats
 from beautytag.training.train import config_changes, finished, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 
@@ -839,7 +838,7 @@ def default_runs_dir(quick: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, default=datasets_dir())
     p.add_argument("--tables", nargs="+", default=["A", "C"], choices=["A", "B", "C"])
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument(
@@ -903,12 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(store, path.with_suffix(".md"))
         print(f"results: {path} and {path.with_suffix('.md')}")
         return 0
-    if not (args.data / "fashion-products-small").is_dir():
-        print(
-            f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
-            "repository; pass --data)",
-            file=sys.stderr,
-        )
+    if no_datasets(args.data, "fashion-products-small", hint="; pass --data"):
         return 0
     plan = {
         n: c
