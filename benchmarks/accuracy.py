@@ -7,13 +7,17 @@ Table A - cosmetics (Personal Care subset of fashion-products-small, split == te
 Table B - the whole 44k catalogue as one multi-task model (six attributes).
 Table C - shade colour on beauty-shades (split by brand): median / mean CIEDE2000.
 
-Every finished run is stored in the results JSON and skipped on the next start, and an
+The rows are data: benchmarks/rows/table_a.yaml, table_b.yaml and table_c.yaml, one row per
+short stable id (A1, A2-category, A8-192px, B1, C29...) with its description and how its config
+is made (benchmarks/README.md says how to add one). Every finished run is stored in the results
+JSON under ``ID|seedN`` (its description inside) and skipped on the next start, and an
 unfinished one goes on from its last epoch (its ``last.pt`` in ``--runs-dir``, if the code
 revision and config are the same), so the tables can be built over several sittings (or
 quickly on a GPU). Usage:
 
     python benchmarks/accuracy.py --quick            # smoke run, minutes on a CPU
     python benchmarks/accuracy.py --tables A C       # the full tables (hours on 2 CPU cores)
+    python benchmarks/accuracy.py --only C29 A8      # rows by id, number or description words
     python benchmarks/accuracy.py --speed            # inference images/s on this machine
     python benchmarks/accuracy.py --report           # only rewrite the markdown table
     python benchmarks/accuracy.py --pick C10         # rank a row's runs by the validation
@@ -23,22 +27,13 @@ Several processes can share one GPU, each with its own ``--results`` file (and `
 ``--seeds`` to split the work); ``--merge THEIR_FILES`` then adds their runs to this store.
 ``benchmarks/accuracy_parallel.sh [DATA]`` does that for the whole benchmark.
 
-Rows marked (B1) or (B2) start from the backbone of the whole-catalogue run B1 or B2 (domain
-pre-training): they need that checkpoint on this machine (`--tables B` first) and are
-skipped without it.
-C13 starts from the backbone of the default shipped at revision C10_DEFAULT (B1's backbone
-trained further as C10), C14 from all of that model (``model.init``); git gives that file.
-C22 is taught by C21's run of the same seed (``train.distill_from``): skipped until that run
-is on this machine. C23-C25, C27, C29, C33 and C37 are taught by the default shipped at
-revision C16_DEFAULT (read with git), C26 by C23's run of the same seed, C30 and C31 by
-the `accurate` model shipped at C28_ACCURATE, C38 and C39 by C31's run of the same seed,
-C43 by C40's (a soup), C44 by the defaults shipped at C16_DEFAULT, C29_DEFAULT and
-C39_DEFAULT together. C45 and C46 are C29 on half and a quarter of the training photos (a
-learning curve), C47 and C48 are C29 with CutMix, C49 is C48 taught by C39_DEFAULT.
-C32, C34, C35, C40-C42 and C50-C52 average the weights of other rows' runs of the same seed
-(``soup_of``): skipped until those runs are on this machine.
-B8 is taught by B4's run of the same seed, B11 by B8's; B10 averages the outputs of B4's
-runs of every seed (``ensemble_of``, one run): skipped until they are here.
+A row that starts from other rows' runs waits for them: a row with ``backbone_from: B1``
+(domain pre-training) needs that checkpoint on this machine (`--tables B` first), a
+``teacher_from`` row the run of the same seed of its teacher row, a ``soup_of`` row the runs
+of the same seed of the rows it averages, ``tta_of`` the run it evaluates on photo + mirror,
+``ensemble_of`` that row's runs of every seed; each is skipped until they are here. Shipped
+models (C10_DEFAULT, C16_DEFAULT, C28_ACCURATE, C29_DEFAULT, C39_DEFAULT below) are read with
+git, or from $BEAUTYTAG_SHIPPED_DIR where the checkout has no .git.
 """
 
 from __future__ import annotations
@@ -46,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import os
 import platform
@@ -61,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from benchlib import git_file, git_revision, throughput
+from benchlib import datasets_dir, git_file, git_revision, no_datasets, throughput
 
 from beautytag.checkpoint import average_checkpoints
 from beautytag.color import srgb_to_lab
@@ -74,7 +70,6 @@ from beautytag.training.metrics import accuracy, macro_f1, shade_stats
 from beautytag.training.train import config_changes, finished, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 
@@ -154,327 +149,6 @@ def catalogue_raw(data: Path, min_count: int = 20, **changes) -> dict:
     return apply(raw, changes)
 
 
-def table_a(data: Path) -> dict[str, dict]:
-    """name -> raw config (or a marker for the non-trained baseline / TTA rows)."""
-    best_att = "cbam"
-    return {
-        "A1 frozen features + logistic regression": {"baseline": "logreg"},
-        "A2 single-task, category": table_a_raw(data, ("category",), **{"model.attention": "none"}),
-        "A2 single-task, color": table_a_raw(data, ("color",), **{"model.attention": "none"}),
-        "A3 multi-task, no attention": table_a_raw(data, **{"model.attention": "none"}),
-        "A4 multi-task + seed attention": table_a_raw(data, **{"model.attention": "seed"}),
-        "A5 multi-task + cbam attention": table_a_raw(data, **{"model.attention": "cbam"}),
-        "A6 multi-task + cbam + uncertainty weighting": table_a_raw(
-            data, **{"model.attention": best_att, "train.loss_weighting": "uncertainty"}
-        ),
-        "A7 ResNet-50, random init (no offline ImageNet weights)": table_a_raw(
-            data,
-            **{"model.backbone": "resnet50", "model.weights": "none", "model.attention": best_att},
-        ),
-        "A8 cbam @ 192 px": table_a_raw(data, **{"model.image_size": 192}),
-        "A8 cbam + class-weighted loss": table_a_raw(data, **{"train.balance": "weights"}),
-        "A8 cbam, 2x epochs": table_a_raw(data, **{"train.epochs": 30, "train.patience": 8}),
-        "A8 lite2 + cbam @ 192 px": table_a_raw(
-            data, **{"model.backbone": "tf_efficientnet_lite2", "model.image_size": 192}
-        ),
-        # the bigger backbone at Table A's input size: the backbone alone changes
-        "A8 lite2 + cbam @ 128 px": table_a_raw(
-            data, **{"model.backbone": "tf_efficientnet_lite2"}
-        ),
-        # the GPU runs of A5 (60bd096), not its later CPU runs (a51ce19)
-        "A8 cbam + test-time flip": {"tta_of": at("A5 multi-task + cbam attention", "60bd096")},
-        "A8 cbam, backbone pre-trained on the whole catalogue (B1)": table_a_raw(data)
-        | {"backbone_from": B1},
-    }
-
-
-def table_c(data: Path) -> dict[str, dict]:
-    # the shipped default's config: the pixel colour head on a 24 x 24 histogram, at 96 px
-    pixel24 = full_raw(
-        data,
-        **{"model.image_size": 96, "model.pixel_colour": ["color"]},
-        **{"model.pixel_colour_pool": 4},
-    )
-    # C23 (C15 taught by the shipped default), the start of rows C25-C27 and C29-C31
-    c23 = pixel24 | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT}
-    c29 = apply(c23, {"train.epochs": 30, "train.patience": 30})  # C23 trained all 30 epochs
-    c37 = apply(c29, {"model.image_size": 112})  # C29 at 112 px, the start of C38
-    c33 = apply(c29, {"train.epochs": 60, "train.patience": 60})  # the start of C53
-    c48 = apply(c29, {"train.cutmix": 1.0})  # C29 with CutMix, the start of C49 and C53
-    return {
-        "C1 predict the training mean colour": {"baseline": "mean"},
-        "C2 k-means dominant colour of product pixels": {"baseline": "kmeans"},
-        "C3 full multi-task config, cbam @ 128 px": full_raw(
-            data, **{"model.image_size": 128, "model.attention": "cbam"}
-        ),
-        "C4 full multi-task config, cbam @ 192 px": full_raw(
-            data, **{"model.image_size": 192, "model.attention": "cbam"}
-        ),
-        "C5 full multi-task config, no attention @ 192 px (shipped: accurate before C28)": full_raw(
-            data, **{"model.image_size": 192, "model.attention": "none"}
-        ),
-        # smaller inputs for serving speed (issue 3): 2.25x / 4x fewer pixels than 192 px
-        "C6 full multi-task config, no attention @ 128 px": full_raw(
-            data, **{"model.image_size": 128, "model.attention": "none"}
-        ),
-        "C7 full multi-task config, no attention @ 96 px": full_raw(
-            data, **{"model.image_size": 96, "model.attention": "none"}
-        ),
-        # candidates for the default (96 px, Lite0: what serves in real time)
-        "C8 full config @ 96 px + class-weighted loss": full_raw(
-            data, **{"model.image_size": 96, "train.balance": "weights"}
-        ),
-        "C9 full config @ 96 px, 2x epochs": full_raw(
-            data, **{"model.image_size": 96, "train.epochs": 30, "train.patience": 8}
-        ),
-        "C10 full config @ 96 px, backbone pre-trained on the whole catalogue (B1) "
-        "(shipped: default before C16)": full_raw(data, **{"model.image_size": 96})
-        | {"backbone_from": B1},
-        # the colour family read off the product's pixels too (model.PixelColourHead)
-        "C11 full config @ 96 px, colour head reads pixel colour": full_raw(
-            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
-        ),
-        "C12 full config @ 96 px, colour head reads pixel colour, backbone pre-trained on the "
-        "whole catalogue (B1)": full_raw(
-            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
-        )
-        | {"backbone_from": B1},
-        # CPU stand-ins for C12 (B1's checkpoint stays on the lent GPU): start from the
-        # default shipped at C10_DEFAULT (B1, then C10's training): its backbone, or all of it
-        "C13 full config @ 96 px, colour head reads pixel colour, backbone of the shipped "
-        "default": full_raw(data, **{"model.image_size": 96, "model.pixel_colour": ["color"]})
-        | {"backbone_from": C10_DEFAULT},
-        "C14 full config @ 96 px, colour head reads pixel colour, started from the whole "
-        "shipped default": full_raw(
-            data, **{"model.image_size": 96, "model.pixel_colour": ["color"]}
-        )
-        | {"init_from": C10_DEFAULT},
-        # C13 with a histogram of 24 x 24 instead of 48 x 48 pixels: cheaper to serve
-        "C15 as C13, colour histogram of 24 x 24 pixels": pixel24 | {"backbone_from": C10_DEFAULT},
-        # C12 with C15's histogram: C15 meets the serving target where C13 does not
-        C16: pixel24 | {"backbone_from": B1},
-        # C16 with an exponential moving average of the weights validated and kept
-        C17: apply(pixel24, {"train.ema_decay": 0.995}) | {"backbone_from": B1},
-        "C18 C16 + test-time flip": {"tta_of": C16},
-        # multi-task learning cost category in Table A (A3 vs A2): give it twice the weight.
-        # A seed replaces the shipped default (C16 seed 1) if its validation score (--pick) is
-        # above 0.585 and its whole-validation category accuracy not below 0.811.
-        "C20 as C16, category loss weight 2": weighted(pixel24, category=2.0)
-        | {"backbone_from": B1},
-        "C19 C17 + test-time flip": {"tta_of": C17},
-        # C16 on Lite2, from B2 (Lite2 pre-trained on the catalogue). Shipping rule (C27's,
-        # against the default shipped since, C29 seed 2; fixed before its runs): if the row's
-        # mean validation score (--pick) over three seeds is above C29's (0.591), its best
-        # seed replaces the shipped default, provided that seed's whole-validation category
-        # accuracy is not below C29 seed 2's (0.837) and serve.py keeps its p99 under 100 ms
-        # at concurrency 8 (ONNX, catalogue photos) in two runs out of two (its untrained
-        # model: 99.7 ms in one run, benchmarks/results/lite2_serving).
-        C21: apply(pixel24, {"model.backbone": "tf_efficientnet_lite2"}) | {"backbone_from": B2},
-        # knowledge distillation: C16 (Lite0, serves in real time) taught by C21 (Lite2) of
-        # the same seed. Shipping rule: C21's without the serving test (fixed before its runs).
-        "C22 C16 taught by C21 (knowledge distillation)": pixel24
-        | {"backbone_from": B1, "teacher_from": C21},
-        # distillation that a clean checkout can run: C15 taught by the shipped default
-        # (C16 seed 1), both read from git. C15 is its control (the same but the teacher).
-        # A seed replaces the shipped default under C20's rule.
-        C23: c23,
-        # the same from ImageNet weights: does the teacher make the catalogue pre-training
-        # unnecessary? (its nearest untaught row is C11, with a 48 x 48 histogram). A seed
-        # replaces the shipped default under C20's rule.
-        "C24 as C23 from ImageNet weights (no catalogue pre-training)": pixel24
-        | {"teacher_from": C16_DEFAULT},
-        # the two that raised something on their own, together: C23 with C17's moving average
-        # of the weights (C17 raised colour). A seed replaces the shipped default under C20's
-        # rule.
-        "C25 as C23 with a moving average of the weights (EMA, as C17)": apply(
-            c23, {"train.ema_decay": 0.995}
-        ),
-        # a second generation ("born-again" networks): C23 taught by C23 of the same seed.
-        # A seed replaces the shipped default under C20's rule.
-        "C26 as C23, taught by C23 (a second generation of distillation)": c23
-        | {"teacher_from": C23},
-        # distillation gains from long schedules ("a good teacher is patient", Beyer et al.
-        # 2022): C23 with C9's twice the epochs. Shipping rule, fixed before its runs and
-        # comparing rows rather than a row's best seed with a default picked as the best of
-        # its own row: if this row's mean validation score (--pick) over its three seeds is
-        # above C16's (0.566), its best seed replaces the shipped default, provided that
-        # seed's whole-validation category accuracy is not below 0.811.
-        C27: apply(c23, {"train.epochs": 30, "train.patience": 8}),
-        # C27 with no early stopping: C27's seed 1 stopped at epoch 10 and kept epoch 2 (the
-        # validation loss did not improve within 8 epochs while the learning rate of the
-        # 30-epoch cosine schedule was still high), so this row trains all 30 epochs and keeps
-        # the epoch of lowest validation loss. Shipping rule: C27's, fixed before its runs.
-        C29: c29,
-        # the shipped `accurate` (C5, 192 px, ImageNet start) with what helped the default:
-        # the catalogue pre-trained backbone (C10_DEFAULT's, as C13), the pixel colour head
-        # (a 48 x 48 histogram, as C12) and the default as teacher (as C23). Shipping rule,
-        # fixed before its run: seed 0 replaces the shipped `accurate` if its validation score
-        # (--pick) is above accurate.pt's (0.600, `beautytag evaluate accurate --split val`)
-        # and its whole-validation category accuracy not below accurate.pt's (0.755).
-        C28: full_raw(
-            data,
-            **{"model.image_size": 192, "model.attention": "none"},
-            **{"model.pixel_colour": ["color"], "model.pixel_colour_pool": 4},
-        )
-        | {"backbone_from": C10_DEFAULT, "teacher_from": C16_DEFAULT},
-        # C23 with the shipped `accurate` (C28 seed 0: 192 px, colour 0.546 and shade median
-        # 2.30 on test against the default's 0.522 and 3.86) as teacher; it sees the student's
-        # 96 px batch scaled to 192 px (train.teach). C23 is its control. Shipping rule,
-        # fixed before its runs: C27's (the row's mean validation score above C29's 0.591,
-        # then its best seed if that seed's whole-validation category is not below 0.837).
-        C30: c23 | {"teacher_from": C28_ACCURATE},
-        # C30 trained as C29 (all 30 epochs): the longer schedule raised the mean validation
-        # score from C23's to C29's, the new teacher raised colour from C23's to C30's; do the
-        # two add up? Shipping rule, fixed before its runs: C27's (the row's mean validation
-        # score above C29's 0.591, then its best seed if that seed's whole-validation category
-        # is not below 0.837).
-        C31: c29 | {"teacher_from": C28_ACCURATE},
-        # C29 and C31 of a seed start from the same weights and differ only in the teacher:
-        # C29 has the better macro-F1 and validation category, C31 the better colour. Their
-        # weights averaged (a uniform model soup, Wortsman et al. 2022) serve as fast as
-        # either; no training. Shipping rule, fixed before its runs: C27's (the row's mean
-        # validation score above C29's 0.591, then its best seed if that seed's
-        # whole-validation category is not below 0.837).
-        "C32 C29 and C31 averaged (model soup)": {"soup_of": [at(C29, "ac73a83"), C31]},
-        # distillation gains from much longer schedules ("a good teacher is patient", Beyer
-        # et al. 2022), and from C23's 15 epochs to C29's 30 the mean validation score rose
-        # (0.572 to 0.591) and colour with it: C29 with twice its epochs again. Shipping rule,
-        # fixed before its runs: C27's (the row's mean validation score above C29's 0.591,
-        # then its best seed if that seed's whole-validation category is not below 0.837).
-        C33: c33,
-        # C29, C31 and C33 of a seed all start from the same weights: C29 has the best
-        # validation category, C31 the best colour, C33 the best validation score. Their
-        # weights averaged (C34), and C31's with C33's (C35), as C32. Shipping rule, fixed
-        # before their runs: C27's (the row's mean validation score above C29's 0.591, then its
-        # best seed if that seed's whole-validation category is not below 0.837).
-        "C34 C29, C31 and C33 averaged (model soup)": {"soup_of": [at(C29, "ac73a83"), C31, C33]},
-        "C35 C31 and C33 averaged (model soup)": {"soup_of": [C31, C33]},
-        # C29 from the backbone of B3 (the catalogue at 160 px and 16 epochs) instead of
-        # C10_DEFAULT's (B1's at 96 px, trained further as C10): does a better catalogue
-        # backbone carry over to the cosmetics? Needs B3's run (a lent GPU). Shipping rule,
-        # fixed before its runs: C27's (the row's mean validation score above C29's 0.591,
-        # then its best seed if that seed's whole-validation category is not below 0.837).
-        "C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)": c29
-        | {"backbone_from": B3},
-        # C29 at 112 px. More pixels raised shade and colour (C6 at 128 px vs C7 at 96 px; C28 at
-        # 192 px); 112 px gives the 4 x 4 last feature map that 128 px gives (3 x 3 at 96 px)
-        # with 1.36x instead of 1.78x the pixels of 96 px, and its pixel colour head reads a
-        # 28 x 28 histogram. The teacher (96 px) sees the batch scaled to 96 px (train.teach).
-        # Shipping rule, fixed before its runs: C27's (the row's mean validation score above
-        # C29's 0.591, then its best seed if that seed's whole-validation category is not
-        # below 0.837), and serve.py keeps its p99 under 100 ms at concurrency 8 (ONNX,
-        # catalogue photos; the default at 96 px: 55.8 ms).
-        C37: c37,
-        # C37 taught by C31 of the same seed instead of the C16 default: C37's 112 px raised
-        # test category on every seed, C31's teacher (the 192 px accurate) raised colour; do
-        # the two add up? C31 is 96 px and sees the batch scaled to 96 px (train.teach).
-        # Shipping rule, fixed before its runs. C30-C37's rule asked a row's best seed for the
-        # whole-validation category of C29 seed 2 (0.837), the highest of C29's three seeds;
-        # none of those 24 seeds passed 0.820. This rule compares rows instead: if the row's
-        # mean validation score (--pick) is above C29's (0.591) and its mean whole-validation
-        # category not below C29's (0.801), its best seed by validation score replaces the
-        # shipped default, provided serve.py keeps its p99 under 100 ms at concurrency 8.
-        C38: c37 | {"teacher_from": C31},
-        # C29 taught by C31 of the same seed (both 96 px): does the 192 px accurate's colour
-        # reach the default through C31 as teacher? C31 costs 2.5 hours a run on this CPU
-        # (its teacher reads 192 px), C29 and this row about 1 hour. Shipping rule: C38's,
-        # fixed before its runs (row means against C29's), without the serving test (the
-        # network is the shipped default's).
-        C39: c29 | {"teacher_from": C31},
-        # C29, C31, C33 and C39 of a seed all start from the same weights. C39 (the default
-        # since) has C31's colour, C33 the best category and validation score of the four, C29
-        # the best macro-F1. Soups with C39 (as C32, C34, C35; no training, the same network):
-        # C39 with C33 (C40), with C29 (C41), and all four (C42). Shipping rule, fixed before
-        # their runs: C38's against C39's row (the row's mean validation score above C39's
-        # 0.595 and its mean whole-validation category not below C39's 0.807); if several
-        # pass, the one with the highest mean validation score; its best seed by validation
-        # score replaces the default.
-        C40: {"soup_of": [C39, C33]},
-        "C41 C39 and C29 averaged (model soup)": {"soup_of": [C39, at(C29, "ac73a83")]},
-        "C42 C29, C31, C33 and C39 averaged (model soup)": {
-            "soup_of": [at(C29, "ac73a83"), C31, C33, C39]
-        },
-        # C40 (C39 and C33 averaged) has whole-test category 0.827 (the best 96 px row is C35
-        # at 0.829) with C39's colour, and the second-best mean validation score (0.616), but
-        # not C39's validation category. C29 taught by C40 of the same seed (96 px, about 1
-        # hour a run here): does one model learn what the soup knows? Shipping rule, fixed
-        # before its runs: C40's (C38's against C39's row: mean validation score above 0.595,
-        # mean whole-validation category not below 0.807; then its best seed by validation
-        # score).
-        "C43 as C29, taught by C40 of the same seed": c29 | {"teacher_from": C40},
-        # C29 taught by an ensemble instead of one model: the three defaults shipped so far at
-        # 96 px (C16 seed 1, C29 seed 2, C39 seed 0; read from git), their raw outputs
-        # averaged (train.teach). Measured before the runs with `beautytag evaluate` on the
-        # three files: whole-validation category 0.833 and colour 0.571 as one ensemble,
-        # against C39 seed 0's 0.815 and 0.531 (two of the three were picked on validation, so
-        # these flatter them). Every seed has the same teachers. Shipping rule, fixed before its
-        # runs: C38's against C39's row (the row's mean validation score above C39's 0.595 and
-        # its mean whole-validation category not below C39's 0.807); then its best seed by
-        # validation score replaces the default.
-        C44: c29 | {"teacher_from": [C16_DEFAULT, C29_DEFAULT, C39_DEFAULT]},
-        # A learning curve: C29 on an evenly spaced half (C45) and quarter (C46) of each
-        # source's training photos (data.train_fraction; the same photos for every seed,
-        # validation and test unchanged). Since C29, 16 variants of the default's training
-        # moved whole-test category only within 0.814-0.829; would more labelled photos move
-        # it? Not candidates for the default (they see fewer photos): no shipping rule.
-        "C45 as C29 on half the training photos": apply(c29, {"data.train_fraction": 0.5}),
-        "C46 as C29 on a quarter of the training photos": apply(c29, {"data.train_fraction": 0.25}),
-        # C29 with CutMix on half of the training batches (train.cutmix 0.5): a box of another
-        # photo pasted in, the labels weighed by area; pixels keep their colour. A regulariser
-        # for 1,957 photos that no row has tried (the learning curve C45/C46 says more photos
-        # still help category). Compared with C29's second runs (the same seeds; the training
-        # code is the same when cutmix is 0). Shipping rule, fixed before its runs: C38's
-        # against C39's row (the row's mean validation score above 0.595 and its mean
-        # whole-validation category not below 0.807); then its best seed by validation
-        # score replaces the default.
-        "C47 as C29 with CutMix on half the batches": apply(c29, {"train.cutmix": 0.5}),
-        # C47 raised colour on every seed, by about a point. Does mixing every batch raise it
-        # more? Shipping rule, fixed before its runs: C47's.
-        C48: c48,
-        # C48 raised whole-test colour on every seed (0.563 against C29's 0.519) but not
-        # validation category; C39 (the default's row) raised colour through its teacher. C48
-        # taught by the shipped default (C39 seed 0, read from git; 96 px, so a run costs what
-        # C48's does) instead of C16's. Every seed has the same teacher. Shipping rule, fixed
-        # before its runs: C47's (C38's against C39's row: the row's mean validation score
-        # above 0.595 and its mean whole-validation category not below 0.807; then its best
-        # seed by validation score replaces the default).
-        C49: c48 | {"teacher_from": C39_DEFAULT},
-        # C29, C48 and C49 of a seed start from the same weights. C48 has the best whole-test
-        # colour of any row, C29 (its control) the better macro-F1; C49 (C48 with the default
-        # as teacher) added nothing on its own. Soups of them (as C40; no training, the
-        # default's network): C48 with C29 (C50), with C49 (C51), and all three (C52). C29's
-        # checkpoints are those of its second runs (d2129f7; C32-C42 used the first, ac73a83,
-        # the only ones then). Shipping rule, fixed before their runs: C40's (C38's against
-        # C39's row: the row's mean validation score above 0.595 and its mean
-        # whole-validation category not below 0.807); if several pass, the one with the
-        # highest mean validation score; its best seed by validation score replaces the
-        # default.
-        "C50 C48 and C29 averaged (model soup)": {"soup_of": [C48, at(C29, "d2129f7")]},
-        "C51 C48 and C49 averaged (model soup)": {"soup_of": [C48, C49]},
-        "C52 C29, C48 and C49 averaged (model soup)": {"soup_of": [at(C29, "d2129f7"), C48, C49]},
-        # C33 (C29 with 60 epochs) has the highest mean validation score of any trained row
-        # (0.621), C48 (C29 with CutMix on every batch) the highest whole-test colour; CutMix
-        # is a regulariser that longer schedules usually suit (Yun et al. 2019 train 300
-        # epochs). C33 with CutMix on every batch: about 95 minutes a run here, three at
-        # once. Shipping rule, fixed before its runs: C47's (C38's against C39's row: the
-        # row's mean validation score above 0.595 and its mean whole-validation category not
-        # below 0.807; then its best seed by validation score replaces the default).
-        "C53 as C33 with CutMix on every batch": apply(c33, {"train.cutmix": 1.0}),
-        # C47-C53 ran with CutMix training a mixed photo towards its box's label where the
-        # photo itself had none, at weight 1 - lambda: in the training split no beauty-shades
-        # photo has a colour label, no catalogue photo a shade, and 1,299 of 1,957 photos no
-        # finish (category and function are always labelled). C54 counts an attribute of a
-        # mixed photo only where both photos have its label (train.cutmix_labels: both; its
-        # runs at 16e672f, where that was the only behaviour). Shipping rule, fixed before
-        # its runs: C47's (C38's against C39's row: the row's mean validation score above
-        # 0.595 and its mean whole-validation category not below 0.807; then its best seed by
-        # validation score replaces the default).
-        "C54 as C48, CutMix counting an attribute only where both photos have its label": apply(
-            c48, {"train.cutmix_labels": "both"}
-        ),
-    }
-
-
 # The revision whose src/beautytag/weights/default.pt is C10 seed 2, the default that C13 and
 # C14 start from (read with `git show`, so that the rows mean the same after it is replaced).
 C10_DEFAULT = "c08db71"
@@ -493,83 +167,117 @@ SHIPPED = {
     C29_DEFAULT: "default.pt",
     C39_DEFAULT: "default.pt",
 }
-B1 = "B1 multi-task, no attention, whole catalogue @ 96 px"
-B2 = "B2 multi-task, no attention, whole catalogue @ 96 px, Lite2"
-B3 = "B3 as B1 @ 160 px, 16 epochs"
-B4 = "B4 as B3, backbone at the full learning rate"
-B5 = "B5 as B3 @ 224 px"
-B8 = "B8 as B4, taught by B4's run of the same seed (self-distillation)"
-B11 = "B11 as B4, taught by B8's run of the same seed (a second generation)"
-C16 = (
-    "C16 as C12, colour histogram of 24 x 24 pixels, backbone pre-trained on the whole "
-    "catalogue (B1) (shipped: default before C29)"
-)
-C17 = "C17 as C16, moving average of the weights (EMA, decay up to 0.995)"
-C21 = "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
-C23 = "C23 as C15, taught by the shipped default (C16 seed 1; knowledge distillation)"
-C27 = "C27 as C23, twice the epochs (as C9)"
-C30 = "C30 as C23, taught by the shipped accurate (C28 seed 0, 192 px)"
-C29 = "C29 as C27, all 30 epochs (no early stopping) (shipped: default before C39)"
-C31 = "C31 as C30, all 30 epochs (as C29)"
-C33 = "C33 as C29, 60 epochs"
-C37 = "C37 as C29 @ 112 px"
-C38 = "C38 as C37, taught by C31 of the same seed"
-C39 = "C39 as C29, taught by C31 of the same seed (shipped: default)"
-C40 = "C40 C39 and C33 averaged (model soup)"
-C44 = "C44 as C29, taught by the three shipped defaults as one ensemble (C16, C29, C39)"
-C48 = "C48 as C29 with CutMix on every batch"
-C49 = "C49 as C48, taught by the shipped default (C39 seed 0)"
-C28 = (
-    "C28 accurate (C5, 192 px) from the catalogue, pixel colour head, taught by the default "
-    "(shipped: accurate)"
-)
+# the names the row files give them
+SHIPPED_NAMES = {
+    "C10_DEFAULT": C10_DEFAULT,
+    "C16_DEFAULT": C16_DEFAULT,
+    "C28_ACCURATE": C28_ACCURATE,
+    "C29_DEFAULT": C29_DEFAULT,
+    "C39_DEFAULT": C39_DEFAULT,
+}
 
 
-def table_b(data: Path) -> dict[str, dict]:
-    b1 = catalogue_raw(
-        data,
-        **{"model.image_size": 96, "model.attention": "none"},
-        **{"train.epochs": 8, "train.patience": 3, "train.batch_size": 128},
-    )
-    # the bigger backbone (Table A: A8 lite2 @ 128 px) with the same catalogue schedule
-    b2 = apply(b1, {"model.backbone": "tf_efficientnet_lite2"})
-    # B1 and B2 are 0.013 and 0.017 short of the published subCategory and gender: more
-    # pixels (the 60 x 80 photos upscaled 2x, a 5 x 5 feature map instead of 3 x 3) and
-    # twice the epochs without early stopping (B3); and the backbone at the heads' learning
-    # rate, as 35k catalogue photos may move it further from ImageNet (B4). Fixed before
-    # their runs (one seed each, on a lent GPU), like B1 and B2.
-    b3 = apply(b1, {"model.image_size": 160, "train.epochs": 16, "train.patience": 16})
-    b4 = apply(b3, {"train.backbone_lr_mult": 1.0})
-    # B3 at 224 px: a 7 x 7 feature map; fixed before its run, with B3 and B4 (lent GPU)
-    b5 = apply(b3, {"model.image_size": 224})
-    # B3 and B4 short of the published subCategory by 0.4-0.5 points: their checkpoints on
-    # photo + mirror (as A8 and C18), fixed before these evaluations
-    # B7 is still 0.4 points short. Two more ways from the same recipe, fixed before their
-    # runs (lent GPU: B4 seeds 1 and 2, B8 seed 0): B4 taught by its own run of the same seed
-    # (self-distillation, as C23 learnt from C16: one model, the same cost at inference), and
-    # B4's three seeds as one ensemble, their outputs averaged (three times the cost); both
-    # on photo + mirror (B9, B10).
-    b8 = b4 | {"teacher_from": B4}
-    # B8 is ahead of every B4 seed on all six attributes (one seed) and 0.1 points short of the
-    # published subCategory: a second generation (born-again networks, Furlanello et al. 2018),
-    # B4 taught by B8's run of the same seed. Fixed before its runs (a lent GPU).
-    b11 = b4 | {"teacher_from": B8}
-    return {
-        B1: b1,
-        B2: b2,
-        B3: b3,
-        B4: b4,
-        B5: b5,
-        "B6 B3 + test-time flip": {"tta_of": B3},
-        "B7 B4 + test-time flip": {"tta_of": B4},
-        B8: b8,
-        "B9 B8 + test-time flip": {"tta_of": B8},
-        "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip": {
-            "ensemble_of": B4,
-            "flip": True,
-        },
-        B11: b11,
-    }
+# ---------------------------------------------------------------- rows (benchmarks/rows/)
+
+ROWS = ROOT / "benchmarks" / "rows"
+TABLES = {"A": "table_a.yaml", "B": "table_b.yaml", "C": "table_c.yaml"}
+ROW_ID = re.compile(r"[ABC]\d+(-[a-z0-9]+)*")
+BASES = {"table_a": table_a_raw, "full": full_raw, "catalogue": catalogue_raw}
+# what a row may say besides its description: how its config is made, or the markers of a
+# row that trains nothing (a baseline) or starts from other rows' runs or shipped models
+DEFINITION = {"base", "attributes", "from", "changes", "weights"}
+SOURCES = {"backbone_from", "init_from", "teacher_from", "tta_of", "soup_of", "ensemble_of"}
+MARKERS = SOURCES | {"baseline", "flip"}
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings may not repeat a key (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key, count in Counter(keys).items():
+            if count > 1:
+                raise ValueError(f"{node.start_mark}: {key!r} appears {count} times")
+        return super().construct_mapping(node, deep)
+
+
+def row_entries() -> dict[str, dict]:
+    """Every row of the row files (ROWS: benchmarks/rows/table_*.yaml), in table order."""
+    return read_rows(ROWS)
+
+
+@functools.cache
+def read_rows(folder: Path) -> dict[str, dict]:
+    """The rows of the row files in `folder`: id -> its entry as written. ValueError naming
+    the file and row for a malformed id, an unknown field, a repeated id or a reference to no
+    row or shipped model."""
+    entries: dict[str, dict] = {}
+    for table, name in TABLES.items():
+        path = folder / name
+        for row_id, entry in yaml.load(path.read_text(), UniqueKeyLoader).items():
+            where = f"{path}: row {row_id!r}"
+            if not ROW_ID.fullmatch(str(row_id)) or row_id[0] != table:
+                raise ValueError(f"{where}: not an id of table {table} (e.g. {table}12-part)")
+            if row_id in entries:
+                raise ValueError(f"{where}: the id is taken by another table's row")
+            unknown = set(entry) - DEFINITION - MARKERS - {"description"}
+            if unknown or not entry.get("description"):
+                raise ValueError(f"{where}: unknown fields {sorted(unknown)} or no description")
+            entries[row_id] = entry
+    for row_id, entry in entries.items():
+        for field in SOURCES & set(entry) | ({"from"} & set(entry)):
+            for ref in as_list(entry[field]):
+                if ref not in SHIPPED_NAMES and ref.partition("@")[0] not in entries:
+                    raise ValueError(f"{row_id}: {field} {ref!r} names no row or shipped model")
+    return entries
+
+
+def as_list(value: Any) -> list:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def source(ref: str) -> str:
+    """A row file's reference as the runners take it: a shipped model's revision, a row id,
+    or ``ROW@REVISION`` as :func:`at` makes it (that row's runs at that revision)."""
+    if ref in SHIPPED_NAMES:
+        return SHIPPED_NAMES[ref]
+    row, _, revision = ref.partition("@")
+    return at(row, revision) if revision else row
+
+
+def row_definition(data: Path, entries: dict[str, dict], row_id: str) -> dict:
+    """Row `row_id` as the runners take it: a raw config (its base or the row it is made
+    `from`, with its `changes` and loss `weights`) with its markers, or only markers."""
+    entry = copy.deepcopy(entries[row_id])
+    if "from" in entry:
+        raw = row_definition(data, entries, entry["from"])
+    elif "base" in entry:
+        attrs = {"attrs": tuple(entry["attributes"])} if "attributes" in entry else {}
+        raw = BASES[entry["base"]](data, **attrs)
+    else:
+        raw = {}
+    raw = apply(raw, entry.get("changes", {}))
+    if "weights" in entry:
+        raw = weighted(raw, **entry["weights"])
+    for marker in MARKERS & set(entry):
+        value = entry[marker]
+        if marker in SOURCES:
+            value = [source(r) for r in value] if isinstance(value, list) else source(value)
+        raw[marker] = value
+    return raw
+
+
+def rows(data: Path, tables: str = "ABC") -> dict[str, dict]:
+    """The rows of these tables in table order: id -> :func:`row_definition`."""
+    entries = row_entries()
+    return {i: row_definition(data, entries, i) for i in entries if i[0] in tables}
+
+
+def label(row_id: str) -> str:
+    """A row's id and description, as the report and the runs show it ("C29 as C27, ...");
+    the id alone for a row that is in no row file."""
+    entry = row_entries().get(row_id)
+    return f"{row_id} {entry['description']}" if entry else row_id
 
 
 # ---------------------------------------------------------------- runners
@@ -799,10 +507,10 @@ def run_logreg(data: Path, quick: bool) -> dict[str, Any]:
 
 
 def row_config(data: Path, name: str, quick: bool) -> Config:
-    """The config of row `name` (any table) without its markers, cut down for --quick: the
-    data and outputs that a flip or a soup of that row's runs is measured on."""
+    """The config of row `name` (an id of any table) without its markers, cut down for
+    --quick: the data and outputs that a flip or a soup of that row's runs is measured on."""
     row = name.partition("|")[0]  # without at()'s revision
-    raw = without_marker((table_a(data) | table_b(data) | table_c(data))[row])
+    raw = without_marker(row_definition(data, row_entries(), row))
     return config_from_dict(apply(raw, {"data.limit": 48}) if quick else raw)
 
 
@@ -909,16 +617,28 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def row_order(name: str) -> tuple[int, str]:
-    """C2 before C10: by the row's number, then by name."""
-    number = name[1:].split()[0]
-    return (int(number) if number.isdigit() else 0, name)
+def row_order(row_id: str) -> tuple[int, str]:
+    """C2 before C10: by the row's number, then by id."""
+    number = re.match(r"\D*(\d*)", row_id).group(1)
+    return (int(number) if number else 0, row_id)
+
+
+def report_rows(store: dict) -> list[tuple[str, list[dict]]]:
+    """The report's rows, one per row id and code revision: (label, runs), the rows of the
+    row files in their order, then any others (no longer in a file) by number; a row's
+    revisions in order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for key, run in store["runs"].items():
+        groups.setdefault((key.split("|")[0], run["revision"]), []).append(run)
+    order = {row_id: i for i, row_id in enumerate(row_entries())}
+    ranked = sorted(groups, key=lambda g: (order.get(g[0], len(order)), row_order(g[0]), g[1]))
+    return [
+        (f"{label(i) if i in order else groups[i, r][0]['name']} [{r}]", groups[i, r])
+        for i, r in ranked
+    ]
 
 
 def write_report(store: dict, path_md: Path) -> None:
-    groups: dict[str, list[dict]] = {}  # one row per configuration and code revision
-    for run in store["runs"].values():
-        groups.setdefault(f"{run['name']} [{run['revision']}]", []).append(run)
     lines = [
         "# beautytag accuracy benchmark",
         "",
@@ -959,8 +679,8 @@ def write_report(store: dict, path_md: Path) -> None:
         ),
     }
     for key, (title, cols) in tables.items():
-        names = sorted((n for n in groups if n.startswith(key)), key=row_order)
-        if not names:
+        shown = [(n, runs) for n, runs in report_rows(store) if n.startswith(key)]
+        if not shown:
             continue
         lines += [
             f"## {title}",
@@ -970,9 +690,8 @@ def write_report(store: dict, path_md: Path) -> None:
             + " | train s | device | img/s (CPU, this machine) | revision |",
             "|" + " --- |" * (len(cols) + 6),
         ]
-        for n in names:
-            runs = groups[n]
-            speed = store.get("speed", {}).get(runs[0]["name"])
+        for n, runs in shown:
+            speed = store.get("speed", {}).get(n.split()[0])
             cells = [n, str(len(runs))]
             cells += [fmt([r["metrics"][c] for r in runs if c in r["metrics"]]) for c in cols]
             cells += [
@@ -1000,11 +719,17 @@ def write_report(store: dict, path_md: Path) -> None:
     path_md.write_text("\n".join(lines))
 
 
-def selects(patterns: list[str], name: str) -> bool:
-    """Whether --only / --skip `patterns` name the row `name`: a row id ("C12") matches that
-    row only (not "C16 as C12, ..."), any other pattern matches as a substring."""
-    row_id = name.split(" ", 1)[0]
-    return any(p == row_id if re.fullmatch(r"[ABC]\d+", p) else p in name for p in patterns)
+def selects(patterns: list[str], row_id: str) -> bool:
+    """Whether --only / --skip `patterns` name the row `row_id`: an id names that row ("C12",
+    not "C16 as C12, ...") and those it starts ("A8": A8-192px, A8-flip...; "A8-lite2"), any
+    other pattern matches as a substring of the row's :func:`label` ("(B1)", "model soup")."""
+
+    def names(p: str) -> bool:
+        if ROW_ID.fullmatch(p):
+            return row_id == p or row_id.startswith(p + "-")
+        return p in label(row_id)
+
+    return any(names(p) for p in patterns)
 
 
 # What every stored run has (the report reads them).
@@ -1105,11 +830,6 @@ def agreement(runs: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-def slug(name: str) -> str:
-    """A row's name as the start of its folder names in --runs-dir."""
-    return "".join(ch if ch.isalnum() else "-" for ch in name)[:48]
-
-
 def default_runs_dir(quick: bool) -> Path:
     """Where runs write their checkpoints without --runs-dir: a --quick smoke run elsewhere
     than full runs, whose best.pt the results file names (soups, teachers and flips read it)."""
@@ -1118,10 +838,15 @@ def default_runs_dir(quick: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, default=datasets_dir())
     p.add_argument("--tables", nargs="+", default=["A", "C"], choices=["A", "B", "C"])
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--only", nargs="*", default=[], help="rows with these ids (C12) or name parts")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=[],
+        help="rows with these ids (C12, A8-192px), numbers (A8) or description words",
+    )
     p.add_argument("--skip", nargs="*", default=[], help="leave out these rows (as --only)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs: a smoke run")
     p.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results)")
@@ -1177,18 +902,12 @@ def main(argv: list[str] | None = None) -> int:
         write_report(store, path.with_suffix(".md"))
         print(f"results: {path} and {path.with_suffix('.md')}")
         return 0
-    if not (args.data / "fashion-products-small").is_dir():
-        print(
-            f"skipped: no datasets at {args.data} (expected ../shared/datasets beside the "
-            "repository; pass --data)",
-            file=sys.stderr,
-        )
+    if no_datasets(args.data, "fashion-products-small", hint="; pass --data"):
         return 0
-    builders = {"A": table_a, "B": table_b, "C": table_c}
     plan = {
         n: c
         for t in args.tables
-        for n, c in builders[t](args.data).items()
+        for n, c in rows(args.data, t).items()
         if (not args.only or selects(args.only, n)) and not selects(args.skip, n)
     }
     device = str(pick_device())
@@ -1232,12 +951,12 @@ def main(argv: list[str] | None = None) -> int:
                     if run is None:
                         continue
                 elif "soup_of" in raw:
-                    soup = args.runs_dir / f"{slug(n)}-s{seed}" / "soup.pt"
+                    soup = args.runs_dir / f"{n}-s{seed}" / "soup.pt"
                     run = run_soup(store, raw["soup_of"], seed, args.data, soup, args.quick)
                     if run is None:
                         continue
                 else:
-                    init = args.runs_dir / f"{slug(n)}-s{seed}-init.pt"
+                    init = args.runs_dir / f"{n}-s{seed}-init.pt"
                     train_raw = resolve_markers(store, key, raw, seed, init)
                     if train_raw is None:
                         continue
@@ -1245,13 +964,13 @@ def main(argv: list[str] | None = None) -> int:
                     run = run_trained(
                         train_raw,
                         seed,
-                        args.runs_dir / f"{slug(n)}-s{seed}",
+                        args.runs_dir / f"{n}-s{seed}",
                         args.quick,
                         args.workers,
                         revision,
                     ) | ({"sources": sources} if sources else {})
                 run |= {
-                    "name": n,
+                    "name": label(n),
                     "seed": seed,
                     "device": device,
                     "revision": revision,

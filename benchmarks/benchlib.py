@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the code revision they measured and a timing loop.
+"""What the benchmark scripts share: the datasets' folder, the code revision they measured, the
+models they read, their results files and a timing loop.
 
 The scripts import it as a sibling (``python benchmarks/NAME.py`` puts this folder first on
 ``sys.path``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The files whose changes change what a benchmark measures (not its results or the docs).
 CODE = ["src", "configs", "scripts", "pyproject.toml", ":(glob)benchmarks/*.py"]
+
+
+def datasets_dir() -> Path:
+    """The datasets' folder: ../shared/datasets beside the current folder or beside the
+    package's checkout (beautytag.config.find_datasets), else where it is expected,
+    ../shared/datasets beside this repository (see :func:`no_datasets`)."""
+    from beautytag.config import find_datasets
+
+    return find_datasets() or ROOT.parent / "shared" / "datasets"
+
+
+def no_datasets(data: Path, *needs: str, hint: str = "") -> bool:
+    """Whether folder `data` lacks one of the datasets `needs` (e.g. "beauty-shades"); if so,
+    says on stderr that the benchmark is skipped (it then exits 0), with `hint` after."""
+    if all((data / name).is_dir() for name in needs):
+        return False
+    print(
+        f"skipped: no datasets at {data} (expected ../shared/datasets beside the repository{hint})",
+        file=sys.stderr,
+    )
+    return True
 
 
 def git_revision() -> str:

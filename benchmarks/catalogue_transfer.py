@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import git_revision
+from benchlib import datasets_dir, git_revision, no_datasets
 from torch.utils.data import DataLoader
 
 from beautytag.checkpoint import load_checkpoint, resolve_model
@@ -34,7 +34,6 @@ from beautytag.runtime.engine import mirror_averaged
 from beautytag.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 # the default's attribute -> the catalogue column (a Table B attribute) it is read from
 READ_AS = {"category": "articleType", "color": "baseColour"}
@@ -109,13 +108,12 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+", help="Table B checkpoints (benchmarks/accuracy.py)")
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=datasets_dir())
     ap.add_argument("--default", default="default", help="the model whose labels are scored")
     ap.add_argument("--tta-flip", action="store_true", help="photo + mirror, for every model")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if not (args.data / "fashion-products-small").is_dir():
-        print(f"skipped: no datasets at {args.data} (pass --data)", file=sys.stderr)
+    if no_datasets(args.data, "fashion-products-small", hint="; pass --data"):
         return 0
     default_path = resolve_model(args.default)
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, load_model, write_results
+from benchlib import datasets_dir, git_revision, load_model, no_datasets, write_results
 
 from beautytag.config import Config
 from beautytag.data import BeautyDataset, read_samples
@@ -37,7 +37,7 @@ from beautytag.images import normalize
 from beautytag.nn.net import BeautyTagNet
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = datasets_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 WEAK = ("Face Moisturisers", "Other")
 VARIANTS = ("no_other", "knn", "scales")
@@ -162,8 +162,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["default", "accurate"])
     p.add_argument("--out", default=str(RESULTS / "category_errors"))
     args = p.parse_args()
-    if not (DATA / "fashion-products-small").is_dir():
-        print(f"skipped: {DATA / 'fashion-products-small'} not found", file=sys.stderr)
+    if no_datasets(DATA, "fashion-products-small"):
         return 0
     torch.set_num_threads(2)
     results = []

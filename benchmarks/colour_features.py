@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, load_model
+from benchlib import datasets_dir, git_revision, load_model, no_datasets
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -49,7 +49,7 @@ from beautytag.nn.heads import PixelColourHead
 from beautytag.training import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = datasets_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 SPLITS = ("train", "val", "test")
 
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if not (DATA / "fashion-products-small").is_dir():
-        print(f"skipped: no datasets at {DATA}", file=sys.stderr)
+    if no_datasets(DATA, "fashion-products-small"):
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import git_revision, load_model, write_results
+from benchlib import git_revision, load_model, no_datasets, write_results
 from category_errors import DATA, RESULTS, outputs, short
 
 ATTRIBUTES = ("category", "color")
@@ -129,8 +129,7 @@ def main() -> int:
     p.add_argument("--greedy", type=int, default=5, help="most members of the forward selection")
     p.add_argument("--out", default=str(RESULTS / "ensembles"))
     args = p.parse_args()
-    if not (DATA / "fashion-products-small").is_dir():
-        print(f"skipped: {DATA / 'fashion-products-small'} not found", file=sys.stderr)
+    if no_datasets(DATA, "fashion-products-small"):
         return 0
     torch.set_num_threads(2)
     try:

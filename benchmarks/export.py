@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchlib import git_revision
+from benchlib import datasets_dir, git_revision, no_datasets
 
 from beautytag.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = datasets_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("dynamic", "static")
 
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["default", "accurate"])
     args = p.parse_args(argv)
-    if not (DATA / "beauty-shades").is_dir():
-        print(f"skipped: no datasets at {DATA}", file=sys.stderr)
+    if no_datasets(DATA, "beauty-shades"):
         return 0
     runs: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import git_revision
+from benchlib import datasets_dir, git_revision, no_datasets
 from PIL import Image
 
 from beautytag.cli import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = datasets_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -67,8 +67,7 @@ def main() -> int:
     p.add_argument("--n", type=positive_int, default=1000, help="photos, broken ones first")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
     args = p.parse_args()
-    if not (DATA / "beauty-shades").is_dir():
-        print(f"skipped: no datasets at {DATA}", file=sys.stderr)
+    if no_datasets(DATA, "beauty-shades"):
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         files = photo_list(args.n, Path(tmp))

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from benchlib import git_revision, throughput
+from benchlib import datasets_dir, git_revision, no_datasets, throughput
 
 from beautytag.checkpoint import load_checkpoint, resolve_model, save_checkpoint
 from beautytag.config import Config, config_from_dict
@@ -48,7 +48,7 @@ from beautytag.runtime.engine import Engine
 from beautytag.runtime.onnx import export_model_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = datasets_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 PHOTOS_PER_SOURCE = 400
 LEVELS = (1, 8, 32)
@@ -615,11 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=seconds, default=10.0, help="seconds per load level")
     p.add_argument("--quick", action="store_true", help="2 s per level, one served model")
     args = p.parse_args(argv)
-    if not (DATA / "fashion-products-small").is_dir() or not (DATA / "beauty-shades").is_dir():
-        print(
-            f"skipped: no datasets at {DATA} (expected ../shared/datasets beside the repository)",
-            file=sys.stderr,
-        )
+    if no_datasets(DATA, "fashion-products-small", "beauty-shades"):
         return 0
     model = resolve_model(args.model)
     if not model.is_file():

@@ -24,8 +24,8 @@ from beautytag.training.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' git_revision
-from benchlib import git_revision  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' git_revision, datasets_dir
+from benchlib import datasets_dir, git_revision  # noqa: E402
 
 
 def main() -> int:
@@ -40,6 +40,8 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data_cfg = load_config(ROOT / "configs" / "default.yaml")
+    # measured on the datasets found here
+    data_cfg.data = dataclasses.replace(data_cfg.data, root=str(datasets_dir()))
     # ship the repository's data section, its root as seen from the repository's root
     cfg.data = dataclasses.replace(data_cfg.data, root="../shared/datasets")
     # a weights path of the training machine (domain pre-training) means nothing elsewhere

@@ -14,13 +14,15 @@ from pathlib import Path
 from beautytag.weak_labels import finish_from_text, function_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
-CATALOGUE = ROOT.parent / "shared" / "datasets" / "fashion-products-small" / "labels.csv"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' datasets_dir
+from benchlib import datasets_dir, no_datasets  # noqa: E402
+
+CATALOGUE = datasets_dir() / "fashion-products-small" / "labels.csv"
 AUDIT = ROOT / "benchmarks" / "results" / "weak_label_audit.csv"
 
 
 def main() -> int:
-    if not CATALOGUE.is_file():
-        print(f"skipped: {CATALOGUE} not found (../shared/datasets)", file=sys.stderr)
+    if no_datasets(datasets_dir(), "fashion-products-small"):
         return 0
     rows = [r for r in csv.DictReader(CATALOGUE.open()) if r["masterCategory"] == "Personal Care"]
     finish = [r["id"] for r in rows if finish_from_text(r["title"])]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -47,19 +48,13 @@ def test_accuracy_benchmark_quick_runs_and_resumes(datasets, tmp_path, capsys):
     ]
     assert bench.main(args) == 0
     store = json.loads(results.read_text())
-    assert set(store["runs"]) == {
-        "A1 frozen features + logistic regression|seed0",
-        "A3 multi-task, no attention|seed0",
-        "C1 predict the training mean colour|seed0",
-    }
-    a3 = store["runs"]["A3 multi-task, no attention|seed0"]
+    assert set(store["runs"]) == {"A1|seed0", "A3|seed0", "C1|seed0"}  # keyed by row id
+    a3 = store["runs"]["A3|seed0"]
+    assert a3["name"] == "A3 multi-task, no attention"  # with its description
     assert 0 <= a3["metrics"]["category.accuracy"] <= 1 and a3["revision"]
     # the recorded command runs the same again: "C1 " (not C10) stays one quoted argument
     assert shlex.split(a3["command"]) == ["python", "benchmarks/accuracy.py", *args]
-    assert (
-        store["runs"]["C1 predict the training mean colour|seed0"]["metrics"]["shade.median_de2000"]
-        > 0
-    )
+    assert store["runs"]["C1|seed0"]["metrics"]["shade.median_de2000"] > 0
     table = results.with_suffix(".md").read_text()
     assert "| A3 multi-task, no attention" in table and "Table C" in table
     capsys.readouterr()
@@ -80,7 +75,7 @@ def test_accuracy_benchmark_resumes_an_interrupted_run(datasets, tmp_path, capsy
     (run,) = runs.glob("A3*-s0")
     last, log, revision = run / "last.pt", run / "metrics.jsonl", (run / "revision").read_text()
     state = torch.load(last, weights_only=False)
-    name = "A3 multi-task, no attention|seed0"
+    name = "A3|seed0"
 
     def restart(epochs_done=1, started_at=revision, **config_changes):
         config = bench.apply(state["config"], config_changes)
@@ -116,10 +111,9 @@ def test_accuracy_benchmark_domain_pretraining_starts_from_the_catalogue_run(dat
 
     assert bench.main([*common, "--tables", "B", "A", "--only", "B1", "(B1)"]) == 0
     store = json.loads(results.read_text())
-    row = "A8 cbam, backbone pre-trained on the whole catalogue (B1)"
-    assert set(store["runs"]) == {f"{bench.B1}|seed0", f"{row}|seed0"}
-    b1 = torch.load(store["runs"][f"{bench.B1}|seed0"]["checkpoint"], weights_only=False)
-    ckpt = torch.load(store["runs"][f"{row}|seed0"]["checkpoint"], weights_only=False)
+    assert set(store["runs"]) == {"B1|seed0", "A8-b1|seed0"}  # "(B1)": its description
+    b1 = torch.load(store["runs"]["B1|seed0"]["checkpoint"], weights_only=False)
+    ckpt = torch.load(store["runs"]["A8-b1|seed0"]["checkpoint"], weights_only=False)
     init = torch.load(ckpt["config"]["model"]["weights"], weights_only=True)
     # the row's backbone started as B1's, tensor for tensor
     b1_backbone = {
@@ -149,7 +143,7 @@ def test_table_b_flip_rows_evaluate_their_runs_checkpoint_on_photo_and_mirror(
     monkeypatch.setattr(bench, "evaluate", spy)
     assert bench.main([*args, "--only", "B3", "B6"]) == 0
     runs = json.loads(results.read_text())["runs"]
-    b3, b6 = runs[f"{bench.B3}|seed0"], runs["B6 B3 + test-time flip|seed0"]
+    b3, b6 = runs["B3|seed0"], runs["B6|seed0"]
     assert calls[-1] == (b3["checkpoint"], True)  # B6: B3's model, photo + mirror
     assert b6["metrics"].keys() == b3["metrics"].keys()
     assert all(0 <= v <= 1 for v in b6["metrics"].values())
@@ -162,11 +156,10 @@ def test_table_b_ensemble_row_averages_every_seed_of_its_row_on_photo_and_mirror
     bench = load("accuracy")
     monkeypatch.setattr(bench, "SEEDS", (0, 1))  # two quick runs suffice
     results = tmp_path / "acc.json"
-    b10 = "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip"
     args = ["--quick", "--data", str(datasets), "--tables", "B", "--results", str(results)]
     args += ["--runs-dir", str(tmp_path / "runs"), "--only", "B4", "B10"]
     assert bench.main([*args, "--seeds", "0"]) == 0  # seed 1 missing: B10 skipped
-    assert list(json.loads(results.read_text())["runs"]) == [f"{bench.B4}|seed0"]
+    assert list(json.loads(results.read_text())["runs"]) == ["B4|seed0"]
     calls = []
     evaluate = bench.evaluate
 
@@ -177,10 +170,10 @@ def test_table_b_ensemble_row_averages_every_seed_of_its_row_on_photo_and_mirror
     monkeypatch.setattr(bench, "evaluate", spy)
     assert bench.main([*args, "--seeds", "1"]) == 0  # B4 seed 1, then B10 once
     runs = json.loads(results.read_text())["runs"]
-    members = [runs[f"{bench.B4}|seed{s}"]["checkpoint"] for s in (0, 1)]
-    assert runs[f"{b10}|seed0"]["checkpoints"] == members
+    members = [runs[f"B4|seed{s}"]["checkpoint"] for s in (0, 1)]
+    assert runs["B10|seed0"]["checkpoints"] == members
     assert calls[-2:] == [(members, "test", True), (members, "val", True)]
-    assert runs[f"{b10}|seed0"]["metrics"].keys() == runs[f"{bench.B4}|seed0"]["metrics"].keys()
+    assert runs["B10|seed0"]["metrics"].keys() == runs["B4|seed0"]["metrics"].keys()
 
 
 def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
@@ -202,7 +195,7 @@ def test_accuracy_rows_can_start_from_the_c10_default(tmp_path):
     assert all(
         v.dtype == torch.float32 and torch.equal(v, backbone[k].float()) for k, v in init.items()
     )
-    assert bench.backbone_of_run({"runs": {}}, bench.B1, tmp_path / "b1.pt") is None
+    assert bench.backbone_of_run({"runs": {}}, "B1", tmp_path / "b1.pt") is None
 
 
 def test_accuracy_shipped_defaults_come_from_a_folder_where_there_is_no_git(tmp_path, monkeypatch):
@@ -233,7 +226,7 @@ def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     assert sorted(store["runs"]) == keys
     assert store["runs"][keys[0]]["seed"] != 99  # a run already here is kept
     table = mine.with_suffix(".md").read_text()
-    assert all(published["runs"][k]["name"] in table for k in keys)
+    assert all(f"| {bench.label(k.split('|')[0])} [" in table for k in keys)
     # the same row and seed at another revision is added beside it, as its own row
     again = published["runs"][keys[1]] | {"revision": "abc1234", "device": "cpu"}
     theirs.write_text(json.dumps({"runs": {keys[1]: again}}))
@@ -241,7 +234,7 @@ def test_accuracy_merge_adds_runs_of_parallel_results_files(tmp_path, capsys):
     store = json.loads(mine.read_text())
     assert sorted(store["runs"]) == sorted([*keys, f"{keys[1]}|abc1234"])
     assert store["runs"][keys[1]] == published["runs"][keys[1]]
-    assert f"{again['name']} [abc1234]" in mine.with_suffix(".md").read_text()
+    assert f"{bench.label(keys[1].split('|')[0])} [abc1234]" in mine.with_suffix(".md").read_text()
     keys = sorted(store["runs"])
 
     broken = tmp_path / "broken.json"
@@ -257,19 +250,19 @@ def test_accuracy_pick_ranks_runs_by_the_validation_score(tmp_path, capsys):
     bench = load("accuracy")
     val = dict.fromkeys(bench.PICK_METRICS, 0.5)
     runs = {
-        "C10 x|seed0": {"val_metrics": val | {"category.accuracy": 0.6}, "checkpoint": "a.pt"},
-        "C10 x|seed1": {"val_metrics": val | {"category.accuracy": 1.0}, "checkpoint": "b.pt"},
-        "C10 x|seed2": {"val_metrics": {"category.accuracy": 1.0}},  # lacks the others
-        "C7 y|seed0": {"val_metrics": val | {"color.accuracy": 1.0}},  # another row
-        "C16 as C10|seed0": {"val_metrics": val},  # names C10, is not C10
+        "C10|seed0": {"val_metrics": val | {"category.accuracy": 0.6}, "checkpoint": "a.pt"},
+        "C10|seed1": {"val_metrics": val | {"category.accuracy": 1.0}, "checkpoint": "b.pt"},
+        "C10|seed2": {"val_metrics": {"category.accuracy": 1.0}},  # lacks the others
+        "C7|seed0": {"val_metrics": val | {"color.accuracy": 1.0}},  # another row
+        "C100|seed0": {"val_metrics": val},  # starts as C10, is not C10
     }
     results = tmp_path / "acc.json"
     results.write_text(json.dumps({"runs": runs}))
     assert bench.main(["--results", str(results), "--pick", "C10"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[:2] for line in lines[1:3]] == [
-        ["0.6000", "C10 x|seed1"],  # (1.0 + 4 * 0.5) / 5
-        ["0.5200", "C10 x|seed0"],
+        ["0.6000", "C10|seed1"],  # (1.0 + 4 * 0.5) / 5
+        ["0.5200", "C10|seed0"],
     ]
     assert "b.pt" in lines[1]
     # then how validation agrees with test over the ranked runs (these have no test metrics)
@@ -296,13 +289,83 @@ def test_accuracy_pick_says_how_far_validation_agrees_with_test():
 
 def test_accuracy_only_takes_row_ids_whole_and_other_patterns_as_parts():
     bench = load("accuracy")
-    c16 = "C16 as C12, colour histogram of 24 x 24 pixels"
-    assert not bench.selects(["C12"], c16)  # a row id is the row, not a mention of it
-    assert bench.selects(["C16"], c16) and bench.selects(["C12", "C16"], c16)
-    assert bench.selects(["(B1)"], "A8 cbam, backbone pre-trained on the whole catalogue (B1)")
-    assert bench.selects(["C1 "], "C1 predict the training mean colour")
-    assert not bench.selects(["C1"], "C10 full config @ 96 px")
-    assert not bench.selects([], c16)
+    assert bench.label("C16").startswith("C16 as C12, colour histogram")
+    assert not bench.selects(["C12"], "C16")  # a row id is the row, not a mention of it
+    assert bench.selects(["C16"], "C16") and bench.selects(["C12", "C16"], "C16")
+    assert bench.selects(["(B1)"], "A8-b1")  # words of its description
+    assert bench.selects(["C1 "], "C1")
+    assert not bench.selects(["C1"], "C10")
+    assert not bench.selects([], "C16")
+    # a row number names its rows, an id one of them
+    a8 = [i for i in bench.row_entries() if bench.selects(["A8"], i)]
+    assert len(a8) == 7 and all(i.startswith("A8-") for i in a8)
+    assert [i for i in a8 if bench.selects(["A8-192px"], i)] == ["A8-192px"]
+    assert [i for i in a8 if bench.selects(["A8-lite2"], i)] == ["A8-lite2-128px", "A8-lite2-192px"]
+    assert bench.selects(["model soup"], "C40") and not bench.selects(["model soup"], "C39")
+
+
+def test_accuracy_rows_are_data_keyed_by_ids_that_the_stored_runs_use(tmp_path):
+    """The three row files hold every row once, by id; every stored run (and superseded
+    one) is keyed by the id of a row there; --report rebuilds the committed tables."""
+    bench = load("accuracy")
+    ids = list(bench.row_entries())
+    assert [i[0] for i in ids] == sorted(i[0] for i in ids)  # table A, then B, then C
+    assert all(bench.ROW_ID.fullmatch(i) for i in ids)
+    store = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    for key, run in (store["runs"] | store["superseded"]).items():
+        row, seed, *revision = key.split("|")
+        assert row in ids and seed == f"seed{run['seed']}", key
+        assert run["name"].split()[1:] == bench.label(row).split()[1:], key  # its description
+    assert set(store["speed"]) <= set(ids)
+    bench.write_report(store, tmp_path / "report.md")
+    committed = (ROOT / "benchmarks" / "results" / "accuracy.md").read_text()
+    assert (tmp_path / "report.md").read_text() == committed
+
+
+def write_rows(folder: Path, **files: str) -> Path:
+    """Row files in `folder`: the committed ones, but those given (table letter -> text)."""
+    folder.mkdir()
+    bench = load("accuracy")
+    for table, name in bench.TABLES.items():
+        text = files.get(table) or (bench.ROWS / name).read_text()
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_row_files_refuse_repeated_ids_unknown_fields_and_references(tmp_path):
+    bench = load("accuracy")
+    row = "A1:\n  description: x\n  baseline: logreg\n"
+    cases = {
+        "twice": (row + row, "'A1' appears 2 times"),
+        "table": ("C99:\n  description: x\n  baseline: mean\n", "not an id of table A"),
+        "id": ("A 1:\n  description: x\n  baseline: logreg\n", "not an id of table A"),
+        "field": (row.replace("baseline", "baselin"), "unknown fields ['baselin']"),
+        "undescribed": ("A1:\n  baseline: logreg\n", "or no description"),
+        "reference": ("A1:\n  description: x\n  tta_of: A99\n", "tta_of 'A99' names no row"),
+        "soup": ("A1:\n  description: x\n  soup_of: [C29@abc, C999]\n", "'C999' names no row"),
+    }
+    for case, (text, problem) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            bench.read_rows(write_rows(tmp_path / case, A=text))
+    rows = bench.read_rows(write_rows(tmp_path / "fine", A=row.replace("A1", "A1-x")))
+    assert "A1-x" in rows and "A1" not in rows and "C29" in rows
+
+
+def test_editing_a_description_keeps_the_stored_runs(tmp_path, monkeypatch):
+    """A run is stored under its row's id: a new description relabels it in the report, and
+    --only finds the row by the new words."""
+    bench = load("accuracy")
+    c = (bench.ROWS / "table_c.yaml").read_text()
+    old = "as C29, 60 epochs"
+    assert c.count(f"description: {old}\n") == 1
+    folder = write_rows(tmp_path / "rows", C=c.replace(old, "C29 trained for 60 epochs"))
+    monkeypatch.setattr(bench, "ROWS", folder)
+    run = {"name": f"C33 {old}", "seed": 0, "metrics": {"shade.median_de2000": 3.21}}
+    run |= {"train_seconds": 1.0, "device": "cpu", "revision": "abc1234"}
+    bench.write_report({"runs": {"C33|seed0": run}}, tmp_path / "acc.md")
+    table = (tmp_path / "acc.md").read_text()
+    assert "| C33 C29 trained for 60 epochs [abc1234] | 1 | 3.210 |" in table
+    assert bench.selects(["trained for 60"], "C33") and not bench.selects([old], "C33")
 
 
 def test_untrained_model_is_the_row_model_with_random_weights(datasets, tmp_path, capsys):
@@ -315,9 +378,7 @@ def test_untrained_model_is_the_row_model_with_random_weights(datasets, tmp_path
     out = tmp_path / "c21.pt"
     assert script.main(["C21", str(out), "--data", str(datasets)]) == 0
     model, cfg, _ = load_checkpoint(out)
-    row = load("accuracy").table_c(datasets)[
-        "C21 as C16 on Lite2, backbone pre-trained on the whole catalogue (B2)"
-    ]
+    row = load("accuracy").rows(datasets, "C")["C21"]
     assert (cfg.model.backbone, cfg.model.image_size) == ("tf_efficientnet_lite2", 96)
     assert cfg.model.pixel_colour_pool == row["model"]["pixel_colour_pool"] == 4
     assert [a.name for a in cfg.schema.attributes] == [a["name"] for a in row["attributes"]]
@@ -332,17 +393,17 @@ def test_distillation_rows_are_taught_by_the_same_seed_of_their_teacher_row(
     datasets, tmp_path, capsys
 ):
     bench = load("accuracy")
-    name = "C22 C16 taught by C21 (knowledge distillation)"
-    row = bench.table_c(datasets)[name]
+    name = "C22"
+    row = bench.rows(datasets, "C")[name]
     raw = {k: v for k, v in row.items() if k != "backbone_from"}  # the teacher part only
     store = {"runs": {}}
     assert bench.resolve_markers(store, f"{name}|seed1", raw, 1, tmp_path / "i.pt") is None
-    assert f"needs the checkpoint of {bench.C21} seed 1" in capsys.readouterr().out
+    assert "needs the checkpoint of C21 seed 1" in capsys.readouterr().out
 
     teacher = tmp_path / "c21-s1.pt"
     teacher.write_bytes(b"a checkpoint")
-    store["runs"][f"{bench.C21}|seed0"] = {"checkpoint": str(tmp_path / "elsewhere.pt")}
-    store["runs"][f"{bench.C21}|seed1"] = {"checkpoint": str(teacher)}
+    store["runs"]["C21|seed0"] = {"checkpoint": str(tmp_path / "elsewhere.pt")}
+    store["runs"]["C21|seed1"] = {"checkpoint": str(teacher)}
     resolved = bench.resolve_markers(store, f"{name}|seed1", raw, 1, tmp_path / "i.pt")
     assert resolved["train"]["distill_from"] == str(teacher)
     assert "teacher_from" not in resolved and "distill_from" not in raw["train"]
@@ -353,8 +414,8 @@ def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datas
     import torch
 
     bench = load("accuracy")
-    name = bench.C23
-    raw = bench.table_c(datasets)[name]
+    name = "C23"
+    raw = bench.rows(datasets, "C")[name]
     assert raw["teacher_from"] == bench.C16_DEFAULT and raw["backbone_from"] == bench.C10_DEFAULT
     for rev in bench.SHIPPED:
         if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", rev]).returncode:
@@ -371,7 +432,7 @@ def test_c23_is_taught_by_the_default_shipped_at_c16_default_read_from_git(datas
     cfg = torch.load(teacher, weights_only=False)["config"]["model"]
     assert cfg["image_size"] == 96 and cfg["pixel_colour"] == ["color"]  # C16's config
     # the student is C15: the same config, started from C10_DEFAULT's backbone
-    c15 = bench.table_c(datasets)["C15 as C13, colour histogram of 24 x 24 pixels"]
+    c15 = bench.rows(datasets, "C")["C15"]
     assert bench.without_marker(raw) == bench.without_marker(c15)
     assert Path(resolved["model"]["weights"]) == tmp_path / "i.pt"
 
@@ -380,26 +441,26 @@ def test_c30_is_c23_taught_by_the_accurate_model_shipped_at_c28_accurate(dataset
     import torch
 
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c30, c23 = rows[bench.C30], rows[bench.C23]
+    rows = bench.rows(datasets, "C")
+    c30, c23 = rows["C30"], rows["C23"]
     assert c30 == c23 | {"teacher_from": bench.C28_ACCURATE}
     if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", bench.C28_ACCURATE]).returncode:
         pytest.skip(f"no git history with revision {bench.C28_ACCURATE} here")
-    resolved = bench.resolve_markers({"runs": {}}, f"{bench.C30}|seed0", c30, 0, tmp_path / "i.pt")
+    resolved = bench.resolve_markers({"runs": {}}, "C30|seed0", c30, 0, tmp_path / "i.pt")
     teacher = torch.load(resolved["train"]["distill_from"], weights_only=False)["config"]
     assert teacher["model"]["image_size"] == 192  # the accurate model, not a default
 
 
 def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c23, c27 = rows[bench.C23], rows[bench.C27]
+    rows = bench.rows(datasets, "C")
+    c23, c27 = rows["C23"], rows["C27"]
     assert c27["train"] | {"epochs": 15, "patience": 5} == c23["train"]
     assert (c27["train"]["epochs"], c27["train"]["patience"]) == (30, 8)  # C9's schedule
     assert {k: v for k, v in c27.items() if k != "train"} == {
         k: v for k, v in c23.items() if k != "train"
     }
-    c29 = rows[bench.C29]
+    c29 = rows["C29"]
     assert c29["train"] | {"patience": 8} == c27["train"] and c29["train"]["patience"] >= 30
     assert {k: v for k, v in c29.items() if k != "train"} == {
         k: v for k, v in c27.items() if k != "train"
@@ -408,11 +469,11 @@ def test_c27_is_c23_with_twice_the_epochs_and_c29_c27_without_early_stopping(dat
 
 def test_c31_is_c29_taught_by_the_accurate_model(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c29 = rows[bench.C29]
-    c31 = rows["C31 as C30, all 30 epochs (as C29)"]
+    rows = bench.rows(datasets, "C")
+    c29 = rows["C29"]
+    c31 = rows["C31"]
     assert c31 == c29 | {"teacher_from": bench.C28_ACCURATE}
-    assert c31 == rows[bench.C30] | {"train": c29["train"]}
+    assert c31 == rows["C30"] | {"train": c29["train"]}
 
 
 def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_path):
@@ -421,17 +482,17 @@ def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_
     from .conftest import make_tiny_model
 
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c29, c31 = rows["C32 C29 and C31 averaged (model soup)"]["soup_of"]
-    assert (c29, c31) == (bench.at(bench.C29, "ac73a83"), bench.C31)  # C29's first runs
-    assert bench.without_marker(rows[bench.C29]) == bench.without_marker(rows[c31])
-    assert rows[bench.C29]["backbone_from"] == rows[c31]["backbone_from"]
+    rows = bench.rows(datasets, "C")
+    c29, c31 = rows["C32"]["soup_of"]
+    assert (c29, c31) == (bench.at("C29", "ac73a83"), "C31")  # C29's first runs
+    assert bench.without_marker(rows["C29"]) == bench.without_marker(rows[c31])
+    assert rows["C29"]["backbone_from"] == rows[c31]["backbone_from"]
     model = {"image_size": 96, "pixel_colour": ["color"], "pixel_colour_pool": 4}
     store = {"runs": {}}
     for i, row in enumerate((c29, c31)):
         path = make_tiny_model(tmp_path / f"{i}.pt", model)
         store["runs"][f"{row.partition('|')[0]}|seed1"] = {"checkpoint": str(path)}
-    store["runs"][f"{bench.C29}|seed1"]["revision"] = "ac73a83"
+    store["runs"]["C29|seed1"]["revision"] = "ac73a83"
     out = tmp_path / "soup" / "soup.pt"
     assert bench.run_soup(store, [c29, c31], 0, datasets, out, quick=True) is None  # no seed 0
     run = bench.run_soup(store, [c29, c31], 1, datasets, out, quick=True)
@@ -443,36 +504,36 @@ def test_c32_averages_c29_and_c31_of_a_seed_and_measures_the_soup(datasets, tmp_
 
 def test_c33_is_c29_with_twice_its_epochs(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c29, c33 = rows[bench.C29], rows["C33 as C29, 60 epochs"]
+    rows = bench.rows(datasets, "C")
+    c29, c33 = rows["C29"], rows["C33"]
     assert c33 == c29 | {"train": c29["train"] | {"epochs": 60, "patience": 60}}
 
 
 def test_c37_is_c29_at_112_px(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c29, c37 = rows[bench.C29], rows[bench.C37]
+    rows = bench.rows(datasets, "C")
+    c29, c37 = rows["C29"], rows["C37"]
     assert c37 == c29 | {"model": c29["model"] | {"image_size": 112}}
     assert c29["model"]["image_size"] == 96
 
 
 def test_c38_is_c37_taught_by_c31_of_the_same_seed(datasets, tmp_path, capsys):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c37, c38 = rows[bench.C37], rows[bench.C38]
-    assert c38 == c37 | {"teacher_from": bench.C31}
-    assert rows[bench.C31]["teacher_from"] == bench.C28_ACCURATE
+    rows = bench.rows(datasets, "C")
+    c37, c38 = rows["C37"], rows["C38"]
+    assert c38 == c37 | {"teacher_from": "C31"}
+    assert rows["C31"]["teacher_from"] == bench.C28_ACCURATE
     c38 = c38 | {"backbone_from": None}  # the teacher alone
     # without C31's run of that seed the row is skipped, not run untaught
-    assert bench.resolve_markers({"runs": {}}, bench.C38, c38, 1, tmp_path / "init.pt") is None
-    assert f"needs the checkpoint of {bench.C31} seed 1" in capsys.readouterr().out
+    assert bench.resolve_markers({"runs": {}}, "C38", c38, 1, tmp_path / "init.pt") is None
+    assert "needs the checkpoint of C31 seed 1" in capsys.readouterr().out
 
 
 def test_c39_is_c29_taught_by_c31_of_the_same_seed(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c39 = rows[bench.C39]
-    assert c39 == rows[bench.C29] | {"teacher_from": bench.C31}
+    rows = bench.rows(datasets, "C")
+    c39 = rows["C39"]
+    assert c39 == rows["C29"] | {"teacher_from": "C31"}
 
 
 def assert_one_start(bench, rows: dict, names: list[str]) -> None:
@@ -487,35 +548,35 @@ def assert_one_start(bench, rows: dict, names: list[str]) -> None:
 
 def test_c34_c35_average_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c34 = rows["C34 C29, C31 and C33 averaged (model soup)"]["soup_of"]
-    c35 = rows["C35 C31 and C33 averaged (model soup)"]["soup_of"]
-    first = bench.at(bench.C29, "ac73a83")  # C29's first runs, the only ones then
-    assert c34 == [first, bench.C31, bench.C33] and c35 == [bench.C31, bench.C33]
+    rows = bench.rows(datasets, "C")
+    c34 = rows["C34"]["soup_of"]
+    c35 = rows["C35"]["soup_of"]
+    first = bench.at("C29", "ac73a83")  # C29's first runs, the only ones then
+    assert c34 == [first, "C31", "C33"] and c35 == ["C31", "C33"]
     assert_one_start(bench, rows, c34)
 
 
 def test_c40_c42_average_c39_with_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c40 = rows[bench.C40]["soup_of"]
-    c41 = rows["C41 C39 and C29 averaged (model soup)"]["soup_of"]
-    c42 = rows["C42 C29, C31, C33 and C39 averaged (model soup)"]["soup_of"]
-    first = bench.at(bench.C29, "ac73a83")  # C29's first runs, the only ones then
-    assert c40 == [bench.C39, bench.C33] and c41 == [bench.C39, first]
-    assert c42 == [first, bench.C31, bench.C33, bench.C39]
+    rows = bench.rows(datasets, "C")
+    c40 = rows["C40"]["soup_of"]
+    c41 = rows["C41"]["soup_of"]
+    c42 = rows["C42"]["soup_of"]
+    first = bench.at("C29", "ac73a83")  # C29's first runs, the only ones then
+    assert c40 == ["C39", "C33"] and c41 == ["C39", first]
+    assert c42 == [first, "C31", "C33", "C39"]
     assert_one_start(bench, rows, c42)
 
 
 def test_c43_is_c29_taught_by_the_c40_soup_of_the_same_seed(datasets, tmp_path, capsys):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c43 = rows["C43 as C29, taught by C40 of the same seed"]
-    assert c43 == rows[bench.C29] | {"teacher_from": bench.C40}
-    assert "soup_of" in rows[bench.C40]
-    key = "C43 as C29, taught by C40 of the same seed|seed0"
+    rows = bench.rows(datasets, "C")
+    c43 = rows["C43"]
+    assert c43 == rows["C29"] | {"teacher_from": "C40"}
+    assert "soup_of" in rows["C40"]
+    key = "C43|seed0"
     assert bench.resolve_markers({"runs": {}}, key, c43, 0, tmp_path / "init.pt") is None
-    assert f"needs the checkpoint of {bench.C40} seed 0" in capsys.readouterr().out
+    assert "needs the checkpoint of C40 seed 0" in capsys.readouterr().out
 
 
 def test_c45_c46_are_c29_on_part_of_the_training_photos(datasets):
@@ -523,15 +584,15 @@ def test_c45_c46_are_c29_on_part_of_the_training_photos(datasets):
     from beautytag.data import read_samples
 
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
+    rows = bench.rows(datasets, "C")
     sizes = {}
     for name, fraction in [
-        ("C45 as C29 on half the training photos", 0.5),
-        ("C46 as C29 on a quarter of the training photos", 0.25),
-        (bench.C29, 1.0),
+        ("C45", 0.5),
+        ("C46", 0.25),
+        ("C29", 1.0),
     ]:
         changed = {"data.train_fraction": fraction} if fraction < 1 else {}
-        assert rows[name] == bench.apply(rows[bench.C29], changed)
+        assert rows[name] == bench.apply(rows["C29"], changed)
         cfg = config_from_dict(bench.without_marker(rows[name]))
         sizes[fraction] = Counter(s.split for s in read_samples(cfg))
     for fraction in (0.5, 0.25):  # rounded per source (two sources)
@@ -546,14 +607,14 @@ def test_c44_is_c29_taught_by_the_three_shipped_defaults_read_from_git(datasets,
     import torch
 
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
+    rows = bench.rows(datasets, "C")
     revisions = [bench.C16_DEFAULT, bench.C29_DEFAULT, bench.C39_DEFAULT]
-    assert rows[bench.C44] == rows[bench.C29] | {"teacher_from": revisions}
-    assert rows[bench.C29]["teacher_from"] == bench.C16_DEFAULT
+    assert rows["C44"] == rows["C29"] | {"teacher_from": revisions}
+    assert rows["C29"]["teacher_from"] == bench.C16_DEFAULT
     for rev in revisions:
         if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", rev]).returncode:
             pytest.skip(f"no git history with revision {rev} here")
-    resolved = bench.resolve_markers({"runs": {}}, bench.C44, rows[bench.C44], 0, tmp_path / "i.pt")
+    resolved = bench.resolve_markers({"runs": {}}, "C44", rows["C44"], 0, tmp_path / "i.pt")
     teachers = [Path(p) for p in resolved["train"]["distill_from"]]
     assert teachers == [tmp_path / f"i-teacher{i}.pt" for i in range(3)]
     notes = []
@@ -569,31 +630,31 @@ def test_c44_is_c29_taught_by_the_three_shipped_defaults_read_from_git(datasets,
 
 def test_b3_b4_b5_are_b1_with_more_pixels_epochs_and_backbone_lr(datasets):
     bench = load("accuracy")
-    rows = bench.table_b(datasets)
-    b1, b3, b4 = rows[bench.B1], rows[bench.B3], rows[bench.B4]
+    rows = bench.rows(datasets, "B")
+    b1, b3, b4 = rows["B1"], rows["B3"], rows["B4"]
     assert b3["model"] == b1["model"] | {"image_size": 160}
     assert b3["train"] == b1["train"] | {"epochs": 16, "patience": 16}
     assert b4 == b3 | {"train": b3["train"] | {"backbone_lr_mult": 1.0}}
-    assert rows[bench.B5] == b3 | {"model": b3["model"] | {"image_size": 224}}
-    assert rows["B6 B3 + test-time flip"] == {"tta_of": bench.B3}
-    assert rows["B7 B4 + test-time flip"] == {"tta_of": bench.B4}
-    assert rows[bench.B8] == b4 | {"teacher_from": bench.B4}  # self-distillation
-    assert rows["B9 B8 + test-time flip"] == {"tta_of": bench.B8}
-    assert rows[bench.B11] == b4 | {"teacher_from": bench.B8}  # a second generation
-    b10 = "B10 B4's three seeds as one ensemble (outputs averaged) + test-time flip"
-    assert rows[b10] == {"ensemble_of": bench.B4, "flip": True}
+    assert rows["B5"] == b3 | {"model": b3["model"] | {"image_size": 224}}
+    assert rows["B6"] == {"tta_of": "B3"}
+    assert rows["B7"] == {"tta_of": "B4"}
+    assert rows["B8"] == b4 | {"teacher_from": "B4"}  # self-distillation
+    assert rows["B9"] == {"tta_of": "B8"}
+    assert rows["B11"] == b4 | {"teacher_from": "B8"}  # a second generation
+    b10 = "B10"
+    assert rows[b10] == {"ensemble_of": "B4", "flip": True}
     assert b1["train"]["backbone_lr_mult"] < 1.0
-    c = bench.table_c(datasets)  # C36: C29 from B3's backbone instead of C10_DEFAULT's
-    c36 = c["C36 as C29, backbone pre-trained on the whole catalogue at 160 px (B3)"]
-    assert c36 == c[bench.C29] | {"backbone_from": bench.B3}
-    assert c[bench.C29]["backbone_from"] == bench.C10_DEFAULT
+    c = bench.rows(datasets, "C")  # C36: C29 from B3's backbone instead of C10_DEFAULT's
+    c36 = c["C36"]
+    assert c36 == c["C29"] | {"backbone_from": "B3"}
+    assert c["C29"]["backbone_from"] == bench.C10_DEFAULT
 
 
 def test_c28_is_the_shipped_accurate_config_with_what_helped_the_default(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c5 = rows["C5 full multi-task config, no attention @ 192 px (shipped: accurate before C28)"]
-    c28 = rows[bench.C28]
+    rows = bench.rows(datasets, "C")
+    c5 = rows["C5"]
+    c28 = rows["C28"]
     pixel = ("pixel_colour", "pixel_colour_pool")
     assert {k: v for k, v in c28["model"].items() if k not in pixel} == c5["model"]
     assert (c28["model"]["pixel_colour"], c28["model"]["pixel_colour_pool"]) == (["color"], 4)
@@ -612,7 +673,7 @@ def test_parallel_script_runs_every_row_that_needs_another_run_in_its_second_pha
     bench = load("accuracy")
     script = (ROOT / "benchmarks" / "accuracy_parallel.sh").read_text()
     later = shlex.split(re.search(r"^later=\((.*)\)", script, re.M).group(1))
-    rows = bench.table_a(datasets) | bench.table_b(datasets) | bench.table_c(datasets)
+    rows = bench.rows(datasets)
     for name, raw in rows.items():
         start = raw.get("backbone_from") or raw.get("init_from")
         needs_run = any(k in raw for k in ("tta_of", "soup_of", "ensemble_of")) or start in rows
@@ -672,28 +733,28 @@ def test_catalogue_transfer_reads_catalogue_outputs_through_the_default_label_ma
 
 def test_c47_c48_c49_c53_are_c29_or_c33_with_cutmix(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c47 = rows["C47 as C29 with CutMix on half the batches"]
-    assert c47 == bench.apply(rows[bench.C29], {"train.cutmix": 0.5})
-    c48 = rows[bench.C48]
-    assert c48 == bench.apply(rows[bench.C29], {"train.cutmix": 1.0})
-    c49 = rows[bench.C49]
+    rows = bench.rows(datasets, "C")
+    c47 = rows["C47"]
+    assert c47 == bench.apply(rows["C29"], {"train.cutmix": 0.5})
+    c48 = rows["C48"]
+    assert c48 == bench.apply(rows["C29"], {"train.cutmix": 1.0})
+    c49 = rows["C49"]
     assert c49 == c48 | {"teacher_from": bench.C39_DEFAULT}
     assert bench.teachers_of(c49) == [bench.C39_DEFAULT]
-    c53 = rows["C53 as C33 with CutMix on every batch"]
-    assert c53 == bench.apply(rows["C33 as C29, 60 epochs"], {"train.cutmix": 1.0})
-    assert bench.row_config(datasets, bench.C29, False).train.cutmix == 0  # C29 unmixed
+    c53 = rows["C53"]
+    assert c53 == bench.apply(rows["C33"], {"train.cutmix": 1.0})
+    assert bench.row_config(datasets, "C29", False).train.cutmix == 0  # C29 unmixed
 
 
 def test_c50_c52_average_c48_with_runs_that_start_from_the_same_weights(datasets):
     bench = load("accuracy")
-    rows = bench.table_c(datasets)
-    c50 = rows["C50 C48 and C29 averaged (model soup)"]["soup_of"]
-    c51 = rows["C51 C48 and C49 averaged (model soup)"]["soup_of"]
-    c52 = rows["C52 C29, C48 and C49 averaged (model soup)"]["soup_of"]
-    second = bench.at(bench.C29, "d2129f7")  # C29's second runs
-    assert c50 == [bench.C48, second] and c51 == [bench.C48, bench.C49]
-    assert c52 == [second, bench.C48, bench.C49]
+    rows = bench.rows(datasets, "C")
+    c50 = rows["C50"]["soup_of"]
+    c51 = rows["C51"]["soup_of"]
+    c52 = rows["C52"]["soup_of"]
+    second = bench.at("C29", "d2129f7")  # C29's second runs
+    assert c50 == ["C48", second] and c51 == ["C48", "C49"]
+    assert c52 == [second, "C48", "C49"]
     assert_one_start(bench, rows, c52)
 
 
@@ -736,8 +797,8 @@ def test_run_checkpoint_at_a_revision_takes_that_revisions_run_only(tmp_path, da
     assert bench.run_checkpoint(store, "R", 0) == first  # unpinned: the first run first
     assert bench.run_checkpoint(store, bench.at("R", "0000000"), 0) is None
     # a pinned row's config is the row's own
-    c29 = bench.row_config(datasets, bench.at(bench.C29, "d2129f7"), False)
-    assert c29 == bench.row_config(datasets, bench.C29, False)
+    c29 = bench.row_config(datasets, bench.at("C29", "d2129f7"), False)
+    assert c29 == bench.row_config(datasets, "C29", False)
 
 
 def test_category_errors_knn_vote_weighs_the_nearest_training_photos():
@@ -916,14 +977,14 @@ def test_accuracy_runs_record_the_checkpoints_their_markers_resolve_to(tmp_path)
     bench = load("accuracy")
     teacher = tmp_path / "c31.pt"
     teacher.write_bytes(b"x")
-    store = {"runs": {f"{bench.C31}|seed1": {"checkpoint": str(teacher), "revision": "r"}}}
-    rows = bench.table_c(tmp_path)
-    sources = bench.marker_sources(store, rows[bench.C39], 1)  # C29 (from B1) taught by C31
+    store = {"runs": {"C31|seed1": {"checkpoint": str(teacher), "revision": "r"}}}
+    rows = bench.rows(tmp_path, "C")
+    sources = bench.marker_sources(store, rows["C39"], 1)  # C29 (from B1) taught by C31
     assert sources[1:] == [str(teacher)]
-    assert bench.marker_sources(store, rows[bench.C49], 0)[1:] == [
+    assert bench.marker_sources(store, rows["C49"], 0)[1:] == [
         f"{bench.C39_DEFAULT}:src/beautytag/weights/default.pt"
     ]
-    assert bench.marker_sources(store, rows[bench.C29], 0)[-1].startswith(bench.C16_DEFAULT)
+    assert bench.marker_sources(store, rows["C29"], 0)[-1].startswith(bench.C16_DEFAULT)
 
 
 def test_git_revision_marks_uncommitted_code_changes(tmp_path, monkeypatch):

@@ -62,6 +62,7 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device() -> torch.device:
+    """The device :func:`train` trains on: the GPU where CUDA has one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
