@@ -106,7 +106,7 @@ def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
         == 1
     )
     rows = csv_path.read_text().splitlines()
-    assert rows[0].startswith("file,error,category,category_score,color")
+    assert rows[0].startswith("file,error,model,category,category_score,color")
     assert len(rows) == 3 and "not an image" in rows[2]
 
 
@@ -133,10 +133,10 @@ def test_cli_predict_output_problems_are_one_line_and_never_lose_a_photo(
     assert "Is a directory" in capsys.readouterr().err
     assert main([*run, str(photo), ""]) == 2  # would walk the current folder
     assert "an empty path was given" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert main([*run, "--format", "csv", str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty").mkdir()  # no photos found: nothing written, exit 2 (issue 36)
+    assert main([*run, "--format", "csv", str(tmp_path / "empty")]) == 2
     out, err = capsys.readouterr()
-    assert out.startswith("file,error,category") and "warning: no image files in" in err
+    assert out == "" and "no photos found in" in err
 
 
 def test_cli_predict_writes_a_file_name_that_is_not_utf8_as_its_bytes(tiny_model, tmp_path):
@@ -235,4 +235,4 @@ def test_engine_predicts_one_path_images_and_bytes_and_reports_other_items(tiny_
     lazy = Image.open(big)  # not decoded yet: the engine's threads decode it
     results = list(Engine(tiny_model, batch_size=1).predict_items([("a", lazy), ("b", lazy)]))
     assert [r.error for r in results] == [None, None]  # as it is: over 40 MP, one decode
-    assert results[0]["attributes"] == results[1]["attributes"]
+    assert results[0].attributes == results[1].attributes

@@ -1,4 +1,4 @@
-"""The ``beautytag`` command: train, evaluate, calibrate, predict, serve and export.
+"""The ``beautytag`` command: train, evaluate, calibrate, predict, review, report, serve, export.
 
 Errors a user can cause (a bad config, a missing model, an unreadable folder) end with a
 one-line message and exit status 2, never a traceback. ``predict`` skips a photo it cannot
@@ -9,7 +9,6 @@ file of several fails), so that a script notices.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
@@ -118,12 +117,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.runtime.engine import Engine, expand_paths
-    from beautytag.runtime.results import csv_fields
+def output_format(args: argparse.Namespace) -> str:
+    """--format, or else the -o file's suffix (.csv, .parquet), or else JSON lines."""
+    if args.format:
+        return args.format
+    suffix = Path(args.output or "").suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
 
-    paths = args.paths
-    if not paths:
+
+def model_name(path: Path) -> str:
+    """A model's name in its records: the shipped name, or the file's stem."""
+    from beautytag.checkpoint import SHIPPED_MODELS, default_model_path
+
+    for name in SHIPPED_MODELS:
+        shipped = default_model_path(name)
+        if shipped.exists() and path.exists() and path.samefile(shipped):
+            return name
+    return path.stem
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from beautytag.catalogue.batch import read_list, write_records
+    from beautytag.catalogue.records import csv_fields, model_id, open_output
+    from beautytag.runtime.engine import Engine, expand_paths
+
+    paths = list(args.paths)
+    if args.from_list:
+        paths += read_list(args.from_list)
+    if not paths and not args.from_list:
         from beautytag.config import find_datasets
 
         datasets = find_datasets()
@@ -136,6 +157,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             return 2
         paths = [str(datasets / "beauty-shades" / "images")]
         print(f"no photos given: predicting the demo photos in {paths[0]}", file=sys.stderr)
+    photos = expand_paths(paths)
+    if not photos:
+        where = ", ".join(map(str, paths)) or f"the list {args.from_list}"
+        print(f"beautytag predict: no photos found in {where}", file=sys.stderr)
+        return 2
+    fmt = output_format(args)
+    target = Path(args.output) if args.output and args.output != "-" else None
+    if target and target.exists() and any(p.exists() and p.samefile(target) for p in photos):
+        raise ValueError(f"{args.output}: the output would overwrite a photo to predict")
+    if target is None and (args.resume or fmt == "parquet"):
+        raise ValueError(f"{'--resume' if args.resume else '--format parquet'} needs -o FILE")
     engine = Engine(
         args.model,
         batch_size=args.batch_size,
@@ -143,44 +175,102 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         tta_flip=args.tta_flip,
     )
-    photos = expand_paths(paths)
-    target = Path(args.output) if args.output else None
-    if target and target.exists() and any(p.exists() and p.samefile(target) for p in photos):
-        raise ValueError(f"{args.output}: the output would overwrite a photo to predict")
-    # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
-    out = sys.stdout
-    if args.output:
-        out = open(  # noqa: SIM115
-            args.output, "w", newline="", encoding="utf-8", errors="surrogateescape"
+    model = model_id(model_name(engine.model_path), engine.model_path)
+    fields = csv_fields(engine.schema)
+    writer, done = open_output(target, fmt, args.resume, args.force, fields, model)
+    todo = [str(f) for f in photos if str(f) not in done]
+    if done:
+        already = len(photos) - len(todo)
+        print(f"resuming: {already} of the photos already in {target}", file=sys.stderr)
+    if target is None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
+    if args.ray:
+        from beautytag.catalogue.distributed import ray_records
+
+        records = ray_records(
+            todo,
+            engine,
+            model,
+            address=args.ray_address,
+            workers=args.ray_workers,
         )
-    elif hasattr(out, "reconfigure"):
-        out.reconfigure(errors="surrogateescape")
-    writer = None
-    if args.format == "csv":
-        writer = csv.DictWriter(out, fieldnames=csv_fields(engine.schema))
-        writer.writeheader()
-    t0, n, bad = time.perf_counter(), 0, 0
-    try:
-        for result in engine.predict_items([(str(f), f) for f in photos]):
-            n += 1
-            bad += not result.ok
-            if writer is None:
-                out.write(json.dumps(result.to_dict()) + "\n")
-            else:
-                writer.writerow(result.csv_row())
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if n == 0:
-        print(f"warning: no image files in {', '.join(map(str, paths))}", file=sys.stderr)
-    dt = time.perf_counter() - t0
+    else:
+        records = (
+            {"file": r.file, "model": model} | r.to_dict()
+            for r in engine.predict_items([(f, Path(f)) for f in todo])
+        )
+    t0 = time.perf_counter()
+    with writer:
+        written = write_records(records, writer, len(todo))
+    n, bad, dt = written.count, written.errors, time.perf_counter() - t0
     print(
         f"{n} image{'' if n == 1 else 's'} ({bad} skipped with errors) in {dt:.1f} s: "
         f"{n / dt if dt else 0:.1f} images/s",
         file=sys.stderr,
     )
+    if written.interrupted:
+        again = f"; run again with --resume to finish {target}" if target else ""
+        print(f"interrupted after {n} of {len(todo)} photos{again}", file=sys.stderr)
+        return 130
     return 1 if bad else 0
+
+
+def model_schema(name: str | None):  # -> Schema
+    """The attributes of a --model argument (a checkpoint, an export or a shipped name)."""
+    from beautytag.runtime.engine import Engine
+
+    return Engine(name).schema
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from beautytag.catalogue.records import read_records
+    from beautytag.catalogue.review import (
+        import_export,
+        labeling_config,
+        review_tasks,
+        write_labels_csv,
+    )
+
+    out = Path(args.output)
+    if args.import_export:
+        if args.predictions:
+            raise ValueError("give either PREDICTIONS or --import EXPORT, not both")
+        attributes = []
+        if args.model:
+            schema = model_schema(args.model)
+            attributes = [a.name for a in schema.attributes if a.classes]
+        rows, skipped = import_export(args.import_export, relative_to=out.parent, split=args.split)
+        write_labels_csv(rows, out, attributes)
+        for why in skipped:
+            print(f"skipped {why}", file=sys.stderr)
+        print(f"{len(rows)} reviewed photos written to {out}", file=sys.stderr)
+        return 0
+    if not args.predictions:
+        raise ValueError("give PREDICTIONS (a predict output) or --import EXPORT.json")
+    tasks = review_tasks(
+        read_records(args.predictions), args.attribute, args.below, args.image_prefix
+    )
+    try:
+        out.write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write ({e.strerror})") from None
+    print(labeling_config(model_schema(args.model)), end="")
+    print(
+        f"{len(tasks)} tasks ({args.attribute} under {args.below}) written to {out}; paste the "
+        "labelling config above into the Label Studio project (Settings > Labeling Interface)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from beautytag.catalogue.records import read_records
+    from beautytag.catalogue.report import write_report
+
+    records = read_records(args.predictions)
+    write_report(records, args.output, attribute=args.attribute, thumbnails=args.thumbnails)
+    print(f"report on {len(records)} photos written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -347,8 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint (.pt), an exported model (.onnx, .ts) or a shipped model's name: "
         "default (96 px, fast), accurate (192 px)",
     )
-    r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format")
-    r.add_argument("--output", "-o", help="write here instead of standard output")
+    r.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet"],
+        help="output format (default: by the -o file's suffix, .csv or .parquet, else jsonl)",
+    )
+    r.add_argument(
+        "--output",
+        "-o",
+        help="write here instead of standard output; an existing file is refused unless "
+        "--resume or --force",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="add to -o the photos it lacks (by path); a torn last record is repaired",
+    )
+    r.add_argument("--force", action="store_true", help="overwrite an existing -o file")
+    r.add_argument(
+        "--from-list",
+        metavar="FILE",
+        help="also the photos or folders listed in FILE, one a line (-: standard input)",
+    )
     r.add_argument("--batch-size", type=positive_int, default=32, help="photos per model call")
     r.add_argument("--top-k", type=positive_int, default=3, help="answers per class attribute")
     r.add_argument("--threshold", type=share, default=0.5, help="for multi-label tags")
@@ -357,7 +467,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average with a mirrored copy (two model calls per photo)",
     )
+    r.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data (pip install 'beautytag[ray]'): a local cluster, or --ray-address",
+    )
+    r.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster, e.g. HOST:6379")
+    r.add_argument(
+        "--ray-workers",
+        type=positive_int,
+        help="model workers (default: 2 on a local cluster, the cluster's GPUs or CPUs/4)",
+    )
     r.set_defaults(func=cmd_predict)
+
+    w = sub.add_parser(
+        "review",
+        help="doubtful answers to Label Studio tasks; a Label Studio export back to labels.csv",
+        epilog="tasks: beautytag review PREDICTIONS -o tasks.json (prints the labelling config); "
+        "back: beautytag review --import EXPORT.json -o labels.csv",
+    )
+    w.add_argument("predictions", nargs="?", help="a predict output (JSONL, CSV or Parquet)")
+    w.add_argument("--output", "-o", required=True, help="tasks.json, or with --import labels.csv")
+    w.add_argument(
+        "--import",
+        dest="import_export",
+        metavar="EXPORT",
+        help="a Label Studio JSON export to turn into labels.csv",
+    )
+    w.add_argument("--attribute", default="category", help="the class attribute to review")
+    w.add_argument("--below", type=share, default=0.6, help="review answers scoring under this")
+    w.add_argument(
+        "--image-prefix",
+        default="",
+        help="put before each photo path in the task, e.g. /data/local-files/?d= for Label "
+        "Studio's local files (paths then relative to its document root)",
+    )
+    w.add_argument(
+        "--model",
+        help="the model whose attributes the labelling config (and labels.csv's columns) has "
+        "(default: the shipped default)",
+    )
+    w.add_argument("--split", default="train", help="with --import: the split column of labels.csv")
+    w.set_defaults(func=cmd_review)
+
+    o = sub.add_parser("report", help="a one-page HTML overview of a predict output")
+    o.add_argument("predictions", help="a predict output (JSONL, CSV or Parquet)")
+    o.add_argument("--output", "-o", required=True, help="the HTML page to write")
+    o.add_argument("--attribute", default="category", help="whose least confident are shown")
+    o.add_argument("--thumbnails", type=int, default=24, help="least confident photos shown")
+    o.set_defaults(func=cmd_report)
 
     v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")
     v.add_argument(
