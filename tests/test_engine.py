@@ -130,7 +130,7 @@ def test_cli_predict_output_problems_are_one_line_and_never_lose_a_photo(
     assert "would overwrite a photo to predict" in capsys.readouterr().err
     assert photo.read_bytes() == before
     assert main([*run, str(photo), "-o", str(tmp_path)]) == 2  # a folder
-    assert "Is a directory" in capsys.readouterr().err
+    assert "is a folder" in capsys.readouterr().err
     assert main([*run, str(photo), ""]) == 2  # would walk the current folder
     assert "an empty path was given" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()  # no photos found: nothing written, exit 2 (issue 36)

@@ -311,7 +311,7 @@ def open_output(
     path = Path(path)
     file = journal_path(path) if fmt == "parquet" else path
     if path.is_dir():
-        raise RecordsError(f"{path}: Is a directory; name an output file")
+        raise RecordsError(f"{path}: is a folder; name an output file")
     if fmt == "csv" and fields is None and not (resume and file.exists()):
         raise RecordsError("a CSV output needs its fields (csv_fields(schema))")
     existing = [p for p in dict.fromkeys([path, file]) if p.exists()]
