@@ -2,10 +2,11 @@
 workers on a local Ray cluster, on this machine.
 
 Each run is the real command in a subprocess writing a fresh JSON lines file. Two rates are
-reported: the run's own (the CLI's summary line: photos over the time from the first photo
-to the last, the model loaded) and the wall-clock one (start-up, and for Ray the local
-cluster and its workers, included). The photos are the first --photos of the demo photos
-(../shared/datasets/beauty-shades/images), or generated 640x480 JPEGs where there are none.
+reported: the run's own (the CLI's summary line: photos over the time from the model loaded
+to the last photo; for Ray, the local cluster and its workers start within it) and the
+wall-clock one (Python's and torch's start-up included). The photos are the first --photos
+of the demo photos (../shared/datasets/beauty-shades/images), or generated 640x480 JPEGs
+where there are none.
 The load average is recorded: on a shared machine the numbers move with it. Usage:
 
     python benchmarks/batch.py [--photos 200] [--workers 1 2] [--batch-size 32] [--model M]
@@ -116,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     md += [
         "",
-        "images/s (run): from the first photo to the last, as predict reports it; wall: the "
-        "whole command, start-up and (Ray) the local cluster and its workers included. The "
-        "load average is the machine's before each run (it is shared).",
+        "images/s (run): as predict reports it, from the model loaded to the last photo (for "
+        "Ray this includes starting the local cluster and its workers); wall: the whole "
+        "command, Python's and torch's start-up included. The load average is the machine's "
+        "before each run (it is shared by other work, so the numbers are noisy).",
     ]
     write_results(RESULTS, payload, md)
     print("\n".join(md))
