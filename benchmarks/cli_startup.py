@@ -23,7 +23,7 @@ from pathlib import Path
 from benchlib import git_revision, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cli_startup"
-SUBCOMMANDS = ["train", "evaluate", "calibrate", "predict", "serve", "export"]
+SUBCOMMANDS = ["train", "evaluate", "calibrate", "predict", "review", "report", "serve", "export"]
 
 
 def seconds(cmd: list[str]) -> float:

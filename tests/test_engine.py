@@ -108,7 +108,7 @@ def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
         == 1
     )
     rows = csv_path.read_text().splitlines()
-    assert rows[0].startswith("file,error,category,category_score,color")
+    assert rows[0].startswith("file,error,model,category,category_score,color")
     assert len(rows) == 3 and "not an image" in rows[2]
 
 
@@ -132,13 +132,13 @@ def test_cli_predict_output_problems_are_one_line_and_never_lose_a_photo(
     assert "would overwrite a photo to predict" in capsys.readouterr().err
     assert photo.read_bytes() == before
     assert main([*run, str(photo), "-o", str(tmp_path)]) == 2  # a folder
-    assert "Is a directory" in capsys.readouterr().err
+    assert "is a folder" in capsys.readouterr().err
     assert main([*run, str(photo), ""]) == 2  # would walk the current folder
     assert "an empty path was given" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert main([*run, "--format", "csv", str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty").mkdir()  # no photos found: nothing written, exit 2 (issue 36)
+    assert main([*run, "--format", "csv", str(tmp_path / "empty")]) == 2
     out, err = capsys.readouterr()
-    assert out.startswith("file,error,category") and "warning: no image files in" in err
+    assert out == "" and "no photos found in" in err
 
 
 def test_cli_predict_writes_a_file_name_that_is_not_utf8_as_its_bytes(tiny_model, tmp_path):

@@ -1,4 +1,4 @@
-"""The ``beautytag`` command: train, evaluate, calibrate, predict, serve and export.
+"""The ``beautytag`` command: train, evaluate, calibrate, predict, review, report, serve, export.
 
 Errors a user can cause (a bad config, a missing model, an unreadable folder) end with a
 one-line message and exit status 2, never a traceback. ``predict`` skips a photo it cannot
@@ -9,12 +9,10 @@ file of several fails), so that a script notices.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,68 +117,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from beautytag.runtime.engine import Engine, expand_paths
-    from beautytag.runtime.results import csv_fields
+    from beautytag.catalogue.commands import predict
 
-    paths = args.paths
-    if not paths:
-        from beautytag.config import find_datasets
+    return predict(args)
 
-        datasets = find_datasets()
-        if datasets is None or not (datasets / "beauty-shades" / "images").is_dir():
-            print(
-                "usage: beautytag predict PHOTO_OR_FOLDER [...]  (no photos given, and no "
-                "../shared/datasets/beauty-shades to demo on)",
-                file=sys.stderr,
-            )
-            return 2
-        paths = [str(datasets / "beauty-shades" / "images")]
-        print(f"no photos given: predicting the demo photos in {paths[0]}", file=sys.stderr)
-    engine = Engine(
-        args.model,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        threshold=args.threshold,
-        tta_flip=args.tta_flip,
-    )
-    photos = expand_paths(paths)
-    target = Path(args.output) if args.output else None
-    if target and target.exists() and any(p.exists() and p.samefile(target) for p in photos):
-        raise ValueError(f"{args.output}: the output would overwrite a photo to predict")
-    # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
-    out = sys.stdout
-    if args.output:
-        out = open(  # noqa: SIM115
-            args.output, "w", newline="", encoding="utf-8", errors="surrogateescape"
-        )
-    elif hasattr(out, "reconfigure"):
-        out.reconfigure(errors="surrogateescape")
-    writer = None
-    if args.format == "csv":
-        writer = csv.DictWriter(out, fieldnames=csv_fields(engine.schema))
-        writer.writeheader()
-    t0, n, bad = time.perf_counter(), 0, 0
-    try:
-        for result in engine.predict_items([(str(f), f) for f in photos]):
-            n += 1
-            bad += not result.ok
-            if writer is None:
-                out.write(json.dumps(result.to_dict()) + "\n")
-            else:
-                writer.writerow(result.csv_row())
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if n == 0:
-        print(f"warning: no image files in {', '.join(map(str, paths))}", file=sys.stderr)
-    dt = time.perf_counter() - t0
-    print(
-        f"{n} image{'' if n == 1 else 's'} ({bad} skipped with errors) in {dt:.1f} s: "
-        f"{n / dt if dt else 0:.1f} images/s",
-        file=sys.stderr,
-    )
-    return 1 if bad else 0
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from beautytag.catalogue.commands import review
+
+    return review(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from beautytag.catalogue.commands import report
+
+    return report(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -354,8 +305,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint (.pt), an exported model (.onnx, .ts) or a shipped model's name: "
         "default (96 px, fast), accurate (192 px)",
     )
-    r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format")
-    r.add_argument("--output", "-o", help="write here instead of standard output")
+    r.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet"],
+        help="output format (default: by the -o file's suffix, .csv or .parquet, else jsonl)",
+    )
+    r.add_argument(
+        "--output",
+        "-o",
+        help="write here instead of standard output; an existing file is refused unless "
+        "--resume or --force",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="add to -o the photos it lacks (by path); a torn last record is repaired",
+    )
+    r.add_argument("--force", action="store_true", help="overwrite an existing -o file")
+    r.add_argument(
+        "--from-list",
+        metavar="FILE",
+        help="also the photos or folders listed in FILE, one a line (-: standard input)",
+    )
     r.add_argument("--batch-size", type=positive_int, default=32, help="photos per model call")
     r.add_argument("--top-k", type=positive_int, default=3, help="answers per class attribute")
     r.add_argument("--threshold", type=share, default=0.5, help="for multi-label tags")
@@ -364,7 +335,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average with a mirrored copy (two model calls per photo)",
     )
+    r.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data (pip install 'beautytag[ray]'): a local cluster, or --ray-address",
+    )
+    r.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster, e.g. HOST:6379")
+    r.add_argument(
+        "--ray-workers",
+        type=positive_int,
+        help="model workers (default: 2 on a local cluster, the cluster's GPUs or CPUs/4)",
+    )
     r.set_defaults(func=cmd_predict)
+
+    w = sub.add_parser(
+        "review",
+        help="doubtful answers to Label Studio tasks; a Label Studio export back to labels.csv",
+        epilog="tasks: beautytag review PREDICTIONS -o tasks.json (prints the labelling config); "
+        "back: beautytag review --import EXPORT.json -o labels.csv",
+    )
+    w.add_argument("predictions", nargs="?", help="a predict output (JSONL, CSV or Parquet)")
+    w.add_argument("--output", "-o", required=True, help="tasks.json, or with --import labels.csv")
+    w.add_argument(
+        "--import",
+        dest="import_export",
+        metavar="EXPORT",
+        help="a Label Studio JSON export to turn into labels.csv",
+    )
+    w.add_argument("--attribute", default="category", help="the class attribute to review")
+    w.add_argument("--below", type=share, default=0.6, help="review answers scoring under this")
+    w.add_argument(
+        "--image-prefix",
+        default="",
+        help="put before each photo path in the task, e.g. /data/local-files/?d= for Label "
+        "Studio's local files (paths then relative to its document root)",
+    )
+    w.add_argument(
+        "--model",
+        help="the model whose attributes the labelling config (and labels.csv's columns) has "
+        "(default: the shipped default)",
+    )
+    w.add_argument("--split", default="train", help="with --import: the split column of labels.csv")
+    w.set_defaults(func=cmd_review)
+
+    o = sub.add_parser("report", help="a one-page HTML overview of a predict output")
+    o.add_argument("predictions", help="a predict output (JSONL, CSV or Parquet)")
+    o.add_argument("--output", "-o", required=True, help="the HTML page to write")
+    o.add_argument("--attribute", default="category", help="whose least confident are shown")
+    o.add_argument("--thumbnails", type=int, default=24, help="least confident photos shown")
+    o.set_defaults(func=cmd_report)
 
     v = sub.add_parser("serve", help="HTTP service: POST /v1/predict, a web page at /")
     v.add_argument(

@@ -8,7 +8,11 @@ A record is what ``beautytag predict`` writes for one photo::
   them back,
 * :mod:`beautytag.catalogue.review` turns doubtful answers into Label Studio tasks and a
   Label Studio export back into a ``labels.csv`` that training reads,
-* :mod:`beautytag.catalogue.report` draws a one-page HTML overview of a catalogue.
+* :mod:`beautytag.catalogue.report` draws a one-page HTML overview of a catalogue,
+* :mod:`beautytag.catalogue.batch` writes a run's records (progress bar, Ctrl-C),
+  :mod:`beautytag.catalogue.distributed` runs it on Ray Data (``predict --ray``), and
+  :mod:`beautytag.catalogue.commands` is ``beautytag predict``, ``review`` and ``report``.
 
-Nothing here imports torch or the model code.
+records, review, report and batch import neither torch nor the model code; the commands and
+Ray import them only when they run a model.
 """

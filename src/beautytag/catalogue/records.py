@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from beautytag.runtime import results
+
 FORMATS = ("jsonl", "csv", "parquet")
 SYNC_EVERY = 64  # records between fsyncs ...
 SYNC_SECONDS = 5.0  # ... or seconds, whichever comes first
@@ -59,30 +61,12 @@ def journal_path(path: str | Path) -> Path:
 
 
 def csv_fields(schema: Any) -> list[str]:
-    """The CSV header: file, error, model, then each attribute's columns (as :func:`csv_row`
-    fills them). `schema` is anything with ``.attributes`` having ``.name`` and ``.kind``."""
-    fields = list(BASE_FIELDS)
-    for a in schema.attributes:
-        fields += {
-            "single": [a.name, f"{a.name}_score"],
-            "multi": [a.name],
-            "shade": [a.name, f"{a.name}_lab"],
-        }[a.kind]
-    return fields
+    """The CSV header: the columns of ``beautytag.runtime.results.csv_fields`` with ``model``
+    after ``error``. `schema` is anything with ``.attributes`` having ``.name`` and ``.kind``."""
+    return results.csv_fields(schema, extra=("model",))
 
 
-def csv_row(record: dict) -> dict[str, str]:
-    """A record as one CSV row: a class and its score, tags joined by ';', a shade as hex and
-    Lab."""
-    row = {"file": record["file"], "error": record["error"] or "", "model": record.get("model")}
-    for name, v in (record["attributes"] or {}).items():
-        if "label" in v:
-            row[name], row[f"{name}_score"] = v["label"] or "", f"{v['score']:.4f}"
-        elif "labels" in v:
-            row[name] = ";".join(label for label, _ in v["labels"])
-        else:
-            row[name], row[f"{name}_lab"] = v["hex"], " ".join(f"{t:.2f}" for t in v["lab"])
-    return {k: v or "" for k, v in row.items()}
+csv_row = results.csv_row  # a record (with its model) as one CSV row
 
 
 def record_from_csv_row(row: dict[str, str], fields: list[str]) -> dict:
@@ -295,7 +279,7 @@ class RecordWriter:
 def csv_text(rows: Iterable[dict[str, str]], fields: list[str], header: bool = False) -> bytes:
     """CSV rows (and the header) as bytes; a file name that is not UTF-8 keeps its bytes."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     if header:
         writer.writeheader()
     writer.writerows(rows)

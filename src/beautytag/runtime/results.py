@@ -75,22 +75,14 @@ class Prediction:
         return {"file": self.file, "attributes": attributes, "error": self.error}
 
     def csv_row(self) -> dict[str, str]:
-        """The CSV form (columns of :func:`csv_fields`): a class's label and score, the tags
-        joined by ``;``, a shade's hex and its L a b."""
-        row = {"file": self.file, "error": self.error or ""}
-        for name, v in (self.attributes or {}).items():
-            if isinstance(v, ClassAnswer):
-                row[name], row[f"{name}_score"] = v.label, f"{v.score:.4f}"
-            elif isinstance(v, TagsAnswer):
-                row[name] = ";".join(label for label, _ in v.labels)
-            else:
-                row[name], row[f"{name}_lab"] = v.hex, " ".join(f"{t:.2f}" for t in v.lab)
-        return row
+        """The CSV form (columns of :func:`csv_fields`): see :func:`csv_row`."""
+        return csv_row(self.to_dict())
 
 
-def csv_fields(schema: Schema) -> list[str]:
-    """The CSV header: file, error, then each attribute's columns (as ``csv_row`` fills)."""
-    fields = ["file", "error"]
+def csv_fields(schema: Schema, extra: tuple[str, ...] = ()) -> list[str]:
+    """The CSV header: file, error, the `extra` columns (e.g. ``model``), then each
+    attribute's columns (as :func:`csv_row` fills them)."""
+    fields = ["file", "error", *extra]
     for a in schema.attributes:
         fields += {
             "single": [a.name, f"{a.name}_score"],
@@ -98,3 +90,20 @@ def csv_fields(schema: Schema) -> list[str]:
             "shade": [a.name, f"{a.name}_lab"],
         }[a.kind]
     return fields
+
+
+def csv_row(record: dict[str, Any]) -> dict[str, str]:
+    """A JSON record (:meth:`Prediction.to_dict`, maybe with more top-level keys such as
+    ``model``) as one CSV row: a class's label and score, the tags joined by ``;``, a shade's
+    hex and its L a b. Top-level keys other than ``attributes`` are copied as they are."""
+    row = {k: v for k, v in record.items() if k != "attributes"}
+    for name, v in (record.get("attributes") or {}).items():
+        if "label" in v:
+            score = v.get("score")
+            row[name] = v["label"]
+            row[f"{name}_score"] = f"{score:.4f}" if score is not None else ""
+        elif "labels" in v:
+            row[name] = ";".join(label for label, _ in v["labels"])
+        else:
+            row[name], row[f"{name}_lab"] = v["hex"], " ".join(f"{t:.2f}" for t in v["lab"])
+    return {k: "" if v is None else str(v) for k, v in row.items()}
