@@ -1,0 +1,138 @@
+"""Your own photos (configs/own_photos.yaml): a model is measured on the attributes your
+labels share with it. Tiny models at 32 px on drawn photos: plumbing, not accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from PIL import Image
+
+from beautytag.checkpoint import save_checkpoint
+from beautytag.config import config_from_dict
+from beautytag.nn.net import BeautyTagNet
+from beautytag.training.evaluate import evaluate
+
+MODEL = {"weights": "none", "attention": "none", "image_size": 32}
+START_CLASSES = ["Lipstick", "Mascara", "Other"]
+
+
+def start_model(tmp_path) -> str:
+    """A random starting model with category, shade and finish (as the shipped default has
+    them, with a calibrated finish)."""
+    raw = {
+        "model": MODEL | {"temperatures": {"finish": 1.5}},
+        "attributes": [
+            {"name": "category", "kind": "single", "classes": START_CLASSES},
+            {"name": "shade", "kind": "shade", "weight": 0.5},
+            {"name": "finish", "kind": "single", "classes": ["matte", "gloss"], "weight": 0.5},
+        ],
+        "data": {"root": "../shared/datasets"},
+    }
+    cfg = config_from_dict(raw)
+    torch.manual_seed(0)
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    return str(path)
+
+
+def own_raw(tmp_path, init: str, classes=("Lipstick", "Mascara"), **train_cfg) -> dict:
+    """A config for a folder of 40 x 40 photos that labels only the category: 8 training,
+    4 validation and 4 test photos (Lipstick and Mascara in turn)."""
+    folder = tmp_path / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        for i in range(n):
+            colour = (200, 30, 60) if i % 2 == 0 else (20, 20, 20)
+            Image.new("RGB", (40, 40), colour).save(folder / f"{split}{i}.jpg")
+            rows.append(f"{split}{i}.jpg,{('Lipstick', 'Mascara')[i % 2]},{split}")
+    (folder / "labels.csv").write_text("file_name,category,split\n" + "\n".join(rows) + "\n")
+    category = {"name": "category", "kind": "single", "classes": list(classes)}
+    return {
+        "model": MODEL | {"init": init},
+        "attributes": [category | {"sources": {"mine": {"column": "category"}}}],
+        "data": {
+            "root": str(tmp_path),
+            "augment": False,
+            "sources": [{"name": "mine", "path": "photos"}],
+        },
+        "train": {
+            "epochs": 1,
+            "freeze_epochs": 0,
+            "batch_size": 4,
+            "out_dir": str(tmp_path / "run"),
+        }
+        | train_cfg,
+    }
+
+
+def test_evaluate_measures_only_what_the_config_shares_with_the_model(tmp_path, capsys):
+    from beautytag.cli import main
+
+    start = start_model(tmp_path)
+    raw = own_raw(tmp_path, start, classes=("lipstick", "Mascara", "Blush"))
+    result = evaluate(start, "test", tmp_path / "eval", config_from_dict(raw))
+    assert list(result["metrics"]) == ["category"] and result["metrics"]["category"]["n"] == 4
+    assert result["not_compared"] == {
+        "category": "photos of classes the model lacks left out: Blush",
+        "shade": "the config does not label it",
+        "finish": "the config does not label it",
+    }
+    # the model's other classes are possible (wrong) answers; the config's names are used
+    assert result["per_class"]["category"][0]["class"] in ("lipstick", "Mascara", "Other")
+    assert "- shade: the config does not label it" in (tmp_path / "eval/report.md").read_text()
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "cli-eval"
+    assert main(["evaluate", start, "--config", str(config), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "not measured: finish: the config does not label it" in err
+    assert json.loads((out / "report.json").read_text())["metrics"]["category"]["n"] == 4
+
+
+def test_shared_classes_are_mapped_by_name_and_tags_restricted(tmp_path):
+    import numpy as np
+
+    from beautytag.schema import parse_schema
+    from beautytag.training.evaluate import shared_answers
+
+    model = parse_schema(
+        [
+            {"name": "category", "kind": "single", "classes": ["A", "B", "C"]},
+            {"name": "function", "kind": "multi", "classes": ["x", "y"]},
+            {"name": "finish", "kind": "single", "classes": ["m", "g"]},
+        ]
+    )
+    data = parse_schema(
+        [
+            {"name": "category", "kind": "single", "classes": ["c", "Z", "a"]},
+            {"name": "function", "kind": "multi", "classes": ["y", "w"]},
+            {"name": "finish", "kind": "multi", "classes": ["m", "g"]},
+        ]
+    )
+    outputs = {
+        "category": np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]),
+        "function": np.array([[0.9, 0.2], [0.1, 0.8], [0.5, 0.5]]),
+        "finish": np.zeros((3, 2)),
+    }
+    targets = {
+        "category": np.array([0, 2, 1]),  # c, a, Z (the model has no Z)
+        "function": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+        "finish": np.zeros((3, 2)),
+    }
+    masks = {k: np.ones(3, dtype=bool) for k in targets}
+    schema, why, outs, tgts, msks = shared_answers(model, data, outputs, targets, masks)
+    assert schema.names == ["category", "function"]
+    assert schema["category"].classes == ["c", "a", "B"]  # shared, then the model's other
+    assert outs["category"].tolist() == [[0.7, 0.1, 0.2], [0.1, 0.6, 0.3], [0.3, 0.2, 0.5]]
+    assert tgts["category"][:2].tolist() == [0, 1] and msks["category"].tolist() == [1, 1, 0]
+    assert schema["function"].classes == ["y"]
+    assert outs["function"].tolist() == [[0.2], [0.8], [0.5]]
+    assert tgts["function"].tolist() == [[1.0], [0.0], [0.0]]
+    assert why == {
+        "category": "photos of classes the model lacks left out: Z",
+        "function": "photos of classes the model lacks left out: w",
+        "finish": "a multi attribute in the config, single in the model",
+    }
