@@ -1,5 +1,6 @@
-"""Your own photos (configs/own_photos.yaml): a model is measured on the attributes your
-labels share with it. Tiny models at 32 px on drawn photos: plumbing, not accuracy."""
+"""Fine-tuning a model on your own photos (configs/own_photos.yaml): the starting model's
+other attributes are kept, and a model is measured on the attributes your labels share with
+it. Tiny models at 32 px on drawn photos: plumbing, not accuracy."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 import yaml
 from PIL import Image
 
-from beautytag.checkpoint import save_checkpoint
+from beautytag.checkpoint import load_checkpoint, save_checkpoint
 from beautytag.config import config_from_dict
 from beautytag.nn.net import BeautyTagNet
 from beautytag.training.evaluate import evaluate
+from beautytag.training.train import build_run, read_datasets, train
 
 MODEL = {"weights": "none", "attention": "none", "image_size": 32}
 START_CLASSES = ["Lipstick", "Mascara", "Other"]
@@ -66,6 +68,58 @@ def own_raw(tmp_path, init: str, classes=("Lipstick", "Mascara"), **train_cfg) -
         }
         | train_cfg,
     }
+
+
+def heads(model: BeautyTagNet, name: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(f"heads.{name}.")}
+
+
+def test_fine_tuning_keeps_the_starting_models_other_attributes(tmp_path, capsys):
+    start = start_model(tmp_path)
+    result = train(config_from_dict(own_raw(tmp_path, start)), progress=False)
+    out = capsys.readouterr().out
+    assert f"kept from {start}: shade, finish" in out
+    assert "finish classes with no training photo" not in out  # unlabelled by design
+    assert result["kept"] == ["shade", "finish"]
+    theirs, _, _ = load_checkpoint(start)
+    best, cfg, _ = load_checkpoint(result["best"])
+    assert cfg.schema.names == ["category", "shade", "finish"]
+    assert [a.kind for a in cfg.schema.attributes] == ["single", "shade", "single"]
+    assert cfg.schema["finish"].classes == ["matte", "gloss"]
+    assert cfg.schema["finish"].weight == 0.5 and not cfg.schema["finish"].sources
+    assert cfg.model.temperatures == {"finish": 1.5}  # its calibration kept too
+    for name in ("shade", "finish"):  # no label reaches them: their heads are the start's
+        ours, start_heads = heads(best, name), heads(theirs, name)
+        assert ours and all(torch.equal(ours[k], start_heads[k]) for k in start_heads)
+
+
+def test_the_kept_heads_start_as_the_starting_models(tmp_path):
+    from beautytag.checkpoint import keep_start_attributes
+
+    start = start_model(tmp_path)
+    cfg = keep_start_attributes(config_from_dict(own_raw(tmp_path, start)))[0]
+    run = build_run(cfg, read_datasets(cfg)[0], torch.device("cpu"))
+    theirs = load_checkpoint(start)[0]
+    for name in ("shade", "finish"):
+        start_heads = heads(theirs, name)
+        assert all(torch.equal(heads(run.model, name)[k], v) for k, v in start_heads.items())
+
+
+def test_keep_attributes_false_drops_them(tmp_path, capsys):
+    raw = own_raw(tmp_path, start_model(tmp_path))
+    raw["model"]["keep_attributes"] = False
+    result = train(config_from_dict(raw), progress=False)
+    assert "kept from" not in capsys.readouterr().out
+    assert load_checkpoint(result["best"])[1].schema.names == ["category"]
+
+
+def test_a_kept_head_that_cannot_load_is_a_warning(tmp_path, capsys):
+    raw = own_raw(tmp_path, start_model(tmp_path))
+    raw["model"]["backbone"] = "resnet18"  # other features: the kept heads cannot load
+    train(config_from_dict(raw), progress=False)
+    out = capsys.readouterr().out
+    assert "warning: model.backbone is 'resnet18'" in out
+    assert "warning: the heads of shade, finish did not load" in out
 
 
 def test_evaluate_measures_only_what_the_config_shares_with_the_model(tmp_path, capsys):

@@ -32,6 +32,9 @@ class ModelConfig:
     # start training from a beautytag model (a checkpoint, or `default` / `accurate`): every
     # tensor whose name, shape and (for heads) classes match; the rest as above
     init: str = ""
+    # with `init`: the starting model's attributes that `attributes` does not define are kept
+    # (its classes and trained heads; the data has no labels for them); false drops them
+    keep_attributes: bool = True
     # class attribute -> the temperature its logits are divided by before the softmax, so
     # that a score is the chance of being right (set by `beautytag calibrate`; 1 if absent)
     temperatures: dict[str, float] = field(default_factory=dict)
