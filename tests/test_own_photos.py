@@ -1,9 +1,11 @@
 """Fine-tuning a model on your own photos (configs/own_photos.yaml): the starting model's
-other attributes are kept, and a model is measured on the attributes your labels share with
-it. Tiny models at 32 px on drawn photos: plumbing, not accuracy."""
+other attributes are kept, a model is measured on the attributes your labels share with it,
+and a run ends with its test report beside the starting model's, calibrated. Tiny models at
+32 px on drawn photos: plumbing, not accuracy."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
@@ -65,6 +67,8 @@ def own_raw(tmp_path, init: str, classes=("Lipstick", "Mascara"), **train_cfg) -
             "freeze_epochs": 0,
             "batch_size": 4,
             "out_dir": str(tmp_path / "run"),
+            "final_report": False,
+            "calibrate": False,
         }
         | train_cfg,
     }
@@ -190,3 +194,38 @@ def test_shared_classes_are_mapped_by_name_and_tags_restricted(tmp_path):
         "function": "photos of classes the model lacks left out: w",
         "finish": "a multi attribute in the config, single in the model",
     }
+
+
+def test_a_run_ends_with_both_test_reports_and_a_calibrated_best(tmp_path, capsys):
+    start = start_model(tmp_path)
+    raw = own_raw(tmp_path, start)
+    del raw["train"]["final_report"], raw["train"]["calibrate"]  # the defaults: on
+    result = train(config_from_dict(copy.deepcopy(raw)), progress=False)
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    ours = json.loads((run / "test-report" / "report.json").read_text())
+    theirs = json.loads((run / "start-test-report" / "report.json").read_text())
+    assert ours["metrics"]["category"]["n"] == theirs["metrics"]["category"]["n"] == 4
+    assert ours["images"] == theirs["images"] == 4  # the same photos
+    assert result["test_report"] == str(run / "test-report" / "report.md")
+    assert f"test split, 4 photos: this run | {start} (the starting model)" in out
+    line = next(x for x in out.splitlines() if x.startswith("  category: n 4 | 4; accuracy "))
+    assert line.count("|") == 3 and "macro-F1" in line  # n, accuracy, macro-F1 of both
+    assert "calibrated" in out
+    cfg = load_checkpoint(result["best"])[1]
+    assert "category" in cfg.model.temperatures and cfg.model.temperatures["finish"] == 1.5
+    assert set(result["temperatures"]) == {"category"}
+
+
+def test_the_end_of_run_steps_can_be_turned_off_and_need_a_test_split(tmp_path, capsys):
+    raw = own_raw(tmp_path, start_model(tmp_path))  # final_report and calibrate off
+    result = train(config_from_dict(raw), progress=False)
+    assert "test_report" not in result and not (tmp_path / "run" / "test-report").exists()
+    assert load_checkpoint(result["best"])[1].model.temperatures == {"finish": 1.5}
+    capsys.readouterr()
+    del raw["train"]["final_report"]
+    (tmp_path / "photos" / "labels.csv").write_text(
+        (tmp_path / "photos" / "labels.csv").read_text().replace(",test", ",val")
+    )
+    result = train(config_from_dict(raw), progress=False)
+    assert "no test photos: no final report" in capsys.readouterr().out

@@ -88,6 +88,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     amp: bool = True  # bf16 autocast and channels-last, on a GPU only
+    # after training: best.pt and the starting model (model.init) measured on the test split,
+    # side by side (OUT/test-report, OUT/start-test-report)
+    final_report: bool = True
+    calibrate: bool = True  # after training: best.pt temperature-scaled on the validation split
     out_dir: str = "runs/default"
 
     @property

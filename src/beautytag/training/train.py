@@ -51,7 +51,7 @@ from beautytag.nn.losses import MultiTaskLoss, distillation_loss
 from beautytag.nn.net import BeautyTagNet
 from beautytag.training.distill import Teacher, load_teachers, teach
 from beautytag.training.evaluate import compute_metrics, run_dataset
-from beautytag.training.fine_tune import warn_untrained, with_start_attributes
+from beautytag.training.fine_tune import after_training, warn_untrained, with_start_attributes
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -478,7 +478,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         "last": str(out / "last.pt"),
         "log": str(log_path),
         "skipped": train_ds.errors + val_ds.errors,
-    } | ({"kept": kept} if kept else {})
+    } | after_training(out, cfg, str(device), kept)
 
 
 def summary_line(record: dict[str, Any]) -> str:
