@@ -436,6 +436,12 @@ def run_trained(
     raw: dict, seed: int, out_dir: Path, quick: bool, workers: int, revision: str
 ) -> dict[str, Any]:
     raw = apply(raw, {"train.seed": seed, "train.out_dir": str(out_dir), "train.workers": workers})
+    # a row is the model its config defines, measured as below: no attribute kept from a
+    # starting model, no end-of-run report or calibration (the rows before them had none)
+    raw = apply(
+        raw,
+        {"model.keep_attributes": False, "train.final_report": False, "train.calibrate": False},
+    )
     if quick:
         raw = apply(raw, {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48})
     cfg = config_from_dict(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from importlib import resources
@@ -14,7 +15,7 @@ from torch import nn
 from beautytag.config import Config, config_from_dict
 from beautytag.nn.heads import PixelColourHead
 from beautytag.nn.net import BeautyTagNet
-from beautytag.schema import Attribute
+from beautytag.schema import Attribute, Schema
 
 
 def save_checkpoint(
@@ -109,6 +110,50 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
     return [k for k in own if k not in matched]
+
+
+# model settings that a kept head was trained with: another value changes what it reads
+HEAD_SETTINGS = ("backbone", "attention", "image_size", "mean", "std", "pixel_colour_pool")
+
+
+def keep_start_attributes(cfg: Config) -> tuple[Config, list[str], list[str]]:
+    """`cfg` with the attributes of its starting model (``model.init``) that it does not
+    define added after its own (same name, kind, classes and weight; no source labels them,
+    so they are masked; their temperatures and pixel-colour reading kept), unless
+    ``model.keep_attributes`` is false. Returns the config, the kept names and warnings
+    about model settings that differ from the starting model's (its heads may then not load,
+    or read other features)."""
+    if not cfg.model.init or not cfg.model.keep_attributes:
+        return cfg, [], []
+    path = resolve_model(cfg.model.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init: {path}: model file not found")
+    start = config_from_dict(read_checkpoint(path)["config"], where=str(path))
+    kept = [
+        dataclasses.replace(a, classes=list(a.classes), sources={})
+        for a in start.schema.attributes
+        if a.name not in cfg.schema.names
+    ]
+    if not kept:
+        return cfg, [], []
+    names = [a.name for a in kept]
+    model = dataclasses.replace(
+        cfg.model,
+        pixel_colour=cfg.model.pixel_colour + [n for n in start.model.pixel_colour if n in names],
+        temperatures=cfg.model.temperatures
+        | {n: t for n, t in start.model.temperatures.items() if n in names},
+    )
+    settings = [k for k in HEAD_SETTINGS if getattr(cfg.model, k) != getattr(start.model, k)]
+    if not set(start.model.pixel_colour) & set(names):  # no kept head reads the pixels
+        settings = [k for k in settings if k != "pixel_colour_pool"]
+    warnings = [
+        f"model.{k} is {getattr(cfg.model, k)!r}, {cfg.model.init}'s is "
+        f"{getattr(start.model, k)!r}: the heads kept from it ({', '.join(names)}) may not "
+        "load or may read other features (use its settings, or model.keep_attributes: false)"
+        for k in settings
+    ]
+    schema = Schema(cfg.schema.attributes + kept)
+    return dataclasses.replace(cfg, model=model, schema=schema), names, warnings
 
 
 def mismatch(e: RuntimeError) -> str:

@@ -94,6 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         flip_tta=args.tta_flip,
     )
     print(json.dumps(result["metrics"], indent=2))
+    for name, why in result["not_compared"].items():
+        print(f"not measured: {name}: {why}", file=sys.stderr)
     print(f"report written to {out}/report.md", file=sys.stderr)
     return 0
 
@@ -262,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(their outputs averaged)",
     )
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split")
-    e.add_argument("--config", help="evaluate on this config's data instead of the model's")
+    e.add_argument(
+        "--config",
+        help="evaluate on this config's data instead of the model's (other attributes or "
+        "classes: only those both share are measured)",
+    )
     e.add_argument(
         "--source",
         action="append",

@@ -32,6 +32,9 @@ class ModelConfig:
     # start training from a beautytag model (a checkpoint, or `default` / `accurate`): every
     # tensor whose name, shape and (for heads) classes match; the rest as above
     init: str = ""
+    # with `init`: the starting model's attributes that `attributes` does not define are kept
+    # (its classes and trained heads; the data has no labels for them); false drops them
+    keep_attributes: bool = True
     # class attribute -> the temperature its logits are divided by before the softmax, so
     # that a score is the chance of being right (set by `beautytag calibrate`; 1 if absent)
     temperatures: dict[str, float] = field(default_factory=dict)
@@ -85,6 +88,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     amp: bool = True  # bf16 autocast and channels-last, on a GPU only
+    # after training: best.pt and the starting model (model.init) measured on the test split,
+    # side by side (OUT/test-report, OUT/start-test-report)
+    final_report: bool = True
+    calibrate: bool = True  # after training: best.pt temperature-scaled on the validation split
     out_dir: str = "runs/default"
 
     @property

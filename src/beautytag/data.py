@@ -412,10 +412,11 @@ def summarise(samples: Sequence[Sample], schema: Schema) -> dict[str, dict[str, 
 
 
 def classes_without_photos(samples: Sequence[Sample], schema: Schema) -> dict[str, list[str]]:
-    """Per class attribute, the classes no sample is labelled with (a typo in the config?)."""
+    """Per class attribute that a source labels, the classes no sample is labelled with (a
+    typo in the config?); not an attribute no source labels (one kept from model.init)."""
     out = {}
     for a in schema.attributes:
-        if a.kind == "shade":
+        if a.kind == "shade" or not a.sources:
             continue
         seen: set[str] = set()
         for s in samples:

@@ -25,7 +25,7 @@ from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
 from beautytag.nn.net import BeautyTagNet
 from beautytag.runtime.engine import mirror_averaged
-from beautytag.schema import SchemaError
+from beautytag.schema import Schema, SchemaError
 from beautytag.training import metrics
 
 
@@ -41,11 +41,12 @@ def run_dataset(
     models (same outputs): an ensemble, their outputs averaged."""
     models = [model] if isinstance(model, BeautyTagNet) else list(model)
     attributes = models[0].schema.attributes
+    labelled = ds.cfg.schema.attributes  # the data's (another schema's: evaluate's shared)
     for m in models:
         m.eval()
     outs: dict[str, list] = {a.name: [] for a in attributes}
-    tgts: dict[str, list] = {a.name: [] for a in attributes}
-    msks: dict[str, list] = {a.name: [] for a in attributes}
+    tgts: dict[str, list] = {a.name: [] for a in labelled}
+    msks: dict[str, list] = {a.name: [] for a in labelled}
 
     def probs(x: torch.Tensor) -> dict[str, torch.Tensor]:
         ys = [m.activated(m(x)) for m in models]
@@ -56,6 +57,7 @@ def run_dataset(
         out = mirror_averaged(probs, x) if flip_tta else probs(x)
         for a in attributes:
             outs[a.name].append(out[a.name].float().cpu())
+        for a in labelled:
             tgts[a.name].append(targets[a.name])
             msks[a.name].append(masks[a.name])
     cat = lambda d: {k: torch.cat(v).numpy() for k, v in d.items()}  # noqa: E731
@@ -94,6 +96,16 @@ def compute_metrics(
 
 
 def split_outputs(
+    paths: list[str | Path], split: str, config: Config | None = None, *args: Any, **kwargs: Any
+) -> tuple[Config, BeautyDataset, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """The models' (averaged) answers on a split of their config's data (or of `config`'s
+    data and label sources, which must have the models' attributes and classes; the model's
+    own preprocessing is kept): the config used, the dataset, and run_dataset's outputs,
+    targets and masks. The other arguments are :func:`answers`'."""
+    return answers(paths, split, config, *args, **kwargs)[:5]
+
+
+def answers(
     paths: list[str | Path],
     split: str,
     config: Config | None = None,
@@ -101,17 +113,25 @@ def split_outputs(
     flip_tta: bool = False,
     batch_size: int = 64,
     device: str = "cpu",
-) -> tuple[Config, BeautyDataset, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """The models' (averaged) answers on a split of their config's data (or of `config`'s
-    data and label sources; the model's own preprocessing is kept): the config used, the
-    dataset, and run_dataset's outputs, targets and masks."""
+    shared: bool = False,
+) -> tuple[Config, BeautyDataset, dict, dict, dict, dict[str, str]]:
+    """:func:`split_outputs`, and with `shared` a `config` whose attributes or classes
+    differ from the models': only what both share is measured (:func:`shared_answers`), the
+    returned config has that schema, and the last item says, per attribute, what was left
+    out and why."""
     from beautytag.config import use_found_datasets
 
     models, cfg = load_ensemble(paths, device)
+    model_schema, not_compared, differ = cfg.schema, {}, False
     if config is None:
         use_found_datasets(cfg)
     else:
-        check_same_outputs(cfg, config)
+        try:
+            check_same_outputs(cfg, config)
+        except ValueError:
+            if not shared:
+                raise
+            differ = True
         cfg = dataclasses.replace(
             cfg, schema=config.schema, data=config.data, base_dir=config.base_dir
         )
@@ -127,7 +147,72 @@ def split_outputs(
     if not samples:
         raise ValueError(f"no samples in split {split!r} of the configured sources")
     ds = BeautyDataset(samples, cfg)
-    return cfg, ds, *run_dataset(models, ds, batch_size, device, flip_tta)
+    outputs, targets, masks = run_dataset(models, ds, batch_size, device, flip_tta)
+    if differ:
+        schema, not_compared, outputs, targets, masks = shared_answers(
+            model_schema, cfg.schema, outputs, targets, masks
+        )
+        if not schema.attributes:
+            raise ValueError(
+                "the model and the config share no attribute to measure: "
+                + "; ".join(f"{k}: {v}" for k, v in not_compared.items())
+            )
+        cfg = dataclasses.replace(cfg, schema=schema)
+    return cfg, ds, outputs, targets, masks, not_compared
+
+
+def shared_answers(
+    model: Schema,
+    data: Schema,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+) -> tuple[Schema, dict[str, str], dict, dict, dict]:
+    """A model's answers and another schema's labels restricted to what both share: the
+    attributes of the same name and kind, and of a class attribute the photos labelled with
+    a class the model also has (matched by name, in any letter case). The classes of such an
+    attribute are the shared ones (the data's names), then the model's others (possible
+    answers, always wrong); tags are the shared ones. Returns that schema, what was left
+    out and why (per attribute), and the outputs, targets and masks in its terms."""
+    attrs, why, outs, tgts, msks = [], {}, {}, {}, {}
+    theirs = {a.name: a for a in model.attributes}
+    for a in data.attributes:
+        m = theirs.get(a.name)
+        if m is None:
+            why[a.name] = "the model has no such attribute"
+            continue
+        if m.kind != a.kind:
+            why[a.name] = f"a {a.kind} attribute in the config, {m.kind} in the model"
+            continue
+        out, t, mask = outputs[a.name], targets[a.name], masks[a.name]
+        if a.kind == "shade":
+            attrs.append(a)
+            outs[a.name], tgts[a.name], msks[a.name] = out, t, mask
+            continue
+        index = {c.casefold(): i for i, c in enumerate(m.classes)}
+        common = [c for c in a.classes if c.casefold() in index]
+        lacking = [c for c in a.classes if c.casefold() not in index]
+        if not common:
+            why[a.name] = "no class in common with the model's"
+            continue
+        if lacking:
+            why[a.name] = f"photos of classes the model lacks left out: {', '.join(lacking)}"
+        ours = [index[c.casefold()] for c in common]
+        rows = [a.classes.index(c) for c in common]
+        if a.kind == "multi":  # a photo's labelled tags: the shared ones are still known
+            classes, cols, t = common, ours, t[:, rows]
+        else:
+            rest = [i for i in range(len(m.classes)) if i not in ours]
+            classes, cols = common + [m.classes[i] for i in rest], ours + rest
+            new = {row: i for i, row in enumerate(rows)}
+            mask = mask.astype(bool) & np.isin(t, rows)
+            t = np.array([new.get(int(v), 0) for v in t], dtype=t.dtype)
+        attrs.append(dataclasses.replace(a, classes=classes))
+        outs[a.name], tgts[a.name], msks[a.name] = out[:, cols], t, mask
+    for m in model.attributes:
+        if m.name not in data.names:
+            why[m.name] = "the config does not label it"
+    return Schema(attrs), why, outs, tgts, msks
 
 
 def evaluate(
@@ -146,8 +231,8 @@ def evaluate(
     `out_dir` is given. Several checkpoints (the same outputs and preprocessing): an
     ensemble, their outputs averaged."""
     paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
-    cfg, ds, outputs, targets, masks = split_outputs(
-        paths, split, config, sources, flip_tta, batch_size, device
+    cfg, ds, outputs, targets, masks, not_compared = answers(
+        paths, split, config, sources, flip_tta, batch_size, device, shared=True
     )
     matrices = confusion_matrices(cfg, outputs, targets, masks)
     classes = {a.name: a.classes for a in cfg.schema.attributes}
@@ -159,6 +244,7 @@ def evaluate(
         "images": len(ds),
         "skipped": ds.errors,
         "metrics": compute_metrics(cfg, outputs, targets, masks),
+        "not_compared": not_compared,
         "most_confused": {
             name: metrics.most_confused(cm, classes[name]) for name, cm in matrices.items()
         },
@@ -302,6 +388,15 @@ def write_report(
         f"Sources: {', '.join(result['sources'])}; {result['images']} images, "
         f"{len(result['skipped'])} skipped{flip if result['flip_tta'] else ''}.",
         "",
+    ]
+    if result.get("not_compared"):
+        lines += [
+            "The config's labels and the model's outputs differ; not measured:",
+            "",
+            *(f"- {name}: {why}" for name, why in result["not_compared"].items()),
+            "",
+        ]
+    lines += [
         "| attribute | n | metric | value |",
         "| --- | --- | --- | --- |",
     ]

@@ -51,6 +51,7 @@ from beautytag.nn.losses import MultiTaskLoss, distillation_loss
 from beautytag.nn.net import BeautyTagNet
 from beautytag.training.distill import Teacher, load_teachers, teach
 from beautytag.training.evaluate import compute_metrics, run_dataset
+from beautytag.training.fine_tune import after_training, warn_untrained, with_start_attributes
 
 LOWER_IS_BETTER = ("loss", "median_de2000", "mean_de2000")
 
@@ -248,6 +249,7 @@ def build_run(cfg: Config, train_ds: BeautyDataset, device: torch.device) -> Run
         fresh = init_from_checkpoint(model, resolve_model(cfg.model.init))
         new = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
         print(f"started from {cfg.model.init}; new: {new or 'nothing'}")
+        warn_untrained(cfg, fresh)
     model = model.to(device)
     use_amp = device.type == "cuda" and cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -422,6 +424,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         limit_cpu_threads()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg, kept = with_start_attributes(cfg)
     teachers = load_teachers(cfg, device)  # before the photos: a wrong teacher fails at once
     train_ds, val_ds = read_datasets(cfg)
     run = build_run(cfg, train_ds, device)
@@ -476,7 +479,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         "last": str(out / "last.pt"),
         "log": str(log_path),
         "skipped": train_ds.errors + val_ds.errors,
-    }
+    } | after_training(out, cfg, str(device), kept)
 
 
 def summary_line(record: dict[str, Any]) -> str:
