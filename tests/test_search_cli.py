@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -16,6 +17,7 @@ from beautytag.cli import main
 from beautytag.color import delta_e2000
 from beautytag.runtime.engine import Engine
 from beautytag.search import Index
+from beautytag.search.commands import index_photos
 from beautytag.search.index import MANIFEST
 from beautytag.serve import search as serve_search
 from beautytag.serve.app import create_app
@@ -102,6 +104,36 @@ def test_index_resume_remove_and_search(tiny_model, tmp_path, capsys):
     }
     assert "shade" in first["results"][0]["attributes"]
     assert all(r["file"] != str(files[0].absolute()) for r in second["results"])
+
+
+def test_a_large_index_is_hnsw_and_reports_its_recall(tiny_model, tmp_path):
+    photos(tmp_path / "p", 8)
+    log = io.StringIO()
+    summary, failed = index_photos(
+        [str(tmp_path / "p")], str(tmp_path / "i"), str(tiny_model), chunk=3, exact_max=4, log=log
+    )
+    assert (failed, summary["kind"], summary["count"]) == (0, "hnsw", 8)
+    assert 0 <= summary["recall_at_10"] <= 1 and "HNSW (approximate), recall@10" in log.getvalue()
+    assert log.getvalue().count("photos/s") == 3  # a save after each chunk of 3
+
+
+def test_embeddings_come_with_the_predictions_in_every_backend(tiny_model, tmp_path):
+    x = torch.randn(3, 3, 64, 64)
+    engine = Engine(tiny_model)
+    emb, answers = engine.embed_tensors(x)
+    assert emb.shape == (3, engine.embedding_dim)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert [a["category"] for a in answers] == [a["category"] for a in engine.predict_tensors(x)]
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(engine.model.embed(x), dim=1).numpy()
+    assert np.allclose(emb, plain, atol=1e-5)
+    onnx = Engine(tiny_model, backend="onnxruntime")  # ONNX answers, the kept torch model embeds
+    emb_onnx, answers_onnx = onnx.embed_tensors(x)
+    assert np.allclose(emb_onnx, emb, atol=1e-4)
+    assert [a["category"].label for a in answers_onnx] == [a["category"].label for a in answers]
+    exported = Engine(next(Path(onnx.backend.tmp.name).glob("*.onnx")))
+    with pytest.raises(ValueError, match="embeddings need the PyTorch checkpoint"):
+        exported.embed_tensors(x)
 
 
 def test_bad_photos_are_reported_and_skipped(tiny_model, tmp_path, capsys):

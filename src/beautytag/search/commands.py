@@ -21,7 +21,7 @@ import numpy as np
 from beautytag.runtime.engine import Engine, expand_paths
 from beautytag.search.errors import SearchError
 from beautytag.search.filters import parse_where
-from beautytag.search.index import MANIFEST, Hit, Index
+from beautytag.search.index import EXACT_MAX, MANIFEST, Hit, Index
 from beautytag.search.shade import parse_shade
 
 CHUNK = 1000  # photos embedded and added between two saves
@@ -57,9 +57,11 @@ def index_photos(
     batch_size: int = 32,
     chunk: int = CHUNK,
     log: TextIO | None = None,
+    exact_max: int = EXACT_MAX,
 ) -> tuple[dict[str, Any], int]:
     """Build or update the index in `out`; returns the summary and how many photos failed.
-    Progress and skipped photos go to `log` (standard error by default)."""
+    Progress and skipped photos go to `log` (standard error by default); a new index is
+    exact up to `exact_max` photos."""
     log = log or sys.stderr
     folder = Path(out)
     exists = (folder / MANIFEST).exists()
@@ -81,7 +83,11 @@ def index_photos(
             index = open_for(engine, folder)
         else:
             index = Index.create(
-                folder, engine.model_id, engine.embedding_dim, vocabulary=engine.vocabulary()
+                folder,
+                engine.model_id,
+                engine.embedding_dim,
+                exact_max=exact_max,
+                vocabulary=engine.vocabulary(),
             )
     assert index is not None
     if remove:
