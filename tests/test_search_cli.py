@@ -13,9 +13,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from beautytag.checkpoint import default_model_path
 from beautytag.cli import main
 from beautytag.color import delta_e2000
-from beautytag.runtime.engine import Engine
+from beautytag.runtime.engine import Engine, model_id
 from beautytag.search import Index
 from beautytag.search.commands import index_photos
 from beautytag.search.index import MANIFEST
@@ -177,6 +178,15 @@ def test_shade_search_ranks_by_delta_e(built, capsys):
     assert np.allclose(delta_e2000(labs, np.array(line["query"]["lab"])), scores, atol=1e-3)
     code, out, _ = run(capsys, "search", index_dir, "--shade", ",".join(map(str, target["lab"])))
     assert lines(out)[0]["results"][0]["id"] == 4
+
+
+def test_search_uses_the_index_s_shipped_model(tmp_path, built, capsys):
+    _, _, files = built
+    made_by = model_id(default_model_path())  # e.g. default@cbe12438
+    Index.create(tmp_path / "d", made_by, 1280)
+    for extra in ([], ["--model", made_by]):  # the index's model, or its id as --model
+        code, out, err = run(capsys, "search", tmp_path / "d", files[0], *extra)
+        assert (code, lines(out)[0]["results"]) == (0, []), err
 
 
 def test_bad_input_is_one_clear_line(built, tiny_model, tmp_path, capsys):

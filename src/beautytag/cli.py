@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--where", action="append", default=[], metavar="ATTR=VALUE", help="filter (repeatable)"
     )
-    sr.add_argument("--model", help="the model that made the index (default: default)")
+    sr.add_argument("--model", help="the model that made the index (default: the index's)")
     sr.set_defaults(func=cmd_search)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from beautytag.checkpoint import SHIPPED_MODELS
 from beautytag.runtime.engine import Engine, expand_paths
 from beautytag.search.errors import SearchError
 from beautytag.search.filters import parse_where
@@ -151,6 +152,22 @@ def expand_removed(given: Sequence[str]) -> list[str]:
     return out
 
 
+def model_for(index_dir: str | os.PathLike, model: str | None) -> str | None:
+    """The model to search an index with: `model` as given, or without one the index's own
+    model where that is a shipped one; a shipped model's id ``NAME@HASH`` (as an index names
+    it) means NAME, whose hash opening the index checks."""
+    given = model
+    if model is None:
+        try:
+            model = str(json.loads((Path(index_dir) / MANIFEST).read_text())["model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    name = model.rpartition("@")[0]
+    if name in SHIPPED_MODELS and not Path(model).exists():
+        return name
+    return given
+
+
 def search_photos(
     index_dir: str,
     photos: Sequence[str],
@@ -172,7 +189,7 @@ def search_photos(
         return 0
     if not Path(index_dir).is_dir():
         Index.open(index_dir)  # no index: say so before loading the model
-    engine = Engine(model)
+    engine = Engine(model_for(index_dir, model))
     index = open_for(engine, index_dir)
     index.count(where)  # an unknown filter fails before any photo is read
     files = expand_paths(photos)
