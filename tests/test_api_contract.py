@@ -58,4 +58,5 @@ def test_schemathesis_finds_nothing(live_service, tmp_path):
     cmd += ["--request-timeout", "20", "--no-color"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "Tested: 4" in done.stdout  # predict, explain, healthz, metrics
+    # predict, explain, healthz, metrics, search (POST and GET), thumbnail
+    assert "Tested: 7" in done.stdout

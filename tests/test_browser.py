@@ -14,6 +14,7 @@ import pytest
 
 from beautytag.checkpoint import default_model_path
 from beautytag.runtime.engine import Engine
+from beautytag.search import Index
 from beautytag.serve.app import create_app
 from beautytag.serve.settings import ServeSettings
 
@@ -43,13 +44,34 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def server(engine) -> Iterator[str]:
+    yield from run_server(create_app(engine, ServeSettings()))
+
+
+@pytest.fixture(scope="module")
+def search_server(engine, tmp_path_factory) -> Iterator[str]:
+    """The service with a search index of a few catalogue photos, PHOTO among them."""
+    if not PHOTO.is_file():
+        pytest.skip(f"real photo not found at {PHOTO} (place ../shared/datasets beside the repo)")
+    others = sorted(PHOTO.parent.glob("5598*.jpg"))[:5]
+    folder = tmp_path_factory.mktemp("search") / "index"
+    index = Index.create(folder, engine.model_id, engine.embedding_dim)
+    pairs = list(engine.embed_items([(str(p), p) for p in {PHOTO, *others}]))
+    index.add(
+        [p.file for p, _ in pairs],
+        [e for _, e in pairs],
+        [p.to_dict()["attributes"] for p, _ in pairs],
+    )
+    yield from run_server(create_app(engine, ServeSettings(), index))
+
+
+def run_server(app) -> Iterator[str]:
     """The service on a free loopback port, run by uvicorn in a background thread."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, ServeSettings()), log_level="warning")
+    config = uvicorn.Config(app, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -151,3 +173,31 @@ def test_page_predicts_and_explains_a_photo(server, browser, engine, tmp_path: P
     drop = browser.find_element(By.ID, "drop")
     assert drop.get_attribute("tabindex") == "0" and drop.get_attribute("role") == "button"
     assert card.find_element(By.TAG_NAME, "select").get_attribute("aria-label")
+
+
+def test_page_shows_similar_products_and_shade_matches(search_server, browser):
+    wait = WebDriverWait(browser, 30)
+    browser.get(search_server)
+    wait.until(lambda d: d.find_element(By.ID, "shadebox").is_displayed())
+    browser.find_element(By.ID, "picker").send_keys(str(PHOTO))
+    card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card"))
+    thumbs = wait.until(lambda d: card.find_elements(By.CSS_SELECTOR, ".similar .hit img"))
+    assert 1 < len(thumbs) <= 6
+    first = card.find_element(By.CSS_SELECTOR, ".similar .hit")
+    assert first.get_attribute("title").startswith(PHOTO.name) and "100%" in first.text
+    wait.until(lambda d: (thumbs[0].get_attribute("src") or "").startswith("blob:"))
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", thumbs[0]) > 0)
+
+    # a click on the shade swatch: a shade-match card, nearest first
+    card.find_element(By.CSS_SELECTOR, ".swatch.pick").click()
+    match = wait.until(
+        lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, ".card") if "Shade match" in c.text]
+    )[0]
+    hits = wait.until(lambda d: match.find_elements(By.CSS_SELECTOR, ".hit"))
+    scores = [float(h.text.split()[-1]) for h in hits]
+    assert scores == sorted(scores) and scores[0] < 1  # the photo itself: its own shade
+
+    # the colour picker
+    browser.execute_script("document.getElementById('shade').value = '#20a040'")
+    browser.find_element(By.ID, "match").click()
+    wait.until(lambda d: "#20a040" in d.find_element(By.CSS_SELECTOR, "#cards .card h2").text)

@@ -122,7 +122,8 @@ def test_no_module_over_500_lines(path: Path):
 
 
 @pytest.mark.parametrize(
-    "command", ["", "train", "evaluate", "calibrate", "predict", "serve", "export"]
+    "command",
+    ["", "train", "evaluate", "calibrate", "predict", "serve", "export", "index", "search"],
 )
 def test_help_imports_neither_torch_nor_timm(command: str):
     code = (

@@ -168,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         backend=backend,
         api_key=key,
+        index=args.index,
     )
     return 0
 
@@ -226,6 +227,25 @@ def cmd_export(args: argparse.Namespace) -> int:
                     report["accuracy"] = {"skipped": f"no labelled data ({e})"}
     print(json.dumps(report, indent=2))
     return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from beautytag.search.commands import index_photos
+
+    summary, failed = index_photos(
+        args.paths, args.output, args.model, args.resume, args.remove or (), args.batch_size
+    )
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from beautytag.search.commands import search_photos
+
+    bad = search_photos(
+        args.index, args.photos, args.shade, args.top_k, args.where, args.model, sys.stdout
+    )
+    return 1 if bad else 0
 
 
 class DefaultsShown(argparse.HelpFormatter):
@@ -414,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="model threads (default: all CPUs but one, left for HTTP and decoding)",
     )
+    v.add_argument("--index", help="a search index folder: adds /v1/search (beautytag index)")
     keys = v.add_mutually_exclusive_group()
     keys.add_argument(
         "--api-key",
@@ -421,6 +442,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--api-key-file", help="require the X-API-Key written in this file")
     v.set_defaults(func=cmd_serve)
+
+    ix = sub.add_parser(
+        "index",
+        help="a search index of photos: embeddings, attributes and shades (see search)",
+        epilog="exit status: 0 every photo indexed, 1 some skipped (each reported), 2 nothing "
+        "run (a usage, model or index error)",
+    )
+    ix.add_argument("paths", nargs="*", help="photos or folders (walked for image files)")
+    ix.add_argument("-o", "--output", required=True, help="the index folder")
+    ix.add_argument("--model", help="a checkpoint (.pt) or a shipped model: default, accurate")
+    ix.add_argument("--resume", action="store_true", help="add to the index, skip its photos")
+    ix.add_argument("--remove", nargs="+", metavar="FILE", help="remove these photos")
+    ix.add_argument("--batch-size", type=positive_int, default=32, help="photos per model call")
+    ix.set_defaults(func=cmd_index)
+
+    sr = sub.add_parser(
+        "search",
+        help="the indexed photos most like photos, or nearest a shade (JSON lines)",
+        epilog="exit status: 0 done, 1 some photos skipped, 2 nothing run (usage or index error)",
+    )
+    sr.add_argument("index", help="an index folder from `beautytag index`")
+    sr.add_argument("photos", nargs="*", help="photos or folders to search with")
+    sr.add_argument("--shade", help="rank by CIEDE2000 to this colour: #rrggbb or L,a,b")
+    sr.add_argument("--top-k", type=positive_int, default=10, help="results per query")
+    sr.add_argument(
+        "--where", action="append", default=[], metavar="ATTR=VALUE", help="filter (repeatable)"
+    )
+    sr.add_argument("--model", help="the model that made the index (default: the index's)")
+    sr.set_defaults(func=cmd_search)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, parity-checked")
     x.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")

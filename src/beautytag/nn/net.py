@@ -178,9 +178,17 @@ class BeautyTagNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits for `single`/`multi` attributes, CIELAB for `shade` ones."""
+        return self.forward_with_embedding(x)[0]
+
+    def forward_with_embedding(
+        self, x: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`forward`'s outputs and :meth:`embed`'s pooled embedding (B, C), from one
+        pass through the backbone."""
         fmap = self.features(x)
-        emb = self.dropout(self.pool(fmap).flatten(1))
-        return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}
+        pooled = self.pool(fmap).flatten(1)
+        emb = self.dropout(pooled)
+        return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}, pooled
 
     def activated(self, y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:meth:`forward`'s outputs (all or some attributes) as answers, in float32: for

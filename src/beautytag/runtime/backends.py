@@ -50,6 +50,12 @@ class TorchBackend:
         y = self.model.activated(self.model(x.to(self.device)))
         return {name: v.cpu() for name, v in y.items()}
 
+    @torch.inference_mode()
+    def with_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`__call__`'s outputs and the pooled embeddings (B, C), in one pass."""
+        y, emb = self.model.forward_with_embedding(x.to(self.device))
+        return {name: v.cpu() for name, v in self.model.activated(y).items()}, emb.float().cpu()
+
 
 class TorchScriptBackend:
     """A file from ``beautytag export --format torchscript`` run by PyTorch."""

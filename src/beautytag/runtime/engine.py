@@ -3,6 +3,8 @@ files or bytes in, one JSON-ready result per image out, batched, bad images repo
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import numbers
 import os
 import sys
@@ -10,7 +12,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -145,12 +149,82 @@ class Engine:
                 result[a.name] = ShadeAnswer(tuple(lab), lab_to_hex(lab))
         return result
 
+    def embed_tensors(self, x: torch.Tensor) -> tuple[np.ndarray, list[dict[str, Answer]]]:
+        """A batch of preprocessed images -> their embeddings (the pooled backbone features,
+        L2-normalised, float32 (B, C)) and answers: one model pass for both with a PyTorch
+        checkpoint; with ONNX Runtime the answers come from ONNX and the embeddings from the
+        PyTorch model kept beside it. ValueError where there is no PyTorch model (an
+        exported file) to embed with."""
+        with_embedding = getattr(self.backend, "with_embedding", None)
+        if with_embedding is not None and not self.tta_flip:
+            probs, emb = with_embedding(x)
+            answers = [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
+        else:
+            model = self._embedding_model()
+            answers = self.predict_tensors(x)
+            with torch.inference_mode():
+                emb = model.embed(x.to(self.device)).float().cpu()
+        return torch.nn.functional.normalize(emb, dim=1).numpy(), answers
+
+    def _embedding_model(self) -> torch.nn.Module:
+        if not isinstance(self.model, torch.nn.Module):
+            raise ValueError(
+                f"{self.model_path.name}: embeddings need the PyTorch checkpoint (.pt) this "
+                "file was exported from, or a shipped model (default, accurate)"
+            )
+        return self.model
+
+    @property
+    def embedding_dim(self) -> int:
+        """The size of :meth:`embed_tensors`'s embeddings (ValueError without a PyTorch
+        model)."""
+        return int(self._embedding_model().backbone.num_features)
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        """What a search index records as the model that made it: ``NAME@HASH``, the model
+        file's name without its suffix and the first 8 hex digits of its SHA-256."""
+        return model_id(self.model_path)
+
+    def vocabulary(self) -> dict[str, list[str]]:
+        """The classes of each single- and multi-label attribute (a search index's valid
+        filter values)."""
+        return {a.name: list(a.classes) for a in self.schema.attributes if a.kind != "shade"}
+
     def predict_items(
         self, items: Sequence[tuple[str, Item]], workers: int = 2
     ) -> Iterator[Prediction]:
         """(name, photo) pairs, a photo being a path, encoded bytes or a PIL image -> results
         in order. Decoding runs in a thread pool while the model works on the previous batch;
         a bad item yields its error only."""
+        for name, answers, problem in self._run_items(items, self.predict_tensors, workers):
+            yield Prediction(name, answers, problem)
+
+    def embed_items(
+        self, items: Sequence[tuple[str, Item]], workers: int = 2
+    ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+        """As :meth:`predict_items`, each result with its photo's embedding (None for a bad
+        item); see :meth:`embed_tensors`."""
+
+        def run(x: torch.Tensor) -> list[tuple[dict[str, Answer], np.ndarray]]:
+            emb, answers = self.embed_tensors(x)
+            return list(zip(answers, emb, strict=True))
+
+        self._embedding_model()  # fail before decoding anything
+        for name, out, problem in self._run_items(items, run, workers):
+            if out is None:
+                yield Prediction(name, None, problem), None
+            else:
+                yield Prediction(name, out[0]), out[1]
+
+    def _run_items(
+        self,
+        items: Sequence[tuple[str, Item]],
+        run: Callable[[torch.Tensor], list],
+        workers: int,
+    ) -> Iterator[tuple[str, Any, str | None]]:
+        """(name, `run`'s result for the photo, None) per item in order, or (name, None,
+        problem) for a bad one; `run` takes a batch and returns one result per image."""
 
         def load_chunk(chunk):
             out = []
@@ -172,12 +246,12 @@ class Engine:
                 if i + workers < len(chunks):
                     futures.append(pool.submit(load_chunk, chunks[i + workers]))
                 good = [t for t in loaded if isinstance(t, torch.Tensor)]
-                preds = iter(self.predict_tensors(torch.stack(good))) if good else iter(())
+                results = iter(run(torch.stack(good))) if good else iter(())
                 for (name, _), t in zip(chunk, loaded, strict=True):
                     if isinstance(t, ImageError):
-                        yield Prediction(name, None, t.problem)
+                        yield name, None, t.problem
                     else:
-                        yield Prediction(name, next(preds))
+                        yield name, next(results), None
 
     def predict_files(
         self, paths: str | os.PathLike | Iterable[str | os.PathLike]
@@ -194,3 +268,14 @@ def mirror_averaged(
     """Test-time flip: `probs` of a batch averaged with `probs` of its mirror image."""
     a, b = probs(x), probs(torch.flip(x, dims=[3]))
     return {k: (v + b[k]) / 2 for k, v in a.items()}
+
+
+def model_id(path: str | os.PathLike) -> str:
+    """``NAME@HASH`` of a model file: its name without the suffix and the first 8 hex digits
+    of the SHA-256 of its bytes (another file of the same name is another model)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.stem}@{digest.hexdigest()[:8]}"

@@ -180,6 +180,12 @@ class Index:
             "orphans": self._vectors.ntotal - len(self),
         }
 
+    def count(self, where: Mapping[str, str] | None = None) -> int:
+        """How many photos match `where` (all without it); SearchError for an unknown filter
+        attribute or value, as :meth:`search` would raise."""
+        rows = matching_rows(self._meta, where, self.vocabulary)
+        return len(self) if rows is None else int(rows.sum())
+
     # -- changing --------------------------------------------------------------------------
 
     def add(

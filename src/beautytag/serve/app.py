@@ -13,6 +13,8 @@ Endpoints (all JSON unless said otherwise):
   with a Grad-CAM heatmap (on the attended feature map) for the top class of ``NAME``, or the
   shade head's colour-pooling weights for a shade. Headers ``X-Beautytag-Attribute`` and
   ``X-Beautytag-Label`` say what is shown. 501 when the engine has no torch model.
+* ``POST /v1/search``, ``GET /v1/search?shade=``, ``GET /v1/thumbnail/{id}`` - with
+  ``--index``: similar photos and shade matches (serve/search.py); 404 without an index.
 * ``GET /healthz`` - ``{"status": "ok", ...}``; ``GET /metrics`` - Prometheus text;
   ``GET /openapi.json``; ``GET /`` - the web page (``web/index.html``).
 
@@ -58,14 +60,21 @@ from beautytag.nn.net import BeautyTagNet
 from beautytag.runtime.engine import Engine
 from beautytag.runtime.explain import gradcam, render_png
 from beautytag.runtime.results import Prediction
+from beautytag.search import Index
 from beautytag.serve.batcher import Admission, Metrics, MicroBatcher, QueueFull
 from beautytag.serve.contract import Result, Results, body_doc, error_doc, status_for
 from beautytag.serve.guard import Guard
+from beautytag.serve.search import add_search_routes
 from beautytag.serve.settings import RAW_NAME, ServeSettings
 
 
-def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (anything with the :class:`Engine` interface)."""
+def create_app(
+    engine: Engine,
+    settings: ServeSettings | None = None,
+    search_index: Index | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine`` (anything with the :class:`Engine` interface) and,
+    with `search_index` (made by the engine's model), the search endpoints (serve/search.py)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
     batcher = MicroBatcher(engine, settings, metrics)
@@ -159,16 +168,20 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     def timed_out() -> HTTPException:
         return HTTPException(504, f"request took longer than {settings.timeout_s} s")
 
-    async def explain_one(
-        request: Request, filename: str | None, model: BeautyTagNet, name: str, size: int | None
-    ) -> tuple[bytes, str]:
-        """The PNG and the label explained for the request's one image (each step timed)."""
+    async def one_image(request: Request, filename: str | None, what: str) -> tuple[str, bytes]:
+        """(name, bytes) of the request's one image; 400 for none or several."""
         files = await read_images(request, filename)
         if not files:
             raise no_file()
         if len(files) > 1:
-            raise HTTPException(400, "explain takes one image")
-        ((file, data),) = files
+            raise HTTPException(400, f"{what} takes one image")
+        return files[0]
+
+    async def explain_one(
+        request: Request, filename: str | None, model: BeautyTagNet, name: str, size: int | None
+    ) -> tuple[bytes, str]:
+        """The PNG and the label explained for the request's one image (each step timed)."""
+        file, data = await one_image(request, filename, "explain")
         clocked = admission.clocked
         try:
             img, x = await in_thread(clocked, "explain decode", decode, data, file, pool=explainer)
@@ -198,6 +211,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             "image_size": engine.cfg.model.image_size,
             "attributes": [{"name": a.name, "kind": a.kind} for a in engine.schema.attributes],
             "explain": isinstance(getattr(engine, "model", None), BeautyTagNet),
+            "search": search_index is not None,
             "queue": settings.queue_size - batcher.room(),
         }
 
@@ -304,6 +318,16 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             media_type="image/png",
             headers={"X-Beautytag-Attribute": name, "X-Beautytag-Label": label},
         )
+
+    async def read_photo(request: Request) -> tuple[str, torch.Tensor]:
+        """The request's one photo (multipart or raw body), decoded for the model."""
+        name, data = await one_image(request, None, "search")
+        try:
+            return name, await in_thread(decode_tensor, data, name)
+        except ImageError as e:
+            raise all_bad([e]) from None
+
+    add_search_routes(app, engine, search_index, batcher, read_photo, in_thread, settings.timeout_s)
 
     endpoints = {getattr(r, "path", "") for r in app.routes} - {""}
     app.add_middleware(Guard, settings=settings, metrics=metrics, endpoints=endpoints)

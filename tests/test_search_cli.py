@@ -1,0 +1,290 @@
+"""``beautytag index`` / ``beautytag search`` and the service's search endpoints, with the tiny
+model and generated photos."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from beautytag.checkpoint import default_model_path
+from beautytag.cli import main
+from beautytag.color import delta_e2000
+from beautytag.runtime.engine import Engine, model_id
+from beautytag.search import Index
+from beautytag.search.commands import index_photos
+from beautytag.search.index import MANIFEST
+from beautytag.serve import search as serve_search
+from beautytag.serve.app import create_app
+from beautytag.serve.settings import ServeSettings
+
+from .conftest import make_tiny_model
+
+COLOURS = [(200, 30, 60), (30, 160, 60), (40, 60, 200), (240, 200, 40), (120, 40, 160)]
+
+
+def photos(folder: Path, n: int, start: int = 0) -> list[Path]:
+    """`n` generated photos: a coloured product on white, of differing colours and sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + n):
+        img = Image.new("RGB", (60 + 4 * i, 80), (255, 255, 255))
+        colour = COLOURS[i % len(COLOURS)]
+        img.paste(
+            Image.new("RGB", (30, 50 - i), tuple(c // (1 + i // 5) for c in colour)), (15, 15)
+        )
+        path = folder / f"p{i:02d}.jpg"
+        img.save(path, quality=95)
+        out.append(path)
+    return out
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    """An index of 12 photos made by the tiny model: (index folder, photo folder, photos)."""
+    root = tmp_path_factory.mktemp("search")
+    files = photos(root / "photos", 12)
+    code = main(
+        ["index", str(root / "photos"), "-o", str(root / "index"), "--model", str(tiny_model)]
+    )
+    assert code == 0
+    return root / "index", root / "photos", files
+
+
+def lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_index_resume_remove_and_search(tiny_model, tmp_path, capsys):
+    files = photos(tmp_path / "a", 6)
+    index_dir = tmp_path / "index"
+    code, out, err = run(capsys, "index", tmp_path / "a", "-o", index_dir, "--model", tiny_model)
+    summary = json.loads(out)
+    assert code == 0 and summary["count"] == summary["added"] == 6
+    assert summary["kind"] == "flat" and "flat (exact search)" in err
+    manifest = json.loads((index_dir / MANIFEST).read_text())
+    engine = Engine(tiny_model)
+    assert manifest["model"] == engine.model_id and manifest["model"].startswith("tiny@")
+    assert manifest["vocabulary"]["category"][0] == "Perfume and Body Mist"
+    # without --resume an existing index is not touched
+    code, _, err = run(capsys, "index", tmp_path / "a", "-o", index_dir, "--model", tiny_model)
+    assert code == 2 and "--resume" in err
+    # --resume adds the new photos only
+    photos(tmp_path / "a", 3, start=6)
+    code, out, _ = run(
+        capsys, "index", tmp_path / "a", "-o", index_dir, "--model", tiny_model, "--resume"
+    )
+    summary = json.loads(out)
+    assert (code, summary["added"], summary["skipped_indexed"], summary["count"]) == (0, 3, 6, 9)
+    # remove, by file
+    code, out, _ = run(capsys, "index", "-o", index_dir, "--remove", files[0], "nope.jpg")
+    assert (code, json.loads(out)["removed"], json.loads(out)["count"]) == (0, 1, 8)
+    code, out, _ = run(
+        capsys, "search", index_dir, files[1], files[0], "--model", tiny_model, "--top-k", "3"
+    )
+    first, second = lines(out)
+    assert code == 0 and first["query"] == str(files[1])
+    assert first["results"][0]["file"] == str(files[1].absolute())
+    assert first["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert len(first["results"]) == 3 and set(first["results"][0]) >= {
+        "file",
+        "score",
+        "attributes",
+    }
+    assert "shade" in first["results"][0]["attributes"]
+    assert all(r["file"] != str(files[0].absolute()) for r in second["results"])
+
+
+def test_a_large_index_is_hnsw_and_reports_its_recall(tiny_model, tmp_path):
+    photos(tmp_path / "p", 8)
+    log = io.StringIO()
+    summary, failed = index_photos(
+        [str(tmp_path / "p")], str(tmp_path / "i"), str(tiny_model), chunk=3, exact_max=4, log=log
+    )
+    assert (failed, summary["kind"], summary["count"]) == (0, "hnsw", 8)
+    assert 0 <= summary["recall_at_10"] <= 1 and "HNSW (approximate), recall@10" in log.getvalue()
+    assert log.getvalue().count("photos/s") == 3  # a save after each chunk of 3
+
+
+def test_embeddings_come_with_the_predictions_in_every_backend(tiny_model, tmp_path):
+    x = torch.randn(3, 3, 64, 64)
+    engine = Engine(tiny_model)
+    emb, answers = engine.embed_tensors(x)
+    assert emb.shape == (3, engine.embedding_dim)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert [a["category"] for a in answers] == [a["category"] for a in engine.predict_tensors(x)]
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(engine.model.embed(x), dim=1).numpy()
+    assert np.allclose(emb, plain, atol=1e-5)
+    onnx = Engine(tiny_model, backend="onnxruntime")  # ONNX answers, the kept torch model embeds
+    emb_onnx, answers_onnx = onnx.embed_tensors(x)
+    assert np.allclose(emb_onnx, emb, atol=1e-4)
+    assert [a["category"].label for a in answers_onnx] == [a["category"].label for a in answers]
+    exported = Engine(next(Path(onnx.backend.tmp.name).glob("*.onnx")))
+    with pytest.raises(ValueError, match="embeddings need the PyTorch checkpoint"):
+        exported.embed_tensors(x)
+
+
+def test_bad_photos_are_reported_and_skipped(tiny_model, tmp_path, capsys):
+    photos(tmp_path / "p", 2)
+    (tmp_path / "p" / "broken.jpg").write_bytes(b"not a photo")
+    code, out, err = run(
+        capsys, "index", tmp_path / "p", "-o", tmp_path / "i", "--model", tiny_model
+    )
+    assert code == 1, err
+    assert json.loads(out)["failed"] == 1 and json.loads(out)["count"] == 2
+    assert "broken.jpg" in err
+    code, out, _ = run(capsys, "search", tmp_path / "i", tmp_path / "p", "--model", tiny_model)
+    assert code == 1 and [bool(line.get("error")) for line in lines(out)] == [True, False, False]
+
+
+def test_filtered_search_returns_k_results(built, tiny_model, capsys):
+    index_dir, _, files = built
+    index = Index.open(index_dir)
+    categories = [index.get(i).attributes["category"]["label"] for i in range(len(index))]
+    # the least common predicted category: a top-k cut after the search would miss it
+    rare = min(set(categories), key=categories.count)
+    k = categories.count(rare)
+    code, out, _ = run(
+        capsys,
+        "search", index_dir, files[0], "--model", tiny_model,
+        "--top-k", k, "--where", f"category={rare.upper()}",
+    )  # fmt: skip
+    [line] = lines(out)
+    assert code == 0 and len(line["results"]) == k
+    assert {r["attributes"]["category"]["label"] for r in line["results"]} == {rare}
+
+
+def test_shade_search_ranks_by_delta_e(built, capsys):
+    index_dir, _, _ = built
+    target = Index.open(index_dir).get(4).attributes["shade"]
+    code, out, _ = run(capsys, "search", index_dir, "--shade", target["hex"], "--top-k", 5)
+    [line] = lines(out)
+    scores = [r["score"] for r in line["results"]]
+    assert code == 0 and len(scores) == 5 and scores == sorted(scores)
+    labs = np.array([r["attributes"]["shade"]["lab"] for r in line["results"]])
+    assert np.allclose(delta_e2000(labs, np.array(line["query"]["lab"])), scores, atol=1e-3)
+    code, out, _ = run(capsys, "search", index_dir, "--shade", ",".join(map(str, target["lab"])))
+    assert lines(out)[0]["results"][0]["id"] == 4
+
+
+def test_search_uses_the_index_s_shipped_model(tmp_path, built, capsys):
+    _, _, files = built
+    made_by = model_id(default_model_path())  # e.g. default@cbe12438
+    Index.create(tmp_path / "d", made_by, 1280)
+    for extra in ([], ["--model", made_by]):  # the index's model, or its id as --model
+        code, out, err = run(capsys, "search", tmp_path / "d", files[0], *extra)
+        assert (code, lines(out)[0]["results"]) == (0, []), err
+
+
+def test_bad_input_is_one_clear_line(built, tiny_model, tmp_path, capsys):
+    index_dir, _, files = built
+    cases = [
+        (["search", tmp_path / "none", files[0]], "no index at"),
+        (["search", tmp_path / "none", "--shade", "#ff0000"], "no index at"),
+        (["search", index_dir, files[0], "--where", "colour=Red"], "valid: category, color"),
+        (["search", index_dir, "--shade", "#f00", "--where", "category=Shoes"], "valid: Perfume"),
+        (["search", index_dir, "--shade", "reddish"], "give #rrggbb or L,a,b"),
+        (["search", index_dir], "one of the two"),
+        (["index", "-o", tmp_path / "none", "--remove", "x.jpg"], "no index at"),
+    ]
+    other = make_tiny_model(tmp_path / "other.pt", model={"dropout": 0.3})
+    cases.append((["search", index_dir, files[0], "--model", other], "was made by model tiny@"))
+    Index.create(tmp_path / "small", Engine(tiny_model).model_id, 16)
+    cases.append((["search", tmp_path / "small", files[0]], "holds embeddings of 16 values"))
+    for argv, message in cases:
+        if "--model" not in argv and argv[0] == "search" and "--shade" not in argv:
+            argv = [*argv, "--model", tiny_model]
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, ""), argv
+        assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+
+
+@pytest.fixture(scope="module")
+def client(built, tiny_model):
+    index_dir, _, _ = built
+    engine = Engine(tiny_model)
+    app = create_app(engine, ServeSettings(), Index.open(index_dir, model=engine.model_id))
+    with TestClient(app) as c:
+        yield c
+
+
+def jpeg(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_service_search_by_photo_and_shade(client, built):
+    _, _, files = built
+    assert client.get("/healthz").json()["search"] is True
+    r = client.post("/v1/search?top_k=4", files={"file": ("q.jpg", jpeg(files[2]))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"]["file"] == "q.jpg" and "category" in body["query"]["attributes"]
+    assert len(body["results"]) == 4 and body["results"][0]["file"] == files[2].name
+    label = body["results"][0]["attributes"]["category"]["label"]
+    r = client.post(
+        "/v1/search", params={"where": f"category={label}"}, content=jpeg(files[2])
+    )  # the raw body works too
+    assert r.status_code == 200
+    assert {h["attributes"]["category"]["label"] for h in r.json()["results"]} == {label}
+    r = client.get("/v1/search", params={"shade": "#c81e3c", "top_k": 3})
+    scores = [h["score"] for h in r.json()["results"]]
+    assert r.status_code == 200 and len(scores) == 3 and scores == sorted(scores)
+    for params in ({"shade": "pink"}, {"shade": "#fff", "where": "nope=1"}):
+        r = client.get("/v1/search", params=params)
+        assert r.status_code == 422 and "valid" in r.json()["detail"] or "#rrggbb" in r.text
+    r = client.post("/v1/search", files={"file": ("x.jpg", b"not an image")})
+    assert r.status_code == 415
+    r = client.request("OPTIONS", "/v1/search")
+    assert r.status_code == 405 and {"GET", "POST"} <= set(r.headers["allow"].split(", "))
+
+
+def test_thumbnails_by_id_only(client, built, monkeypatch):
+    r = client.get("/v1/thumbnail/3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(r.content)).size) <= serve_search.THUMBNAIL_PX
+    reads = []
+    monkeypatch.setattr(serve_search, "thumbnail_jpeg", lambda f: reads.append(f) or b"")
+    for path in (
+        "/v1/thumbnail/..%2F..%2Fetc%2Fpasswd",
+        "/v1/thumbnail/../../etc/passwd",
+        "/v1/thumbnail/%2Fetc%2Fpasswd",
+        "/v1/thumbnail/abc",
+        "/v1/thumbnail/3.0",
+        "/v1/thumbnail/-1",
+        "/v1/thumbnail/99999",
+        "/v1/thumbnail/99999999999999999999999999",
+    ):
+        r = client.get(path)
+        assert 400 <= r.status_code < 500, (path, r.status_code)
+    assert reads == []
+
+
+def test_without_an_index_search_answers_404(tiny_model):
+    with TestClient(create_app(Engine(tiny_model), ServeSettings())) as c:
+        assert c.get("/healthz").json()["search"] is False
+        for r in (
+            c.post("/v1/search", content=b"x"),
+            c.get("/v1/search", params={"shade": "#fff"}),
+            c.get("/v1/thumbnail/1"),
+        ):
+            assert r.status_code == 404 and "--index" in r.json()["detail"]
+        spec = c.get("/openapi.json").json()["paths"]
+        for path, method in (
+            ("/v1/search", "post"),
+            ("/v1/search", "get"),
+            ("/v1/thumbnail/{id}", "get"),
+        ):
+            assert "no search index" in spec[path][method]["responses"]["404"]["description"]
