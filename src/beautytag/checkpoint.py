@@ -239,3 +239,15 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if str(model) in SHIPPED_MODELS and not Path(model).exists():
         return default_model_path(str(model))
     return Path(model)
+
+
+def model_source(name: str, out: Path, what: str) -> Path:
+    """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
+    `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
+    model = resolve_model(name)
+    if not model.is_file():
+        raise FileNotFoundError(f"{model}: model file not found")
+    refuse_exported(model, what)
+    if out.exists() and out.samefile(model):
+        raise ValueError(f"{out}: {what} would overwrite the model; give another --out")
+    return model

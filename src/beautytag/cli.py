@@ -44,20 +44,6 @@ def share(text: str) -> float:
     return value
 
 
-def model_for(name: str, out: Path, what: str) -> Path:
-    """The file of a MODEL argument (a checkpoint or a shipped name) that a command writes
-    `what` from to `out`: FileNotFoundError when there is none, ValueError when `out` is it."""
-    from beautytag.checkpoint import refuse_exported, resolve_model
-
-    model = resolve_model(name)
-    if not model.is_file():
-        raise FileNotFoundError(f"{model}: model file not found")
-    refuse_exported(model, what)
-    if out.exists() and out.samefile(model):
-        raise ValueError(f"{out}: {what} would overwrite the model; give another --out")
-    return model
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from beautytag.config import check_ranges, load_config
     from beautytag.training.train import train
@@ -101,11 +87,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from beautytag.checkpoint import model_source
     from beautytag.config import load_config
     from beautytag.training.calibrate import calibrate
 
     out = Path(args.out or f"{Path(args.model).with_suffix('')}-calibrated.pt")
-    model = model_for(args.model, out, "the calibrated model")
+    model = model_source(args.model, out, "the calibrated model")
     if out.suffix != ".pt":
         raise ValueError(f"--out {out}: a model file must end in .pt")
     cfg = load_config(args.config) if args.config else None
@@ -174,57 +161,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
+    from beautytag.export import export_command
 
-    from beautytag.checkpoint import TORCHSCRIPT_SUFFIXES
-    from beautytag.export import (
-        accuracy_cost,
-        default_photos,
-        export_onnx,
-        export_torchscript,
-        parity_check,
-        quantize_onnx,
-        synthetic_photos,
+    report = export_command(
+        args.model,
+        args.format,
+        args.out,
+        args.opset,
+        args.quantize,
+        args.photos,
+        args.accuracy_split,
     )
-
-    onnx = args.format == "onnx"
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if onnx else ".ts")
-    model = model_for(args.model, out, "the export")
-    if args.quantize and not onnx:
-        raise ValueError("--quantize needs --format onnx")
-    suffixes = {".onnx"} if onnx else TORCHSCRIPT_SUFFIXES  # predict and serve go by suffix
-    if out.suffix.lower() not in suffixes:
-        kind, ends = "an ONNX" if onnx else "a TorchScript", ", ".join(sorted(suffixes))
-        raise ValueError(f"--out {out}: {kind} file must end in {ends}")
-    photos, source = default_photos(args.photos, n=96)
-    if args.photos and not photos:
-        raise ValueError(f"no photos found in {args.photos}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not photos:
-            print("no real photos found: parity runs on synthetic images", file=sys.stderr)
-            photos = synthetic_photos(tmp, 32)
-        check, calibration = photos[:32], photos[32:] or photos  # default: disjoint sets
-        if args.photos:  # at most 96 (default_photos): the first 64 calibrate
-            check, calibration = photos, photos[:64]
-        if onnx:
-            export_onnx(model, out, opset=args.opset)
-        else:
-            export_torchscript(model, out)
-        report: dict = {"model": str(out), "format": args.format, "bytes": out.stat().st_size}
-        report["parity"] = parity_check(model, out, check) | {"photo_source": source}
-        print(f"exported {out}", file=sys.stderr)
-        if args.quantize:
-            q = out.with_name(f"{out.stem}-int8-{args.quantize}.onnx")
-            quantize_onnx(out, q, args.quantize, calibration)
-            parity = parity_check(model, q, check) | {"photo_source": source}
-            report["quantized"] = {"model": str(q), "mode": args.quantize}
-            report["quantized"] |= {"bytes": q.stat().st_size, "parity": parity}
-            print(f"quantised {q}", file=sys.stderr)
-            if args.accuracy_split != "none":
-                try:
-                    report["accuracy"] = accuracy_cost(model, [out, q], args.accuracy_split)
-                except (FileNotFoundError, ValueError) as e:
-                    report["accuracy"] = {"skipped": f"no labelled data ({e})"}
     print(json.dumps(report, indent=2))
     return 0
 

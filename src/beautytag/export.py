@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from beautytag.checkpoint import load_checkpoint
+from beautytag.checkpoint import TORCHSCRIPT_SUFFIXES, load_checkpoint, model_source
 from beautytag.config import Config
 from beautytag.images import ImageError, load_for_model, normalize
 from beautytag.runtime.backends import load_backend
@@ -333,3 +334,57 @@ def accuracy_cost(
         }
         result[str(path)] = {"metrics": met, "change": delta}
     return result
+
+
+def export_command(
+    name: str,
+    fmt: str,
+    out_arg: str | None,
+    opset: int,
+    quantize: str | None,
+    photo_args: Sequence[str] | None,
+    accuracy_split: str,
+) -> dict[str, Any]:
+    """What ``beautytag export`` does: export the model `name` to `fmt` (``onnx`` or
+    ``torchscript``) at `out_arg` (default: beside it), check parity on photos (the given
+    ones, the datasets' or synthetic ones), optionally quantise to int8 and measure the
+    accuracy cost; returns the report."""
+    onnx = fmt == "onnx"
+    out = Path(out_arg) if out_arg else Path(name).with_suffix(".onnx" if onnx else ".ts")
+    model = model_source(name, out, "the export")
+    if quantize and not onnx:
+        raise ValueError("--quantize needs --format onnx")
+    suffixes = {".onnx"} if onnx else TORCHSCRIPT_SUFFIXES  # predict and serve go by suffix
+    if out.suffix.lower() not in suffixes:
+        kind, ends = "an ONNX" if onnx else "a TorchScript", ", ".join(sorted(suffixes))
+        raise ValueError(f"--out {out}: {kind} file must end in {ends}")
+    photos, source = default_photos(photo_args, n=96)
+    if photo_args and not photos:
+        raise ValueError(f"no photos found in {photo_args}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not photos:
+            print("no real photos found: parity runs on synthetic images", file=sys.stderr)
+            photos = synthetic_photos(tmp, 32)
+        check, calibration = photos[:32], photos[32:] or photos  # default: disjoint sets
+        if photo_args:  # at most 96 (default_photos): the first 64 calibrate
+            check, calibration = photos, photos[:64]
+        if onnx:
+            export_onnx(model, out, opset=opset)
+        else:
+            export_torchscript(model, out)
+        report: dict = {"model": str(out), "format": fmt, "bytes": out.stat().st_size}
+        report["parity"] = parity_check(model, out, check) | {"photo_source": source}
+        print(f"exported {out}", file=sys.stderr)
+        if quantize:
+            q = out.with_name(f"{out.stem}-int8-{quantize}.onnx")
+            quantize_onnx(out, q, quantize, calibration)
+            parity = parity_check(model, q, check) | {"photo_source": source}
+            report["quantized"] = {"model": str(q), "mode": quantize}
+            report["quantized"] |= {"bytes": q.stat().st_size, "parity": parity}
+            print(f"quantised {q}", file=sys.stderr)
+            if accuracy_split != "none":
+                try:
+                    report["accuracy"] = accuracy_cost(model, [out, q], accuracy_split)
+                except (FileNotFoundError, ValueError) as e:
+                    report["accuracy"] = {"skipped": f"no labelled data ({e})"}
+    return report
