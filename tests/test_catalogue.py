@@ -309,6 +309,8 @@ def annotate(task: dict, results: list[dict], **extra) -> dict:
 def test_review_round_trip_gives_a_labels_csv_that_training_reads(tmp_path):
     folder = tmp_path / "reviewed"
     folder.mkdir()
+    for i in range(5):  # training checks that the listed photos are there
+        Image.new("RGB", (8, 8), (200, 40, 60)).save(folder / f"p{i:03d}.jpg")
     recs = [record(i, 0.3) | {"file": str(folder / f"p{i:03d}.jpg")} for i in range(5)]
     tasks = review_tasks(recs, below=0.6)
     choices = tasks[0]["predictions"][0]["result"]  # accepted as the model said
