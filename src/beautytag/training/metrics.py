@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from beautytag.color import delta_e2000
 
@@ -208,92 +207,34 @@ def shade_stats(lab_true: np.ndarray, lab_pred: np.ndarray) -> dict[str, float |
     }
 
 
-_WHITE = np.array([255.0, 255.0, 255.0])
-_DARK_BLUE = np.array([8.0, 48.0, 107.0])
-
-
-def _truncate(name: str, limit: int = 18) -> str:
-    """Shorten ``name`` to ``limit`` chars, eliding the middle so distinguishing suffixes stay."""
-    if len(name) <= limit:
-        return name
-    tail = (limit - 1) // 3
-    return name[: limit - 1 - tail] + "~" + name[-tail:]
-
-
 def save_confusion_png(
     cm: np.ndarray, labels: list[str], path: str | Path, title: str = ""
 ) -> None:
-    """Draw a row-normalised confusion-matrix heat map (rows = true, columns = predicted).
+    """Draw a row-normalised confusion matrix with matplotlib (rows: true, columns:
+    predicted; white for 0 to dark blue for a whole row), every class name written out in
+    full, the counts in the cells when there are at most 40 classes."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-    Cells shade from white (0) to dark blue (whole row); counts are printed when there are at
-    most 40 classes. Uses PIL only with the default font.
-    """
     cm = np.asarray(cm)
     n = cm.shape[0]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_size(s: str) -> tuple[int, int]:
-        x0, y0, x1, y1 = probe.textbbox((0, 0), s, font=font)
-        return x1 - x0, y1 - y0
-
-    show_counts = n <= 40
-    names = [_truncate(str(lab)) for lab in labels]
-    count_w = text_size(str(int(cm.max()) if cm.size else 0))[0]
-    cell = max(16, count_w + 8) if show_counts else 16
-    cell = max(cell, min(48, 640 // max(n, 1)))
-    _, line_h = text_size("Hg")
-    label_w = max([text_size(s)[0] for s in names] + [10]) + 8
-    pad = 10
-    title_h = line_h + 12 if title else 0
-    axis_h = line_h + 8
-
-    grid_x = pad + axis_h + label_w
-    grid_y = pad + title_h + axis_h + label_w
-    width = max(grid_x + n * cell + pad, pad * 2 + text_size(title)[0])
-    height = grid_y + n * cell + pad
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    names = [str(lab) for lab in labels]
+    longest = max([len(s) for s in names] + [4])
+    side = min(24.0, max(3.0, 0.32 * n + 0.07 * longest + 1.5))
+    fig = Figure(figsize=(side, side), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
     if title:
-        draw.text((pad, pad), title, fill="black", font=font)
-    grid_len = n * cell
-    pred_x = grid_x + max(0, (grid_len - text_size("predicted")[0]) // 2)
-    draw.text((pred_x, pad + title_h), "predicted", fill="black", font=font)
-    true_lbl = Image.new("RGB", (text_size("true")[0] + 4, line_h + 4), "white")
-    ImageDraw.Draw(true_lbl).text((0, 0), "true", fill="black", font=font)
-    true_lbl = true_lbl.rotate(90, expand=True)
-    img.paste(true_lbl, (pad, grid_y + max(0, (grid_len - true_lbl.height) // 2)))
-
-    row_sums = cm.sum(axis=1, keepdims=True).astype(np.float64)
-    norm = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=np.float64), where=row_sums > 0)
-    for i in range(n):
-        for j in range(n):
-            x0, y0 = grid_x + j * cell, grid_y + i * cell
-            rgb = tuple(int(v) for v in np.round(_WHITE + norm[i, j] * (_DARK_BLUE - _WHITE)))
-            draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=rgb, outline=(200, 200, 200))
-            if show_counts and cm[i, j] > 0:
-                s = str(int(cm[i, j]))
-                tw, th = text_size(s)
-                color = "white" if norm[i, j] > 0.5 else "black"
-                draw.text(
-                    (x0 + (cell - tw) / 2, y0 + (cell - th) / 2 - 1), s, fill=color, font=font
-                )
-
-    for k, name in enumerate(names):
-        tw, th = text_size(name)
-        # row label, right-aligned against the grid
-        draw.text(
-            (grid_x - tw - 4, grid_y + k * cell + (cell - th) / 2 - 1),
-            name,
-            fill="black",
-            font=font,
-        )
-        # column label, rotated to read bottom-to-top, bottom-aligned against the grid
-        tile = Image.new("RGB", (tw + 2, line_h + 4), "white")
-        ImageDraw.Draw(tile).text((0, 0), name, fill="black", font=font)
-        tile = tile.rotate(90, expand=True)
-        img.paste(tile, (grid_x + k * cell + (cell - tile.width) // 2, grid_y - tile.height - 4))
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+        ax.set_title(title)
+    if n <= 40:
+        for i, j in zip(*np.nonzero(cm), strict=True):
+            colour = "white" if share[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7, color=colour)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
