@@ -356,7 +356,8 @@ def test_the_own_photos_example_config_fine_tunes_the_default(datasets, tmp_path
         "Other",
     }
     assert {a["attributes"]["category"]["label"] for a in answers} <= classes
-    assert set(answers[0]["attributes"]) == {"category", "color"}
+    # the config's attributes, and the default's others kept with their trained heads
+    assert set(answers[0]["attributes"]) == {"category", "color", "shade", "finish", "function"}
 
 
 @pytest.mark.parametrize("flag", ["--top-k", "--batch-size"])
