@@ -23,7 +23,6 @@ from beautytag.catalogue.records import (
     RecordsError,
     csv_fields,
     journal_path,
-    model_id,
     open_output,
     read_records,
 )
@@ -89,10 +88,12 @@ def assert_whole_once(path: Path, fmt: str, n: int) -> None:
 
 
 def test_model_id_is_name_and_short_sha256(tmp_path):
-    weights = tmp_path / "w.pt"
+    from beautytag.runtime.engine import model_id
+
+    weights = tmp_path / "default.pt"
     weights.write_bytes(b"weights" * 1000)
     short = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
-    assert model_id("default", weights) == f"default@{short}"
+    assert model_id(weights) == f"default@{short}"
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])

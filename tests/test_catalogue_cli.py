@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from beautytag.catalogue.records import model_id, read_records
+from beautytag.catalogue.records import read_records
 from beautytag.cli import main
+from beautytag.runtime.engine import model_id
 
 from .conftest import ROOT, default_raw
 
@@ -65,7 +66,7 @@ def test_predict_killed_with_sigkill_resumes_every_photo_once(tiny_model, tmp_pa
     records = lines(out)
     assert sorted(r["file"] for r in records) == [str(p) for p in sorted(folder.iterdir())]
     assert all(r["error"] is None and r["attributes"]["category"]["label"] for r in records)
-    assert {r["model"] for r in records} == {model_id("tiny", tiny_model)}
+    assert {r["model"] for r in records} == {model_id(tiny_model)}
 
 
 def test_predict_refuses_an_existing_output_before_predicting(
@@ -249,7 +250,7 @@ def test_predict_on_a_local_ray_cluster_answers_as_a_plain_run(tiny_model, tmp_p
     plain = [p.to_dict() for p in Engine(tiny_model).predict_files(folder)]
     got = lines(out)
     assert [r["file"] for r in got] == [r["file"] for r in plain]  # in input order
-    assert {r["model"] for r in got} == {model_id("tiny", tiny_model)}
+    assert {r["model"] for r in got} == {model_id(tiny_model)}
     for a, b in zip(got, plain, strict=True):
         assert a["error"] == b["error"]
         if b["attributes"] is None:

@@ -18,21 +18,10 @@ def output_format(args: argparse.Namespace) -> str:
     return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
 
 
-def model_name(path: Path) -> str:
-    """A model's name in its records: the shipped name, or the file's stem."""
-    from beautytag.checkpoint import SHIPPED_MODELS, default_model_path
-
-    for name in SHIPPED_MODELS:
-        shipped = default_model_path(name)
-        if shipped.exists() and path.exists() and path.samefile(shipped):
-            return name
-    return path.stem
-
-
 def predict(args: argparse.Namespace) -> int:
     """``beautytag predict``: photos -> one record each, to standard output or -o (resumable)."""
     from beautytag.catalogue.batch import read_list, write_records
-    from beautytag.catalogue.records import csv_fields, model_id, open_output
+    from beautytag.catalogue.records import csv_fields, open_output
     from beautytag.runtime.engine import Engine, expand_paths
 
     paths = list(args.paths)
@@ -69,7 +58,7 @@ def predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         tta_flip=args.tta_flip,
     )
-    model = model_id(model_name(engine.model_path), engine.model_path)
+    model = engine.model_id
     fields = csv_fields(engine.schema)
     writer, done = open_output(target, fmt, args.resume, args.force, fields, model)
     todo = [str(f) for f in photos if str(f) not in done]

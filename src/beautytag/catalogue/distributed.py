@@ -95,7 +95,7 @@ def ray_records(
     workers: int | None = None,
 ) -> Iterator[dict]:
     """The records of `files` (in their order) predicted on Ray with `engine`'s model and
-    settings, each naming `model` (its :func:`~beautytag.catalogue.records.model_id`)."""
+    settings, each naming `model` (``Engine.model_id``)."""
     ray = import_ray()
     if not files:
         return

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import hashlib
 import io
 import json
 import os
@@ -40,15 +39,6 @@ PARQUET_BATCH = 10_000  # rows per Parquet row group when converting the journal
 
 class RecordsError(ValueError):
     """A predictions file cannot be written or read; the message is one line."""
-
-
-def model_id(name: str, path: str | Path) -> str:
-    """``"<name>@<first 8 hex digits of the SHA-256 of the weights file>"``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{name}@{digest.hexdigest()[:8]}"
 
 
 def journal_path(path: str | Path) -> Path:
@@ -300,7 +290,7 @@ def open_output(
     Without `resume` an existing output is refused unless `force`; with `resume` a torn last
     line is cut off and records are appended. `fields` (:func:`csv_fields`) is the CSV header;
     on resume the existing header is kept and must match it. `model`
-    (:func:`model_id`): on resume, records of another model are refused.
+    (``Engine.model_id``): on resume, records of another model are refused.
     """
     if fmt not in FORMATS:
         raise RecordsError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
