@@ -71,27 +71,31 @@ PER_CLASS = {"weight", "bias", "linear.weight", "linear.bias", "colour.weight", 
 
 
 def class_order(ours: Attribute, theirs: Attribute) -> list[int] | None:
-    """Where each of our classes is among theirs, if both attributes have the same name, kind
-    and classes, whatever their order and letter case (else None: a new head)."""
+    """Where each of our classes is among theirs (-1: a class they lack), if both attributes
+    have the same name and kind and share at least one class, whatever the order and letter
+    case (else None: a new head)."""
     if (ours.name, ours.kind) != (theirs.name, theirs.kind):
         return None
     index = {c.casefold(): i for i, c in enumerate(theirs.classes)}
-    if len(index) != len(theirs.classes) or sorted(index) != sorted(
-        c.casefold() for c in ours.classes
-    ):
+    if len(index) != len(theirs.classes):
         return None
-    return [index[c.casefold()] for c in ours.classes]
+    order = [index.get(c.casefold(), -1) for c in ours.classes]
+    if ours.kind != "shade" and all(i < 0 for i in order):
+        return None
+    return order
 
 
 def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     """Start `model` from the beautytag checkpoint at `path`: every tensor whose name and
-    shape match, the heads only of attributes with the same kind and classes (in any order
-    and letter case: the rows follow the classes). A linear head and a
-    :class:`PixelColourHead`'s linear part stand for each other. Returns the names of this
-    model's tensors that kept their initial values."""
+    shape match, the heads of attributes with the same name and kind row by row for the
+    classes both know (in any order and letter case); the rows of classes the checkpoint lacks
+    keep their initial values. A linear head and a :class:`PixelColourHead`'s linear part
+    stand for each other. Returns the names of this model's tensors that kept their initial
+    values, wholly or in some rows."""
     theirs, cfg = load_checkpoint(path)[:2]
     state = theirs.state_dict()
     own = model.state_dict()
+    partial: set[str] = set()
     for a in model.schema.attributes:
         orders = [class_order(a, b) for b in cfg.schema.attributes]
         order = next((o for o in orders if o is not None), None)
@@ -104,12 +108,20 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
                 rest = "linear." + rest
             elif isinstance(head, nn.Linear):
                 rest = rest.removeprefix("linear.")
-            if rest in PER_CLASS and a.kind != "shade":
-                v = v[order]
-            state[prefix + rest] = v
+            key = prefix + rest
+            if rest in PER_CLASS and a.kind != "shade" and key in own:
+                rows = own[key].clone()
+                known = [i for i, j in enumerate(order) if j >= 0]
+                if v.shape[1:] != rows.shape[1:]:
+                    continue
+                rows[known] = v[[order[i] for i in known]]
+                if len(known) < len(order):
+                    partial.add(key)
+                v = rows
+            state[key] = v
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
-    return [k for k in own if k not in matched]
+    return [k for k in own if k not in matched or k in partial]
 
 
 # model settings that a kept head was trained with: another value changes what it reads

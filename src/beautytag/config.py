@@ -49,6 +49,8 @@ class SourceConfig:
     split_by: str | None = None  # ... or hash this column (e.g. brand) into a group split
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    limit: int = 0  # if > 0: at most this many rows per split, evenly spread (e.g. negatives)
+    repeat: int = 1  # each training photo counts this many times per epoch (a small source)
 
 
 @dataclass
@@ -202,6 +204,8 @@ def _build_source(raw: Any, where: str) -> SourceConfig:
     for key in ("val_fraction", "test_fraction"):
         if not 0 <= getattr(src, key) < 1:
             raise SchemaError(f"{where}.{key}: must be in [0, 1), got {getattr(src, key)}")
+    if src.limit < 0 or src.repeat < 1:
+        raise SchemaError(f"{where}: limit must be 0 (none) or more and repeat 1 or more")
     if src.val_fraction + src.test_fraction >= 1:
         raise SchemaError(f"{where}: val_fraction + test_fraction must be below 1 (no training)")
     return src

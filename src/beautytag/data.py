@@ -265,10 +265,12 @@ def read_samples(
             part = [s for s in rows if s.split == split]
             if split == "train" and cfg.data.train_fraction < 1:
                 part = spread(part, max(1, round(len(part) * cfg.data.train_fraction)))
-            if 0 < cfg.data.limit < len(part):
-                part = spread(part, cfg.data.limit)
+            for limit in (src.limit, cfg.data.limit):
+                if 0 < limit < len(part):
+                    part = spread(part, limit)
             parts[split] = part
         check_missing(cfg.data_root / src.path, parts)
+        parts["train"] = parts.get("train", []) * src.repeat
         out += [s for part in parts.values() for s in part]
     return out
 
