@@ -11,6 +11,7 @@ from beautytag.checkpoint import (
     init_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    wise_ft,
 )
 from beautytag.color import linear_rgb_to_lab_torch, srgb_to_lab, srgb_to_linear_torch
 from beautytag.config import config_from_dict
@@ -31,6 +32,7 @@ from beautytag.schema import SchemaError
 def small_cfg(raw_config):
     raw = copy.deepcopy(raw_config)
     raw["model"]["image_size"] = 64
+    raw["model"]["pixel_colour"] = []  # plain linear heads; tests add the pixel colour head
     return config_from_dict(raw)
 
 
@@ -319,3 +321,29 @@ def test_the_colour_heads_do_their_colour_maths_in_float32_under_autocast():
     for a, b in zip(exact, mixed, strict=True):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_wise_ft_interpolates_start_and_tuned_and_keeps_new_rows(small_cfg, tmp_path):
+    """WiSE-FT: alpha 0 gives the start's tensors, 1 the tuned ones, 0.5 their mean; a class
+    the start lacks keeps the tuned row whatever alpha."""
+    torch.manual_seed(0)
+    start = BeautyTagNet(small_cfg, pretrained=False)
+    save_checkpoint(tmp_path / "start.pt", start, small_cfg)
+    cfg = copy.deepcopy(small_cfg)
+    cfg.schema["finish"].classes = [*cfg.schema["finish"].classes, "glitter"]
+    torch.manual_seed(1)
+    tuned = BeautyTagNet(cfg, pretrained=False)
+    save_checkpoint(tmp_path / "tuned.pt", tuned, cfg)
+    n = len(small_cfg.schema["finish"].classes)
+    merged = {}
+    for alpha in (0.0, 0.5, 1.0):
+        out = wise_ft(tmp_path / "start.pt", tmp_path / "tuned.pt", alpha, tmp_path / "w.pt")
+        merged[alpha] = load_checkpoint(out)[0].heads["finish"].weight.detach()
+    s_rows, t_rows = start.heads["finish"].weight.detach(), tuned.heads["finish"].weight.detach()
+    torch.testing.assert_close(merged[0.0][:n], s_rows)
+    torch.testing.assert_close(merged[1.0], t_rows)
+    torch.testing.assert_close(merged[0.5][:n], (s_rows + t_rows[:n]) / 2)
+    for alpha in merged:  # the new class's row is the tuned one's at every alpha
+        torch.testing.assert_close(merged[alpha][n], t_rows[n])
+    with pytest.raises(ValueError, match="alpha"):
+        wise_ft(tmp_path / "start.pt", tmp_path / "tuned.pt", 1.5, tmp_path / "w.pt")

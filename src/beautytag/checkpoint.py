@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -122,6 +123,30 @@ def init_from_checkpoint(model: BeautyTagNet, path: str | Path) -> list[str]:
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
     return [k for k in own if k not in matched or k in partial]
+
+
+def wise_ft(start: str | Path, tuned: str | Path, alpha: float, out: str | Path) -> Path:
+    """WiSE-FT (Wortsman et al. 2022): write (1 - alpha) x `start` + alpha x `tuned` to `out`,
+    with `tuned`'s config; `tuned` was fine-tuned from `start` (model.init). Tensors and class
+    rows that `start` lacks (new heads, new classes) are `tuned`'s. alpha 1 is `tuned`, 0 is
+    `start` as far as it goes. Scores need calibrating again (`beautytag calibrate`)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"WiSE-FT alpha must be in [0, 1], got {alpha}")
+    model, cfg, _ = load_checkpoint(tuned)
+    ours = model.state_dict()
+    base = copy.deepcopy(model)
+    init_from_checkpoint(base, start)  # start's tensors and rows; the rest stays tuned's
+    theirs = base.state_dict()
+    model.load_state_dict(
+        {
+            k: torch.lerp(theirs[k].float(), v.float(), alpha).to(v.dtype)
+            if v.is_floating_point()
+            else v
+            for k, v in ours.items()
+        }
+    )
+    save_checkpoint(out, model, cfg, {"wise_ft": {"start": str(start), "alpha": alpha}})
+    return Path(out)
 
 
 # model settings that a kept head was trained with: another value changes what it reads
