@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "beautytag"
 LAYERS = [  # lowest first; a module's layer is the first prefix that matches it
     ("core", ("beautytag", "beautytag.images", "beautytag.color", "beautytag.weak_labels",
-              "beautytag.schema", "beautytag.config", "beautytag.data")),
+              "beautytag.schema", "beautytag.config", "beautytag.data", "beautytag.composite")),
     ("nn", ("beautytag.nn",)),
     ("files", ("beautytag.checkpoint",)),
     ("runtime", ("beautytag.runtime",)),

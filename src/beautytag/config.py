@@ -60,6 +60,11 @@ class DataConfig:
     augment: bool = True
     limit: int = 0  # if > 0: at most this many images per source and split (smoke tests)
     train_fraction: float = 1.0  # < 1: train on this share of each source's train split
+    # the probability that a training packshot (a product on white) is pasted onto a new
+    # background (beautytag.composite); its pixels, so its colour, never change
+    composite: float = 0.0
+    # the probability that a training photo is scaled down (1.5-4x) and back up
+    downscale: float = 0.0
 
 
 @dataclass
@@ -256,6 +261,8 @@ def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where
         ("model.pixel_colour_pool", model.pixel_colour_pool >= 1, "1 or more"),
         ("data.limit", data.limit >= 0, "0 (no limit) or more"),
         ("data.train_fraction", 0 < data.train_fraction <= 1, "in (0, 1]"),
+        ("data.composite", 0 <= data.composite <= 1, "in [0, 1] (a probability)"),
+        ("data.downscale", 0 <= data.downscale <= 1, "in [0, 1] (a probability)"),
         ("train.epochs", train.epochs >= 1, "1 or more"),
         ("train.freeze_epochs", train.freeze_epochs >= 0, "0 or more"),
         ("train.batch_size", train.batch_size >= 1, "1 or more"),

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from beautytag.composite import content_box, foreground_alpha
 from beautytag.config import Config, SourceConfig
 from beautytag.images import ImageError, letterbox, load_image
 from beautytag.schema import Attribute, Schema, SchemaError, SourceSpec
@@ -303,10 +304,20 @@ def load_letterboxed(
     samples: Sequence[Sample], size: int, workers: int = 2, report: bool = True
 ) -> tuple[list[Sample], np.ndarray, list[str]]:
     """Decode and letterbox every image once. Bad images are reported and dropped."""
+    return load_letterboxed_boxes(samples, size, workers, report)[:3]
 
-    def work(s: Sample) -> np.ndarray | str:
+
+def load_letterboxed_boxes(
+    samples: Sequence[Sample], size: int, workers: int = 2, report: bool = True
+) -> tuple[list[Sample], np.ndarray, list[str], np.ndarray]:
+    """:func:`load_letterboxed`, and where each photo lies inside its letterbox: (N, 4) int
+    top, left, height, width (:func:`beautytag.composite.content_box`)."""
+
+    def work(s: Sample) -> tuple[np.ndarray, tuple[int, ...]] | str:
         try:
-            return np.asarray(letterbox(load_image(s.path, min_size=size), size), dtype=np.uint8)
+            img = load_image(s.path, min_size=size)
+            box = content_box(*img.size, size)
+            return np.asarray(letterbox(img, size), dtype=np.uint8), box
         except ImageError as e:
             return str(e)
 
@@ -317,9 +328,10 @@ def load_letterboxed(
     if report:
         for e in errors:
             print(f"skipped {e}", file=sys.stderr)
-    arrays = [r for r in results if not isinstance(r, str)]
-    stack = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
-    return kept, stack, errors
+    done = [r for r in results if not isinstance(r, str)]
+    stack = np.stack([a for a, _ in done]) if done else np.zeros((0, size, size, 3), np.uint8)
+    boxes = np.array([b for _, b in done], dtype=np.int64).reshape(-1, 4)
+    return kept, stack, errors, boxes
 
 
 def augment_batch(
@@ -365,25 +377,45 @@ def cutmix_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 class BeautyDataset(Dataset):
-    """Samples with their letterboxed pixels in memory; returns (image, targets, masks)."""
+    """Samples with their letterboxed pixels in memory; returns (image, targets, masks), and
+    for training (`train`) also `extra`: the photo's product alpha (uint8 H x W, all zero
+    but for a packshot; 1 x 1 while ``data.composite`` is off) and its source's index."""
 
     def __init__(
         self, samples: Sequence[Sample], cfg: Config, train: bool = False, report: bool = True
     ):
-        self.cfg = cfg
-        self.samples, self.pixels, self.errors = load_letterboxed(
+        self.cfg, self.train = cfg, train
+        self.samples, self.pixels, self.errors, self.boxes = load_letterboxed_boxes(
             samples, cfg.model.image_size, report=report
         )
         self.encoded = [encode(cfg.schema, s.labels) for s in self.samples]
+        names = [src.name for src in cfg.data.sources]
+        self.source = [names.index(s.source) if s.source in names else -1 for s in self.samples]
+        # (N, H, W) product alphas while compositing is on, else (N, 1, 1) zeros
+        cut = train and cfg.data.composite > 0
+        side = cfg.model.image_size if cut else 1
+        self.alpha = np.zeros((len(self.samples), side, side), np.uint8)
+        if cut:
+            for i, (pixels, box) in enumerate(zip(self.pixels, self.boxes, strict=True)):
+                alpha = foreground_alpha(pixels, tuple(box))
+                self.alpha[i] = 0 if alpha is None else alpha
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        """(uint8 CHW letterboxed image, targets, masks); augmentation and normalisation
-        happen per batch, on the training device (see :func:`augment_batch`)."""
+        """(uint8 CHW letterboxed image, targets, masks[, extra]); augmentation and
+        normalisation happen per batch, on the training device (see :func:`augment_batch`)."""
         targets, masks = self.encoded[i]
-        return torch.from_numpy(self.pixels[i]).permute(2, 0, 1), targets, masks
+        image = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)
+        if not self.train:
+            return image, targets, masks
+        extra = {"alpha": torch.from_numpy(self.alpha[i]), "source": self.source[i]}
+        return image, targets, masks, extra
+
+    def packshots(self) -> np.ndarray:
+        """Which photos are packshots that compositing pastes (bool, N)."""
+        return self.alpha.reshape(len(self.alpha), -1).max(1, initial=0) > 0
 
     def label_counts(self, attr: Attribute) -> Counter:
         return Counter(

@@ -39,7 +39,6 @@ from beautytag.checkpoint import (
 from beautytag.config import Config, config_from_dict
 from beautytag.data import (
     BeautyDataset,
-    augment_batch,
     classes_without_photos,
     cutmix_batch,
     in_several_splits,
@@ -49,6 +48,7 @@ from beautytag.data import (
 from beautytag.images import normalize
 from beautytag.nn.losses import MultiTaskLoss, distillation_loss
 from beautytag.nn.net import BeautyTagNet
+from beautytag.training.augment import BatchAugment
 from beautytag.training.distill import Teacher, load_teachers, teach
 from beautytag.training.evaluate import compute_metrics, run_dataset
 from beautytag.training.fine_tune import after_training, warn_untrained, with_start_attributes
@@ -206,7 +206,7 @@ def read_datasets(cfg: Config) -> tuple[BeautyDataset, BeautyDataset]:
             "warning: photos in both the training and the validation split (listed twice in "
             f"labels.csv?), which flatter validation: {len(shared)}, e.g. {shared[0]}"
         )
-    train_ds = BeautyDataset(training, cfg)
+    train_ds = BeautyDataset(training, cfg, train=True)
     val_ds = BeautyDataset([s for s in samples if s.split == "val"], cfg)
     for split, ds in (("training", train_ds), ("validation", val_ds)):
         if len(ds) == 0:
@@ -230,6 +230,7 @@ class Run:
     generator: torch.Generator
     loader: DataLoader
     use_amp: bool
+    augment: BatchAugment  # compositing, geometry, down-up-scaling (training.augment)
     epoch: int = 0  # the next epoch to run (0-based)
     best: float = -math.inf  # the best monitored score so far ('higher is better')
     bad_epochs: int = 0  # epochs since the best
@@ -281,7 +282,8 @@ def build_run(cfg: Config, train_ds: BeautyDataset, device: torch.device) -> Run
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.train.epochs, steps)
     )
-    return Run(model, criterion, optimizer, scheduler, ema, generator, loader, use_amp)
+    augment = BatchAugment(cfg, train_ds, device)
+    return Run(model, criterion, optimizer, scheduler, ema, generator, loader, use_amp, augment)
 
 
 # what save_last writes and resume_run reads
@@ -361,10 +363,8 @@ def train_one_epoch(
         mininterval=1.0,
         leave=False,
     )
-    for x, targets, masks in bar:
-        x = x.to(device, non_blocking=True)
-        if cfg.data.augment:
-            x = augment_batch(x)
+    for x, targets, masks, extra in bar:
+        x = run.augment(x.to(device, non_blocking=True), extra)
         perm = None  # with CutMix: which photo of the batch each photo's box came from
         if cfg.train.cutmix > 0 and float(torch.rand(1)) < cfg.train.cutmix:
             x, perm, lam = cutmix_batch(x)
