@@ -13,6 +13,8 @@ interrupted one resumes. A shipped model cannot answer the two classes the catal
 (Eyebrow Pencil, Makeup Brushes): they count as its mistakes. Usage:
 
     python benchmarks/wild.py [--only W1 W4] [--seeds 0 1 2] [--runs DIR] [--redo W4]
+    python benchmarks/wild.py --runs /work/main/runs/wild --no-train  # finished runs only
+    python benchmarks/wild.py --speed --only W1 W4   # only the CPU speed again (idle machine)
     python benchmarks/wild.py --pick          # the shipping rule on the stored validation
     python benchmarks/wild.py --report        # only rewrite wild.md from wild.json
     python benchmarks/wild.py --quick --only W4 --seeds 0   # smoke run: 48 photos, 2 epochs
