@@ -257,3 +257,29 @@ def test_evaluate_reports_what_the_gate_rejects(datasets, tmp_path):
         "Not a cosmetic: gate cosmetic = yes: threshold 0.5"
         in (tmp_path / "ev" / "report.md").read_text()
     )
+
+
+def test_a_search_index_holds_rejected_photos_that_no_filter_or_shade_matches(
+    rejecting, accepting, photos, tmp_path
+):
+    from beautytag.search import Index
+
+    preds = [next(Engine(m).predict_files(photos[:1])) for m in (rejecting, accepting)]
+    records = [p.to_dict()["attributes"] for p in preds]
+    label = records[1]["category"]["label"]
+    vectors = np.eye(2, 8, dtype=np.float32)
+    index = Index.create(
+        tmp_path / "idx", "tiny@00000000", 8, vocabulary=Engine(accepting).vocabulary()
+    )
+    index.add(["no.jpg", "yes.jpg"], vectors, records)
+    index.save()
+    index = Index.open(tmp_path / "idx")
+    [hits] = index.search(vectors[0], top_k=2)  # found by photo, its nulls as they were
+    assert hits[0].file == "no.jpg" and hits[0].attributes == records[0]
+    [hits] = index.search(vectors[0], top_k=2, where={"category": label})
+    assert [h.file for h in hits] == ["yes.jpg"]
+    for tag in records[1]["function"]["scores"]:  # the rejected photo has no tag to match
+        has = tag in [t for t, _ in records[1]["function"]["labels"]]
+        assert index.count({"function": tag}) == int(has)
+    shade = index.search_shade(records[1]["shade"]["hex"], top_k=2)
+    assert [h.file for h in shade] == ["yes.jpg"]

@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "calibrate",
-        help="make class scores the chance of being right (temperature scaling on a split)",
+        help="make class scores the chance of being right (temperature scaling on a split) "
+        "and set the gate's threshold",
     )
     c.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
     c.add_argument(

@@ -122,9 +122,10 @@ def measure(
 ) -> dict[str, Any] | None:
     """An evaluation's gate report: the gate's attribute and class, and at `threshold` (the
     gate's own by default) :func:`rejection_rates` of the photos labelled for its attribute.
-    None without a gate, or where the data's `schema` lacks its attribute or class."""
+    None without a gate, or where the data's `schema` lacks its attribute or class, or no
+    photo is labelled for it."""
     name = gate.get("attribute") if gate else None
-    if name not in masks or name not in schema.names:
+    if name not in masks or name not in schema.names or not np.asarray(masks[name]).any():
         return None
     try:
         rows = labelled_rows(gate, schema, outputs[name], targets[name], masks[name], sources)
