@@ -283,3 +283,20 @@ def test_a_search_index_holds_rejected_photos_that_no_filter_or_shade_matches(
         assert index.count({"function": tag}) == int(has)
     shade = index.search_shade(records[1]["shade"]["hex"], top_k=2)
     assert [h.file for h in shade] == ["yes.jpg"]
+
+
+def test_training_ends_saying_what_the_gate_rejects(datasets, tmp_path, capsys):
+    """train.calibrate and train.final_report: the threshold chosen on validation and the
+    shares it rejects on the validation and test splits, one line each."""
+    from beautytag.training.fine_tune import calibrate_best, final_report
+
+    best = make_tiny_model(tmp_path / "best.pt", cosmetic=0.22, limit=16)
+    _, cfg, _ = load_checkpoint(best)
+    calibrate_best(best, cfg)
+    final_report(tmp_path, cfg, "cpu")
+    out = capsys.readouterr().out
+    assert "validation split: gate cosmetic = yes: threshold 0.2; rejected: fashion 0.0% of" in out
+    line = next(x for x in out.splitlines() if x.startswith("test split: gate"))
+    assert "threshold 0.2;" in line and "wild 0.0% of" in line and "negatives 0.0% of" in line
+    report = json.loads((tmp_path / "test-report" / "report.json").read_text())
+    assert report["gate"]["threshold"] == 0.2

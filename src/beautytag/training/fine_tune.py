@@ -96,6 +96,8 @@ def final_report(out: Path, cfg: Config, device: str) -> dict[str, Any]:
         except ValueError as e:  # e.g. no attribute in common
             print(f"warning: {cfg.model.init} not measured on the test split: {e}")
     print(comparison(ours, start, cfg.model.init))
+    if "gate" in ours:  # what the gate rejects of the test photos
+        print(f"test split: {gate_summary(ours['gate'])}")
     return reports
 
 
