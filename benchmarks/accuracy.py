@@ -90,6 +90,7 @@ def table_a_raw(data: Path, attrs: tuple[str, ...] = ("category", "color"), **ch
     raw["data"]["root"] = str(data)
     raw["data"]["sources"] = [s for s in raw["data"]["sources"] if s["name"] == "fashion"]
     raw["model"] |= {"image_size": 128, "attention": "cbam"}  # Table A's common base
+    raw["model"].pop("gate", None)  # its attribute (cosmetic) is not among Table A's
     return apply(raw, changes)
 
 
@@ -141,6 +142,7 @@ def catalogue_raw(data: Path, min_count: int = 20, **changes) -> dict:
             del a["sources"]["fashion"]["other"]
     raw = default_raw()
     raw["attributes"] = attrs
+    raw["model"].pop("gate", None)  # no cosmetic attribute among Table B's
     raw["data"] = {
         "root": str(data),
         "sources": [{"name": "fashion", "path": "fashion-products-small", "split_column": "split"}],

@@ -132,8 +132,9 @@ def products(engine: Engine, cfg, tmp: Path) -> dict:
     found = np.array([[row_of[h.file] for h in q] for q in hits])
     raw = precision(found, test, train)
     # for reference (not a shipped default): each query filtered to its predicted category
+    # (none where the gate found it is not a cosmetic: its label is null)
     same = [
-        index.search(x, max(KS), {"category": a["category"]["label"]})[0]
+        index.search(x, max(KS), {"category": c} if (c := a["category"]["label"]) else None)[0]
         for x, a in zip(x_test, attrs_test, strict=True)
     ]
     rows = [[row_of[h.file] for h in q] + [-1] * (max(KS) - len(q)) for q in same]

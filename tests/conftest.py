@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,11 @@ def datasets() -> Path:
     return DATASETS
 
 
-def make_tiny_model(path: Path, model: dict | None = None, **data) -> Path:
+def make_tiny_model(path: Path, model: dict | None = None, cosmetic: float = 0.99, **data) -> Path:
     """A randomly initialised default-schema model at 64 px (fast): for tests of formats and
-    plumbing, not accuracy. `model` and `data` override keys of those config sections."""
+    plumbing, not accuracy. `model` and `data` override keys of those config sections. Its
+    gate (model.gate) sees every photo with P(accepted class) = `cosmetic` (a cosmetic by
+    default: the gate lets every photo through at the default threshold)."""
     from beautytag.checkpoint import save_checkpoint
     from beautytag.config import config_from_dict
     from beautytag.nn.net import BeautyTagNet
@@ -47,7 +50,16 @@ def make_tiny_model(path: Path, model: dict | None = None, **data) -> Path:
     raw["model"] |= {"image_size": 64, **(model or {})}
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
-    save_checkpoint(path, BeautyTagNet(cfg, pretrained=False), cfg)
+    net = BeautyTagNet(cfg, pretrained=False)
+    if gate := cfg.model.gate:
+        classes = cfg.schema[gate["attribute"]].classes
+        head = net.heads[gate["attribute"]]  # a constant: softmax gives `cosmetic`
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            odds = cosmetic * (len(classes) - 1) / (1 - cosmetic)
+            head.bias[classes.index(gate["accept"])] = math.log(odds)
+    save_checkpoint(path, net, cfg)
     return path
 
 

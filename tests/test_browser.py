@@ -201,3 +201,28 @@ def test_page_shows_similar_products_and_shade_matches(search_server, browser):
     browser.execute_script("document.getElementById('shade').value = '#20a040'")
     browser.find_element(By.ID, "match").click()
     wait.until(lambda d: "#20a040" in d.find_element(By.CSS_SELECTOR, "#cards .card h2").text)
+
+
+def test_page_says_not_a_cosmetic_when_the_gate_rejects_a_photo(browser, tmp_path: Path):
+    """A tiny model whose gate sees P(cosmetic = yes) = 0.2 (below its 0.5) for any photo."""
+    from beautytag.export import synthetic_photos
+
+    from .conftest import make_tiny_model
+
+    engine = Engine(make_tiny_model(tmp_path / "no.pt", cosmetic=0.2), backend="torch")
+    [photo] = synthetic_photos(tmp_path / "photos", n=1)
+    wait = WebDriverWait(browser, 30)
+    for url in run_server(create_app(engine, ServeSettings())):
+        browser.get(url)
+        wait.until(lambda d: "no.pt" in d.find_element(By.ID, "info").text)
+        browser.find_element(By.ID, "picker").send_keys(str(photo))
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card"))
+        wait.until(lambda d, card=card: card.find_elements(By.CSS_SELECTOR, ".attr"))
+        assert card.find_element(By.CSS_SELECTOR, ".gate").text == "not a cosmetic"
+        attrs = {
+            a.find_element(By.CSS_SELECTOR, ".name").text.lower(): a.text
+            for a in card.find_elements(By.CSS_SELECTOR, ".attr")
+        }
+        assert "no answer" in attrs["category"] and "no shade" in attrs["shade"]
+        assert "no tags" in attrs["function"] and "no answer" not in attrs["cosmetic"]
+        assert not card.find_elements(By.CSS_SELECTOR, ".swatch")

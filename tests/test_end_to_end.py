@@ -23,6 +23,7 @@ from .conftest import ROOT, make_tiny_model
 def test_train_evaluate_predict_beats_chance(raw_config, datasets, tmp_path, capsys):
     raw = raw_config
     raw["attributes"] = [a for a in raw["attributes"] if a["name"] in ("category", "finish")]
+    raw["model"]["gate"] = {}  # its attribute, cosmetic, is left out
     for a in raw["attributes"]:
         a["sources"] = {"fashion": a["sources"]["fashion"]}
     raw["data"]["sources"] = raw["data"]["sources"][:1]

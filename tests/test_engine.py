@@ -54,7 +54,7 @@ def test_batch_prediction_reports_bad_files_and_keeps_the_rest(tiny_model, photo
     assert "not an image" in errors["e_text.jpg"] and "not an image" in errors["f_empty.png"]
     assert errors["missing.jpg"] == "file not found"
     good = results[0]["attributes"]
-    assert set(good) == {"category", "color", "shade", "finish", "function"}
+    assert set(good) == {"category", "cosmetic", "color", "shade", "finish", "function"}
     cat = good["category"]
     assert cat["label"] == cat["top"][0][0] and len(cat["top"]) == 3
     assert 0 <= cat["score"] <= 1 and cat["top"][0][1] >= cat["top"][1][1]
@@ -108,7 +108,9 @@ def test_cli_predict_jsonl_and_csv(tiny_model, photo_folder, capsys, tmp_path):
         == 1
     )
     rows = csv_path.read_text().splitlines()
-    assert rows[0].startswith("file,error,model,category,category_score,color")
+    assert rows[0].startswith(
+        "file,error,model,category,category_score,cosmetic,cosmetic_score,color"
+    )
     assert len(rows) == 3 and "not an image" in rows[2]
 
 

@@ -156,7 +156,7 @@ HEAD_SETTINGS = ("backbone", "attention", "image_size", "mean", "std", "pixel_co
 def keep_start_attributes(cfg: Config) -> tuple[Config, list[str], list[str]]:
     """`cfg` with the attributes of its starting model (``model.init``) that it does not
     define added after its own (same name, kind, classes and weight; no source labels them,
-    so they are masked; their temperatures and pixel-colour reading kept), unless
+    so they are masked; their temperatures, pixel-colour reading and gate kept), unless
     ``model.keep_attributes`` is false. Returns the config, the kept names and warnings
     about model settings that differ from the starting model's (its heads may then not load,
     or read other features)."""
@@ -179,6 +179,9 @@ def keep_start_attributes(cfg: Config) -> tuple[Config, list[str], list[str]]:
         pixel_colour=cfg.model.pixel_colour + [n for n in start.model.pixel_colour if n in names],
         temperatures=cfg.model.temperatures
         | {n: t for n, t in start.model.temperatures.items() if n in names},
+        # a kept gate attribute keeps its gate (not a cosmetic), unless the config has one
+        gate=cfg.model.gate
+        or (start.model.gate if start.model.gate.get("attribute") in names else {}),
     )
     settings = [k for k in HEAD_SETTINGS if getattr(cfg.model, k) != getattr(start.model, k)]
     if not set(start.model.pixel_colour) & set(names):  # no kept head reads the pixels

@@ -89,6 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from beautytag.checkpoint import model_source
     from beautytag.config import load_config
+    from beautytag.runtime.gate import summary as gate_summary
     from beautytag.training.calibrate import calibrate
 
     out = Path(args.out or f"{Path(args.model).with_suffix('')}-calibrated.pt")
@@ -101,6 +102,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for v in report.values():
         if isinstance(v, dict) and "warning" in v:
             print(f"warning: {v['warning']}", file=sys.stderr)
+    if "gate" in report:
+        print(f"{args.split} split: {gate_summary(report['gate'])}", file=sys.stderr)
     print(f"calibrated model written to {out}", file=sys.stderr)
     return 0
 
@@ -251,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "calibrate",
-        help="make class scores the chance of being right (temperature scaling on a split)",
+        help="make class scores the chance of being right (temperature scaling on a split) "
+        "and set the gate's threshold",
     )
     c.add_argument("model", help="a checkpoint (.pt), or a shipped model: default, accurate")
     c.add_argument(

@@ -38,6 +38,9 @@ class ModelConfig:
     # class attribute -> the temperature its logits are divided by before the softmax, so
     # that a score is the chance of being right (set by `beautytag calibrate`; 1 if absent)
     temperatures: dict[str, float] = field(default_factory=dict)
+    # "not a cosmetic": {attribute, accept, threshold}: a photo whose P(accept) of that
+    # single-label attribute is below threshold gets null answers (runtime/gate.py); {}: none
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,6 +256,38 @@ def check_temperatures(temperatures: Any, schema: Schema, where: str) -> None:
             )
 
 
+GATE_KEYS = ("attribute", "accept", "threshold")
+
+
+def check_gate(gate: Any, schema: Schema, where: str) -> dict[str, Any]:
+    """model.gate: ``{}`` or a single-label attribute, one of its classes and a threshold in
+    (0, 1) (0.5 when left out). Returns it with the class spelled as the schema has it."""
+    if not isinstance(gate, dict):
+        raise SchemaError(f"{where}: model.gate must be a mapping ({{}} or {list(GATE_KEYS)})")
+    if not gate:
+        return {}
+    if unknown := sorted(set(gate) - set(GATE_KEYS)):
+        raise SchemaError(f"{where}: model.gate: unknown keys {unknown}; known: {list(GATE_KEYS)}")
+    single = {a.name: a for a in schema.attributes if a.kind == "single"}
+    name = gate.get("attribute")
+    if name not in single:
+        raise SchemaError(
+            f"{where}: model.gate.attribute must name a single-label attribute "
+            f"({', '.join(single) or 'none'}), got {name!r}"
+        )
+    classes = {c.casefold(): c for c in single[name].classes}
+    accept = gate.get("accept")
+    if not isinstance(accept, str) or accept.casefold() not in classes:
+        raise SchemaError(
+            f"{where}: model.gate.accept must be one of {name}'s classes "
+            f"({', '.join(single[name].classes)}), got {accept!r}"
+        )
+    t = gate.get("threshold", 0.5)
+    if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t < 1:
+        raise SchemaError(f"{where}: model.gate.threshold must be in (0, 1), got {t!r}")
+    return {"attribute": name, "accept": classes[accept.casefold()], "threshold": float(t)}
+
+
 def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where: str) -> None:
     """Numbers outside their range are errors that name the key (from a file or the CLI)."""
     checks = [
@@ -304,6 +339,7 @@ def config_from_dict(
     check_ranges(model, data, train, where)
     check_names(schema, train, where)
     check_temperatures(model.temperatures, schema, where)
+    model.gate = check_gate(model.gate, schema, where)
     for name in model.pixel_colour:
         if name not in schema.names or schema[name].kind == "shade":
             raise SchemaError(

@@ -73,9 +73,9 @@ def record_from_csv_row(row: dict[str, str], fields: list[str]) -> dict:
             if f"{name}_score" in fields:
                 score = row.get(f"{name}_score") or ""
                 attributes[name] = {"label": cell or None, "score": float(score) if score else None}
-            elif f"{name}_lab" in fields:
+            elif f"{name}_lab" in fields:  # empty: no shade (a photo the gate rejects)
                 lab = [float(t) for t in (row.get(f"{name}_lab") or "").split()]
-                attributes[name] = {"lab": lab, "hex": cell}
+                attributes[name] = {"lab": lab or None, "hex": cell or None}
             else:
                 attributes[name] = {"labels": [[t, None] for t in cell.split(";") if t]}
     model = row.get("model") or None
@@ -406,7 +406,7 @@ def parquet_row(record: dict, kinds: dict[str, str]) -> dict[str, Any]:
         if kinds[name] == "single":
             row[name], row[f"{name}_score"] = v.get("label"), v.get("score")
         elif kinds[name] == "multi":
-            row[name] = [label for label, _ in v["labels"]]
+            row[name] = None if v["labels"] is None else [label for label, _ in v["labels"]]
         else:
             row[name], row[f"{name}_lab"] = v["hex"], v["lab"]
     row["record_json"] = json.dumps(record)

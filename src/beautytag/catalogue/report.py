@@ -62,7 +62,7 @@ def write_report(
             labels.pop(None, None)
             parts += [f"<h2>{esc(name)}</h2>", counts_table(labels)]
         elif kind == "multi":
-            tags = Counter(t for r in answered for t, _ in answer(r, name).get("labels", []))
+            tags = Counter(t for r in answered for t, _ in answer(r, name).get("labels") or [])
             parts += [f"<h2>{esc(name)} tags</h2>", counts_table(tags)]
         else:
             parts += [f"<h2>{esc(name)} palette</h2>", palette(answered, name)]
@@ -187,8 +187,9 @@ def least_confident(records: list[dict], name: str, n: int, px: int) -> str:
         if jpeg is None:
             continue
         a = answer(r, name)
+        label = a.get("label") or "not a cosmetic"  # a null label: the gate rejected it
         figures.append(
-            f"<figure>{img(jpeg, r['file'], 'image/jpeg')}<figcaption>{esc(a.get('label'))} "
+            f"<figure>{img(jpeg, r['file'], 'image/jpeg')}<figcaption>{esc(label)} "
             f"{a['score']:.2f}<br>{esc(Path(r['file']).name)}</figcaption></figure>"
         )
         if len(figures) == n:

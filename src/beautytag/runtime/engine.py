@@ -22,6 +22,7 @@ from beautytag.checkpoint import resolve_model
 from beautytag.color import lab_to_hex
 from beautytag.images import MAX_PIXELS, ImageError, load_for_model
 from beautytag.runtime.backends import load_backend
+from beautytag.runtime.gate import apply_gate
 from beautytag.runtime.results import Answer, ClassAnswer, Prediction, ShadeAnswer, TagsAnswer
 
 # what a folder walk picks up (the format itself is read from the content, whatever the name)
@@ -126,7 +127,7 @@ class Engine:
 
     def describe(self, out: dict[str, torch.Tensor]) -> dict[str, Answer]:
         """One image's outputs -> its answers (top-k classes, tags over the threshold,
-        shade)."""
+        shade), nulled where the model's gate says it is not a cosmetic (runtime/gate.py)."""
         result: dict[str, Answer] = {}
         for a in self.schema.attributes:
             v = out[a.name]
@@ -147,6 +148,9 @@ class Engine:
             else:
                 lab = [round(float(t), 2) for t in v]
                 result[a.name] = ShadeAnswer(tuple(lab), lab_to_hex(lab))
+        gate = self.cfg.model.gate
+        if gate:
+            result = apply_gate(gate, self.schema, result, out[gate["attribute"]].numpy())
         return result
 
     def embed_tensors(self, x: torch.Tensor) -> tuple[np.ndarray, list[dict[str, Answer]]]:

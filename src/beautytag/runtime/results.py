@@ -1,6 +1,7 @@
 """Typed answers: a :class:`Prediction` per photo. ``to_dict()`` is the JSON contract that
 ``beautytag predict`` writes, the service answers and the Python API returns; ``csv_row()``
-is its CSV form."""
+is its CSV form. A photo that the model's gate rejects (not a cosmetic, runtime/gate.py) has
+null labels, tags and shade, with every score kept."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from beautytag.schema import Schema
 
 @dataclass(frozen=True)
 class ClassAnswer:
-    """A single-label attribute: the top class, its score, the top-k (class, score) pairs."""
+    """A single-label attribute: the top class (None for a photo the gate rejects), its
+    score, the top-k (class, score) pairs."""
 
-    label: str
+    label: str | None
     score: float
     top: list[tuple[str, float]]
 
@@ -25,24 +27,25 @@ class ClassAnswer:
 @dataclass(frozen=True)
 class TagsAnswer:
     """A multi-label attribute: the tags at or above the threshold (best first, with their
-    scores) and every tag's score."""
+    scores; None for a photo the gate rejects) and every tag's score."""
 
-    labels: list[tuple[str, float]]
+    labels: list[tuple[str, float]] | None
     scores: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": [list(t) for t in self.labels], "scores": dict(self.scores)}
+        labels = None if self.labels is None else [list(t) for t in self.labels]
+        return {"labels": labels, "scores": dict(self.scores)}
 
 
 @dataclass(frozen=True)
 class ShadeAnswer:
-    """A shade: CIELAB (D65) and its sRGB hex."""
+    """A shade: CIELAB (D65) and its sRGB hex (both None for a photo the gate rejects)."""
 
-    lab: tuple[float, float, float]
-    hex: str
+    lab: tuple[float, float, float] | None
+    hex: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lab": list(self.lab), "hex": self.hex}
+        return {"lab": None if self.lab is None else list(self.lab), "hex": self.hex}
 
 
 Answer = ClassAnswer | TagsAnswer | ShadeAnswer
@@ -95,7 +98,8 @@ def csv_fields(schema: Schema, extra: tuple[str, ...] = ()) -> list[str]:
 def csv_row(record: dict[str, Any]) -> dict[str, str]:
     """A JSON record (:meth:`Prediction.to_dict`, maybe with more top-level keys such as
     ``model``) as one CSV row: a class's label and score, the tags joined by ``;``, a shade's
-    hex and its L a b. Top-level keys other than ``attributes`` are copied as they are."""
+    hex and its L a b; a null label, tags or shade is an empty cell. Top-level keys other
+    than ``attributes`` are copied as they are."""
     row = {k: v for k, v in record.items() if k != "attributes"}
     for name, v in (record.get("attributes") or {}).items():
         if "label" in v:
@@ -103,7 +107,8 @@ def csv_row(record: dict[str, Any]) -> dict[str, str]:
             row[name] = v["label"]
             row[f"{name}_score"] = f"{score:.4f}" if score is not None else ""
         elif "labels" in v:
-            row[name] = ";".join(label for label, _ in v["labels"])
+            row[name] = ";".join(label for label, _ in v["labels"] or ())
         else:
-            row[name], row[f"{name}_lab"] = v["hex"], " ".join(f"{t:.2f}" for t in v["lab"])
+            lab = " ".join(f"{t:.2f}" for t in v["lab"]) if v["lab"] is not None else None
+            row[name], row[f"{name}_lab"] = v["hex"], lab
     return {k: "" if v is None else str(v) for k, v in row.items()}

@@ -212,6 +212,7 @@ def create_app(
             "attributes": [{"name": a.name, "kind": a.kind} for a in engine.schema.attributes],
             "explain": isinstance(getattr(engine, "model", None), BeautyTagNet),
             "search": search_index is not None,
+            "gate": engine.cfg.model.gate or None,  # not a cosmetic: null answers
             "queue": settings.queue_size - batcher.room(),
         }
 

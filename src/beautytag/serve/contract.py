@@ -5,15 +5,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+REJECTED = "; null when the model's gate says the photo is not a cosmetic (model.gate)"
+
+
+class ClassAnswer(BaseModel):
+    """A single-label attribute's answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(description="the top class" + REJECTED)
+    score: float = Field(description="the top class's probability (kept when label is null)")
+    top: list[tuple[str, float]] = Field(description="the top-k [class, score] pairs")
+
+
+class TagsAnswer(BaseModel):
+    """A multi-label (tags) attribute's answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[tuple[str, float]] | None = Field(
+        description="[tag, score] pairs at or above the threshold, best first" + REJECTED
+    )
+    scores: dict[str, float] = Field(description="every tag's score")
+
+
+class ShadeAnswer(BaseModel):
+    """A shade's answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    lab: tuple[float, float, float] | None = Field(description="CIELAB (D65)" + REJECTED)
+    hex: str | None = Field(description="sRGB #rrggbb" + REJECTED)
 
 
 class Result(BaseModel):
     """One image's answer, as ``beautytag predict`` prints it."""
 
     file: str
-    attributes: dict[str, Any] | None = Field(
-        description="per attribute: {label, score, top} | {labels, scores} | {lab, hex}"
+    attributes: dict[str, ClassAnswer | TagsAnswer | ShadeAnswer] | None = Field(
+        description="per attribute: {label, score, top} | {labels, scores} | {lab, hex}; null "
+        "when the image could not be used"
     )
     error: str | None = Field(description="why the image could not be used")
 

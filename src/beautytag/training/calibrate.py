@@ -7,6 +7,10 @@ T > 1 softens an over-confident head, T < 1 sharpens a cautious one; the order o
 classes, and so every answer, stays the same. The temperatures are stored in the model's
 config (``model.temperatures``) and used wherever it answers (predict, serve, evaluate,
 export).
+
+With a gate (``model.gate``), its threshold is then chosen on the same split, on the
+calibrated scores, by a rule fixed before any run (runtime/gate.py: the highest of 0.05,
+0.10, ..., 0.50 that rejects at most 3 % of each cosmetics source's photos).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 
 from beautytag.checkpoint import load_checkpoint, save_checkpoint
 from beautytag.config import Config
+from beautytag.runtime.gate import choose_threshold, labelled_rows, rejection_rates
+from beautytag.schema import Schema
 from beautytag.training import metrics
 from beautytag.training.evaluate import split_outputs
 
@@ -59,10 +65,12 @@ def calibrate(
     config: Config | None = None,
     sources: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Fit every class attribute's temperature on `split` and write the model with them to
-    `out` (its weights as they were). Returns, per attribute, the photos used, the
-    temperature, and the negative log-likelihood and calibration error before and after."""
-    cfg, _, outputs, targets, masks = split_outputs([checkpoint], split, config, sources)
+    """Fit every class attribute's temperature on `split`, then the gate's threshold (if the
+    model has a gate), and write the model with them to `out` (its weights as they were).
+    Returns, per attribute, the photos used, the temperature, and the negative
+    log-likelihood and calibration error before and after; under ``gate``, the threshold and
+    the share of each source's photos it rejects (:func:`calibrate_gate`)."""
+    cfg, ds, outputs, targets, masks = split_outputs([checkpoint], split, config, sources)
     model, model_cfg, ckpt = load_checkpoint(checkpoint)
     temperatures = dict(model_cfg.model.temperatures)
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "split": split}
@@ -95,8 +103,43 @@ def calibrate(
         }
         if warning:
             report[a.name]["warning"] = warning
-    model_cfg.model = dataclasses.replace(model_cfg.model, temperatures=temperatures)
+        # every photo's scores as the calibrated model gives them: the gate is chosen on them
+        every = np.log(np.clip(outputs[a.name], 1e-12, None))
+        outputs[a.name] = torch.softmax(torch.from_numpy(every) / t, -1).numpy()
+    gate = dict(model_cfg.model.gate)
+    if gate:
+        photo_sources = [sample.source for sample in ds.samples]
+        report["gate"] = calibrate_gate(gate, cfg.schema, outputs, targets, masks, photo_sources)
+        gate["threshold"] = report["gate"]["threshold"]
+    model_cfg.model = dataclasses.replace(model_cfg.model, temperatures=temperatures, gate=gate)
     half = any(v.dtype == torch.float16 for v in ckpt["model"].values())
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "model")}
     save_checkpoint(out, model, model_cfg, extra, half=half)
+    return report
+
+
+def calibrate_gate(
+    gate: dict[str, Any],
+    schema: Schema,
+    outputs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    sources: list[str],
+) -> dict[str, Any]:
+    """The gate's threshold by the rule (:func:`choose_threshold`) on the photos labelled
+    for its attribute, and at that threshold each cosmetics source's share of rejected
+    photos and the negatives' (runtime/gate.py); ``previous`` is the threshold before.
+    Without a photo of the accepted class the threshold stays, with a warning."""
+    name, before = gate["attribute"], gate["threshold"]
+    p, accepted, src = labelled_rows(
+        gate, schema, outputs[name], targets[name], masks[name], sources
+    )
+    t = choose_threshold(p, accepted, src) if accepted.any() else before
+    report = {"attribute": name, "accept": gate["accept"], "previous": before}
+    report |= rejection_rates(p, accepted, src, t)
+    if not accepted.any():
+        report["warning"] = (
+            f"gate: no photo labelled {name} = {gate['accept']} on this split; "
+            f"threshold left at {before}"
+        )
     return report

@@ -25,6 +25,8 @@ from beautytag.data import BeautyDataset, read_samples
 from beautytag.images import normalize
 from beautytag.nn.net import BeautyTagNet
 from beautytag.runtime.engine import mirror_averaged
+from beautytag.runtime.gate import measure as measure_gate
+from beautytag.runtime.gate import summary as gate_summary
 from beautytag.schema import Schema, SchemaError
 from beautytag.training import metrics
 
@@ -255,6 +257,9 @@ def evaluate(
             if (m := masks[name].astype(bool)).any()
         },
     }
+    photo_sources = [sample.source for sample in ds.samples]
+    if gate := measure_gate(cfg.model.gate, cfg.schema, outputs, targets, masks, photo_sources):
+        result["gate"] = gate  # the share of each source's photos the gate rejects
     if out_dir is not None:
         out = Path(out_dir)
         write_report(result, cfg, matrices, out)
@@ -427,6 +432,8 @@ def write_report(
         for r in rows:
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
             lines.append(f"| {name} | {r['threshold']} | {r['n']} | {r['share']:.3f} | {acc} |")
+    if "gate" in result:
+        lines += ["", f"Not a cosmetic: {gate_summary(result['gate'])}."]
     for name, rows in result["per_class"].items():
         lines += [
             "",

@@ -10,6 +10,7 @@ from typing import Any
 
 from beautytag.checkpoint import keep_start_attributes, resolve_model
 from beautytag.config import Config
+from beautytag.runtime.gate import summary as gate_summary
 from beautytag.training.calibrate import calibrate
 from beautytag.training.evaluate import evaluate
 
@@ -51,9 +52,9 @@ def after_training(out: Path, cfg: Config, device: str, kept: list[str]) -> dict
 
 
 def calibrate_best(best: Path, cfg: Config) -> dict[str, float]:
-    """Temperature-scale `best` in place on the validation split (training/calibrate.py);
-    an attribute whose fit fails keeps its temperature, with a warning. Returns the
-    temperatures."""
+    """Temperature-scale `best` in place on the validation split (training/calibrate.py),
+    and set its gate's threshold (printing what it rejects); an attribute whose fit fails
+    keeps its temperature, with a warning. Returns the temperatures."""
     try:
         report = calibrate(best, best, split="val", config=cfg)
     except ValueError as e:
@@ -62,11 +63,14 @@ def calibrate_best(best: Path, cfg: Config) -> dict[str, float]:
     temperatures = {}
     for name, r in report.items():
         if isinstance(r, dict):
-            temperatures[name] = r["temperature"]
+            if "temperature" in r:
+                temperatures[name] = r["temperature"]
             if "warning" in r:
                 print(f"warning: calibration: {r['warning']}")
     shown = ", ".join(f"{k} {v:.3g}" for k, v in temperatures.items()) or "no class attribute"
     print(f"calibrated {best} on the validation split: temperatures {shown}")
+    if "gate" in report:
+        print(f"validation split: {gate_summary(report['gate'])}")
     return temperatures
 
 
@@ -92,6 +96,8 @@ def final_report(out: Path, cfg: Config, device: str) -> dict[str, Any]:
         except ValueError as e:  # e.g. no attribute in common
             print(f"warning: {cfg.model.init} not measured on the test split: {e}")
     print(comparison(ours, start, cfg.model.init))
+    if "gate" in ours:  # what the gate rejects of the test photos
+        print(f"test split: {gate_summary(ours['gate'])}")
     return reports
 
 
