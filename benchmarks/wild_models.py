@@ -24,7 +24,8 @@ from beautytag.training.train import config_changes, finished, train
 
 # settings that may differ between a run found in the runs folder and the row's config
 # without making it another run (where the files are, loader workers, the end-of-run report)
-NOT_COMPARED = {"train.workers", "train.final_report", "train.out_dir", "data.root"}
+# settings that do not change what a run learns (model.gate's threshold is set by calibration)
+NOT_COMPARED = {"train.workers", "train.final_report", "train.out_dir", "data.root", "model.gate"}
 QUICK = {"train.epochs": 2, "train.freeze_epochs": 1, "data.limit": 48}
 
 
