@@ -1,11 +1,14 @@
 """Finding the product at test time (beautytag.runtime.crop): the box through the letterbox,
 the skip rule, the combined answer, ``predict --crop``."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from beautytag.cli import main
 from beautytag.images import letterbox, load_image
 from beautytag.runtime import crop
 from beautytag.runtime.engine import Engine
@@ -159,6 +162,30 @@ def test_engine_crop_skips_the_second_pass_when_the_box_is_most_of_the_photo(
     cropped = next(engine.predict_items([("p", img)])).to_dict()
     assert calls == [1] and cropped != plain
     assert cropped["attributes"]["shade"] == plain["attributes"]["shade"]
+
+
+def test_predict_crop_end_to_end(tiny_model, tmp_path, capsys):
+    photo_with_square().save(tmp_path / "square.jpg")
+    Image.new("RGB", (80, 60), (30, 200, 60)).save(tmp_path / "small.png")
+    (tmp_path / "bad.jpg").write_text("not an image")
+    photos = [str(tmp_path / n) for n in ("square.jpg", "bad.jpg", "small.png")]
+    assert main(["predict", "--model", str(tiny_model), "--crop", *photos]) == 1
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["file"] for r in out] == photos
+    assert out[1]["attributes"] is None and "not an image" in out[1]["error"]
+    for r in (out[0], out[2]):
+        top = r["attributes"]["category"]["top"]
+        assert 0 < sum(s for _, s in top) <= 1.0001 and top == sorted(top, key=lambda t: -t[1])
+    assert main(["predict", "--model", str(tiny_model), photos[0]]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["attributes"]["shade"] == out[0]["attributes"]["shade"]
+    assert plain["attributes"]["category"] != out[0]["attributes"]["category"]  # two views
+    assert main(["predict", "--model", str(tiny_model), "--crop", "--tta-flip", photos[0]]) == 0
+    both = json.loads(capsys.readouterr().out)["attributes"]
+    assert both["category"] not in (
+        plain["attributes"]["category"],
+        out[0]["attributes"]["category"],
+    )
 
 
 def test_crop_needs_the_pytorch_model(tiny_model):

@@ -309,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="average with a mirrored copy (two model calls per photo)",
     )
     r.add_argument(
+        "--crop",
+        action="store_true",
+        help="also predict a crop around the product and average (about 2x slower; .pt only)",
+    )
+    r.add_argument(
         "--ray",
         action="store_true",
         help="run on Ray Data (pip install 'beautytag[ray]'): a local cluster, or --ray-address",
