@@ -164,7 +164,11 @@ def test_engine_crop_skips_the_second_pass_when_the_box_is_most_of_the_photo(
     assert cropped["attributes"]["shade"] == plain["attributes"]["shade"]
 
 
-def test_predict_crop_end_to_end(tiny_model, tmp_path, capsys):
+def test_predict_crop_end_to_end(tiny_model, tmp_path, capsys, monkeypatch):
+    def around_the_square(cam, size, *args):  # a random model's map is anywhere: the box
+        return size[0] * 1400 / 1800, size[1] * 150 / 1000, size[0] * 0.95, size[1] * 0.47
+
+    monkeypatch.setattr(crop, "product_box", around_the_square)
     photo_with_square().save(tmp_path / "square.jpg")
     Image.new("RGB", (80, 60), (30, 200, 60)).save(tmp_path / "small.png")
     (tmp_path / "bad.jpg").write_text("not an image")
