@@ -86,7 +86,7 @@ def grid(engine: Engine, photos: list[Path], truth: list[str]) -> list[dict[str,
         for m in MARGINS:
             views = view_outputs(Cropper(engine, threshold=t, margin=m), photos)
             combined, alone = [], []
-            whole = [classes[int(v[0]["category"].argmax())] for v in views]
+            whole_only = [classes[int(v[0]["category"].argmax())] for v in views]
             for whole, c, _ in views:
                 mixed = crop_module.combine(whole, c, engine.schema) if c else whole
                 combined.append(classes[int(mixed["category"].argmax())])
@@ -96,7 +96,7 @@ def grid(engine: Engine, photos: list[Path], truth: list[str]) -> list[dict[str,
                     "threshold": t,
                     "margin": m,
                     "accuracy": accuracy(truth, combined),
-                    "whole_accuracy": accuracy(truth, whole),
+                    "whole_accuracy": accuracy(truth, whole_only),
                     "crop_view_accuracy": accuracy(truth, alone),
                     "cropped_share": round(float(np.mean([v[2] for v in views])), 3),
                 }
