@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--crop",
         action="store_true",
-        help="also predict a crop around the product and average (about 2x slower; .pt only)",
+        help="also predict a crop around the product and average (up to about 2x slower; "
+        "a .pt or shipped model only)",
     )
     r.add_argument(
         "--ray",
