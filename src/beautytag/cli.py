@@ -313,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="average with a mirrored copy (two model calls per photo)",
     )
     r.add_argument(
+        "--crop",
+        action="store_true",
+        help="also predict a crop around the product and average (up to about 2x slower; "
+        "a .pt or shipped model only)",
+    )
+    r.add_argument(
         "--ray",
         action="store_true",
         help="run on Ray Data (pip install 'beautytag[ray]'): a local cluster, or --ray-address",

@@ -57,6 +57,7 @@ def predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         threshold=args.threshold,
         tta_flip=args.tta_flip,
+        crop=args.crop,
     )
     model = engine.model_id
     fields = csv_fields(engine.schema)

@@ -115,6 +115,7 @@ def ray_records(
             "top_k": engine.top_k,
             "threshold": engine.threshold,
             "tta_flip": engine.tta_flip,
+            "crop": engine.cropper is not None,
         }
         weights = Path(engine.model_path).read_bytes()  # small: sent with each worker
         workers = min(workers, len(files))

@@ -185,7 +185,13 @@ class BeautyTagNet(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`forward`'s outputs and :meth:`embed`'s pooled embedding (B, C), from one
         pass through the backbone."""
-        fmap = self.features(x)
+        return self.forward_from_features(self.features(x), x)
+
+    def forward_from_features(
+        self, fmap: torch.Tensor, x: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`forward_with_embedding` from :meth:`features`'s map of `x`: the heads only
+        (what a class-activation map differentiates through)."""
         pooled = self.pool(fmap).flatten(1)
         emb = self.dropout(pooled)
         return {a.name: self.head(a.name, fmap, emb, x) for a in self.schema.attributes}, pooled

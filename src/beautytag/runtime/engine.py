@@ -94,6 +94,7 @@ class Engine:
         backend: str = "auto",
         threads: int | None = None,
         tta_flip: bool = False,
+        crop: bool = False,
     ):
         for name, value in (("batch_size", batch_size), ("top_k", top_k)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -111,6 +112,11 @@ class Engine:
         self.threshold = threshold
         self.tta_flip = tta_flip  # also run the mirrored photo and average: 2x the compute
         self.schema = self.cfg.schema
+        self.cropper = None  # crop: also predict a crop around the product, 2x the compute
+        if crop:
+            from beautytag.runtime.crop import Cropper
+
+            self.cropper = Cropper(self)
 
     def load(
         self, item: Item, name: str | None = None, max_pixels: int = MAX_PIXELS
@@ -200,7 +206,10 @@ class Engine:
     ) -> Iterator[Prediction]:
         """(name, photo) pairs, a photo being a path, encoded bytes or a PIL image -> results
         in order. Decoding runs in a thread pool while the model works on the previous batch;
-        a bad item yields its error only."""
+        a bad item yields its error only. With ``crop``, see :mod:`beautytag.runtime.crop`."""
+        if self.cropper is not None:
+            yield from self.cropper.predict_items(items, workers)
+            return
         for name, answers, problem in self._run_items(items, self.predict_tensors, workers):
             yield Prediction(name, answers, problem)
 
