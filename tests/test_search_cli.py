@@ -107,15 +107,18 @@ def test_index_resume_remove_and_search(tiny_model, tmp_path, capsys):
     assert all(r["file"] != str(files[0].absolute()) for r in second["results"])
 
 
-def test_a_large_index_is_hnsw_and_reports_its_recall(tiny_model, tmp_path):
+def test_a_large_index_is_ivf_and_reports_its_recall(tiny_model, tmp_path):
     photos(tmp_path / "p", 8)
     log = io.StringIO()
     summary, failed = index_photos(
         [str(tmp_path / "p")], str(tmp_path / "i"), str(tiny_model), chunk=3, exact_max=4, log=log
     )
-    assert (failed, summary["kind"], summary["count"]) == (0, "hnsw", 8)
-    assert 0 <= summary["recall_at_10"] <= 1 and "HNSW (approximate), recall@10" in log.getvalue()
+    assert (failed, summary["kind"], summary["count"]) == (0, "ivf", 8)
+    assert (summary["nlist"], summary["nprobe"], summary["recall_at_10"]) == (1, 1, 1.0)
+    assert "IVF (approximate: nlist 1, nprobe 1), recall@10 1.0" in log.getvalue()
     assert log.getvalue().count("photos/s") == 3  # a save after each chunk of 3
+    manifest = json.loads((tmp_path / "i" / MANIFEST).read_text())
+    assert manifest["kind"] == "ivf" and manifest["ivf"]["tuned_count"] == 8
 
 
 def test_embeddings_come_with_the_predictions_in_every_backend(tiny_model, tmp_path):
