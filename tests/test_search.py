@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
 
 from beautytag.color import delta_e2000, lab_to_hex
-from beautytag.search import Index, SearchError, parse_shade, parse_where
+from beautytag.search import Index, SearchError, ivf, parse_shade, parse_where
 from beautytag.search import index as index_module
 
 DIM = 16
@@ -72,16 +74,12 @@ def test_adding_a_file_again_replaces_it(tmp_path):
     assert index.search(vectors[0], top_k=1)[0][0].file != "p0.jpg"
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_filtered_search_returns_k_when_k_match(tmp_path, monkeypatch, kind):
     """The 10 mascaras are the farthest from the query: a search that cut its top k
     afterwards would return none."""
-    monkeypatch.setattr(index_module, "EXACT_SUBSET", 0)  # HNSW with a selector, then exact
-    # a graph this sparse finds none of the mascaras through the selector: the exact fallback
-    hnsw = {"m": 4, "ef_search": 4}
-    index = Index.create(
-        tmp_path / "idx", MODEL, DIM, exact_max=0 if kind == "hnsw" else 1000, hnsw=hnsw
-    )
+    monkeypatch.setattr(index_module, "EXACT_SUBSET", 0)  # IVF with a selector, then exact
+    index = Index.create(tmp_path / "idx", MODEL, DIM, exact_max=0 if kind == "ivf" else 1000)
     query = unit(1, seed=1)[0]
     near = query + 0.05 * unit(190, seed=2)
     index.add([f"l{i}.jpg" for i in range(190)], near, [record() for _ in range(190)])
@@ -91,6 +89,11 @@ def test_filtered_search_returns_k_when_k_match(tmp_path, monkeypatch, kind):
         [record("Mascara", tags=("long_lasting", "waterproof")) for _ in range(10)],
     )
     assert index.kind == kind
+    if kind == "ivf":  # one list scanned holds fewer than 7 mascaras: the exact fallback
+        index._vectors.nprobe = 1
+        mascaras = faiss.IDSelectorRange(190, 200)
+        params = faiss.SearchParametersIVF(nprobe=1, sel=mascaras)
+        assert (index._vectors.search(query[None], 7, params=params)[1] < 0).any()
     [hits] = index.search(query, top_k=7, where={"category": "MASCARA"})
     assert len(hits) == 7 and all(h.file.startswith("m") for h in hits)
     [hits] = index.search(
@@ -119,36 +122,103 @@ def test_shade_search_ranks_by_ciede2000(tmp_path):
     assert np.allclose(parse_shade("#ff0000"), parse_shade([53.2408, 80.0925, 67.2032]), atol=0.01)
 
 
+def clustered(n: int, seed: int = 0, centres: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(99).standard_normal((centres, DIM))
+    return (c[rng.integers(centres, size=n)] + 0.4 * rng.standard_normal((n, DIM))).astype(
+        np.float32
+    )
+
+
+def add(index: Index, vectors: np.ndarray, prefix: str = "p") -> None:
+    n = len(vectors)
+    index.add([f"{prefix}{i}.jpg" for i in range(n)], vectors, [record()] * n)
+
+
 def test_the_kind_is_chosen_by_size_and_recall_is_measured(tmp_path):
-    index, vectors = filled(tmp_path / "idx", n=40, exact_max=50)
+    index, vectors = filled(tmp_path / "idx", n=40, exact_max=500)
     assert index.kind == "flat" and index.recall(vectors[:5]) == 1.0
-    index.add([f"q{i}.jpg" for i in range(20)], unit(20, seed=5), [record()] * 20)
-    assert (index.kind, len(index)) == ("hnsw", 60)
-    assert index.recall(vectors[:10]) >= 0.9
+    assert index.describe() == {"model": MODEL, "dim": DIM, "kind": "flat", "count": 40}
+    add(index, clustered(600), "q")  # 640 > 500: IVF, its lists trained, nprobe measured
+    settings = index.ivf_settings()
+    assert (index.kind, len(index), settings["nlist"]) == ("ivf", 640, ivf.nlist_for(640))
+    assert settings["recall_at_10"] >= ivf.TARGET_RECALL and settings["calibration_queries"] == 200
+    assert settings["trained_count"] == settings["tuned_count"] == 640
+    assert index.recall(clustered(100, seed=7)) >= 0.9  # new queries of the same kind
     index.save()
     index = Index.open(tmp_path / "idx")
     assert index.describe() == {
         "model": MODEL,
         "dim": DIM,
-        "kind": "hnsw",
-        "count": 60,
-        "orphans": 0,
+        "kind": "ivf",
+        "count": 640,
+        **{k: settings[k] for k in ("nlist", "nprobe", "recall_at_10")},
     }
-    index.remove([f"p{i}.jpg" for i in range(5)])  # HNSW keeps their vectors, unreachable
-    assert index.describe()["orphans"] == 5
-    assert not any(
-        h.file in {f"p{i}.jpg" for i in range(5)} for h in index.search(vectors[:5], top_k=55)[0]
-    )
-    assert len(index.search(vectors[0], top_k=55)[0]) == 55
-    index.remove([f"p{i}.jpg" for i in range(5, 20)])  # a third orphaned: rebuilt, flat again
-    assert index.describe() == {
-        "model": MODEL,
-        "dim": DIM,
-        "kind": "flat",
-        "count": 40,
-        "orphans": 0,
-    }
+    assert index.search(vectors[7], top_k=1)[0][0].file == "p7.jpg"
+    removed = [f"p{i}.jpg" for i in range(5)]
+    assert index.remove(removed) == 5 and index._vectors.ntotal == 635  # really removed
+    found = {h.file for h in index.search(vectors[:5], top_k=635)[0]}
+    assert len(found) == 635 and not found & set(removed)
+    index.remove([f"q{i}.jpg" for i in range(400)])  # 235 <= 500 / 2: flat again
+    assert index.describe() == {"model": MODEL, "dim": DIM, "kind": "flat", "count": 235}
     assert index.search(vectors[25], top_k=1)[0][0].file == "p25.jpg"
+
+
+def test_nprobe_is_the_smallest_that_reaches_the_target(tmp_path):
+    index = Index.create(tmp_path / "idx", MODEL, DIM, exact_max=100)
+    add(index, unit(2000))  # uniform: many lists must be scanned
+    s = index.ivf_settings()
+    assert s["nlist"] == ivf.nlist_for(2000) and 1 < s["nprobe"] < s["nlist"]
+    fewer = s["nprobe"] - 1
+    own, x = ivf.sample(index._vectors, 200)
+    exact = ivf.without_own(ivf.exact_top(index._vectors, x, 11)[1], own, 10)
+    params = faiss.SearchParametersIVF(nprobe=fewer)
+    found = ivf.without_own(index._vectors.search(x, 11, params=params)[1], own, 10)
+    assert ivf.recall(found, exact) < ivf.TARGET_RECALL <= s["recall_at_10"]
+
+
+def test_exact_top_is_exact_search():
+    x = unit(3000, seed=4)
+    index = ivf.build(x, np.arange(3000, dtype=np.int64) * 3)
+    queries = unit(50, seed=5)
+    scores, ids = ivf.exact_top(index, queries, 10)
+    truth = np.argsort(-(queries @ x.T), axis=1)[:, :10] * 3
+    assert (ids == truth).all() and np.allclose(scores, np.sort(queries @ x.T)[:, ::-1][:, :10])
+    assert (ivf.exact_top(index, queries[:2], 5000)[1][:, 3000:] == -1).all()  # past the end
+
+
+def test_ivf_grows_and_is_rebuilt(tmp_path):
+    index = Index.create(tmp_path / "idx", MODEL, DIM, exact_max=100)
+    add(index, clustered(200))
+    assert index.ivf_settings()["nlist"] == ivf.nlist_for(200) == 5
+    add(index, clustered(600, seed=1), "q")  # 800 = 4 x 200: the same lists
+    assert index.ivf_settings()["trained_count"] == 200 and len(index) == 800
+    assert index.tune()["tuned_count"] == 800  # nprobe chosen again for 800
+    add(index, clustered(1, seed=2), "r")  # 801: trained again
+    assert index.ivf_settings()["nlist"] == ivf.nlist_for(801)
+    assert index.ivf_settings()["trained_count"] == 801
+    assert index.search(clustered(200)[3], top_k=1)[0][0].file == "p3.jpg"
+
+
+def test_an_old_hnsw_index_opens_as_ivf(tmp_path):
+    """Version 1 indexes were HNSW above exact_max; a removed photo's vector stayed in."""
+    index, vectors = filled(tmp_path / "idx", n=300)
+    index.remove(["p0.jpg"])
+    index.save()
+    hnsw = faiss.IndexIDMap2(faiss.IndexHNSWFlat(DIM, 8, faiss.METRIC_INNER_PRODUCT))
+    hnsw.add_with_ids(vectors, np.arange(300, dtype=np.int64))
+    faiss.write_index(hnsw, str(tmp_path / "idx" / index_module.VECTORS))
+    manifest = json.loads((tmp_path / "idx" / index_module.MANIFEST).read_text())
+    manifest |= {"format": "beautytag-search/1", "exact_max": 100, "kind": "hnsw"}
+    (tmp_path / "idx" / index_module.MANIFEST).write_text(json.dumps(manifest))
+    index = Index.open(tmp_path / "idx")
+    assert (index.kind, len(index), index._vectors.ntotal) == ("ivf", 299, 299)
+    assert index.search(vectors[0], top_k=1)[0][0].file != "p0.jpg"
+    assert index.search(vectors[9], top_k=1)[0][0].file == "p9.jpg"
+    index.save()
+    assert json.loads((tmp_path / "idx" / index_module.MANIFEST).read_text())["format"] == (
+        index_module.FORMAT
+    )
 
 
 def test_an_interrupted_save_opens_as_the_vectors_were_saved(tmp_path):

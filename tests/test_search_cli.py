@@ -3,10 +3,14 @@ model and generated photos."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -107,15 +111,28 @@ def test_index_resume_remove_and_search(tiny_model, tmp_path, capsys):
     assert all(r["file"] != str(files[0].absolute()) for r in second["results"])
 
 
-def test_a_large_index_is_hnsw_and_reports_its_recall(tiny_model, tmp_path):
+def test_a_large_index_is_ivf_and_reports_its_recall(tiny_model, tmp_path):
     photos(tmp_path / "p", 8)
     log = io.StringIO()
     summary, failed = index_photos(
         [str(tmp_path / "p")], str(tmp_path / "i"), str(tiny_model), chunk=3, exact_max=4, log=log
     )
-    assert (failed, summary["kind"], summary["count"]) == (0, "hnsw", 8)
-    assert 0 <= summary["recall_at_10"] <= 1 and "HNSW (approximate), recall@10" in log.getvalue()
+    assert (failed, summary["kind"], summary["count"]) == (0, "ivf", 8)
+    assert (summary["nlist"], summary["nprobe"], summary["recall_at_10"]) == (1, 1, 1.0)
+    assert "IVF (approximate: nlist 1, nprobe 1), recall@10 1.0" in log.getvalue()
     assert log.getvalue().count("photos/s") == 3  # a save after each chunk of 3
+    manifest = json.loads((tmp_path / "i" / MANIFEST).read_text())
+    assert manifest["kind"] == "ivf" and manifest["ivf"]["tuned_count"] == 8
+    photos(tmp_path / "p", 2, start=8)  # --resume adds to the IVF index, --remove takes out
+    summary, _ = index_photos(
+        [str(tmp_path / "p")], str(tmp_path / "i"), str(tiny_model), resume=True, log=log
+    )
+    assert (summary["added"], summary["skipped_indexed"], summary["kind"]) == (2, 8, "ivf")
+    manifest = json.loads((tmp_path / "i" / MANIFEST).read_text())
+    assert (manifest["count"], manifest["ivf"]["tuned_count"]) == (10, 10)  # nprobe chosen again
+    (tmp_path / "p" / "p09.jpg").rename(tmp_path / "kept.jpg")  # not removed with the folder
+    summary, _ = index_photos([], str(tmp_path / "i"), remove=[str(tmp_path / "p")], log=log)
+    assert (summary["removed"], summary["count"], summary["kind"]) == (9, 1, "flat")
 
 
 def test_embeddings_come_with_the_predictions_in_every_backend(tiny_model, tmp_path):
@@ -288,3 +305,91 @@ def test_without_an_index_search_answers_404(tiny_model):
             ("/v1/thumbnail/{id}", "get"),
         ):
             assert "no search index" in spec[path][method]["responses"]["404"]["description"]
+
+
+async def wait_for(condition, timeout: float = 10.0) -> None:
+    t0 = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - t0 < timeout, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def held_app(built, tiny_model, settings: ServeSettings, delay: float = 0.0):
+    """An app whose shade searches wait for `gate` (and then `delay` s) in the model thread;
+    `started` is set when one waits."""
+    engine = Engine(tiny_model)
+    index = Index.open(built[0], model=engine.model_id)
+    gate, started = threading.Event(), threading.Event()
+    search_shade = index.search_shade
+
+    def held(*args):
+        started.set()
+        gate.wait(10)
+        time.sleep(delay)
+        return search_shade(*args)
+
+    index.search_shade = held
+    return create_app(engine, settings, index), gate, started
+
+
+def test_search_is_503_with_retry_after_when_the_queue_is_full(built, tiny_model):
+    app, gate, started = held_app(built, tiny_model, ServeSettings(queue_size=1))
+    shade = {"params": {"shade": "#c81e3c"}}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            first = asyncio.create_task(c.get("/v1/search", **shade))
+            await wait_for(started.is_set)  # the model thread holds the first search
+            second = await c.get("/v1/search", **shade)
+            photo = await c.post("/v1/search", content=jpeg(built[2][0]))
+            bad = await c.get("/v1/search", params={"shade": "#c81e3c", "where": "nope=1"})
+            gate.set()
+            first, after = await first, await c.get("/v1/search", **shade)
+            spec = (await c.get("/openapi.json")).json()["paths"]["/v1/search"]
+            await app.state.batcher.stop()
+            return first, second, photo, bad, after, spec
+
+    first, second, photo, bad, after, spec = asyncio.run(scenario())
+    for busy in (second, photo):
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["detail"] == "server busy: queue full"
+    assert bad.status_code == 422  # a bad request is told so, busy or not
+    assert first.status_code == 200 and after.status_code == 200
+    assert all("503" in spec[method]["responses"] for method in ("get", "post"))
+
+
+def test_search_is_503_when_the_searches_ahead_would_outlast_the_timeout(built, tiny_model):
+    """0.5 s a search: one ahead and this one (1 s) do not fit in half of a 1.6 s timeout."""
+    app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=1.6), delay=0.5)
+    gate.set()
+    shade = {"params": {"shade": "#c81e3c"}}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            learnt = await c.get("/v1/search", **shade)  # the time per search is learnt here
+            started.clear()
+            second = asyncio.create_task(c.get("/v1/search", **shade))
+            await wait_for(started.is_set)
+            third = await c.get("/v1/search", **shade)
+            second = await second
+            fourth = await c.get("/v1/search", **shade)  # nothing ahead: admitted
+            await app.state.batcher.stop()
+            return learnt, second, third, fourth
+
+    learnt, second, third, fourth = asyncio.run(scenario())
+    assert [r.status_code for r in (learnt, second, third, fourth)] == [200, 200, 503, 200]
+    assert third.headers["retry-after"] == "1"
+    assert "s of searches ahead" in third.json()["detail"]
+
+
+def test_a_search_longer_than_the_timeout_is_504(built, tiny_model):
+    app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=0.3))
+    with TestClient(app) as c:
+        t0 = time.perf_counter()
+        r = c.get("/v1/search", params={"shade": "#c81e3c"})
+        gate.set()
+        assert r.status_code == 504 and r.json()["detail"] == "request took longer than 0.3 s"
+        assert time.perf_counter() - t0 < 3 and started.is_set()
+        assert c.get("/v1/search", params={"shade": "#c81e3c"}).status_code == 200

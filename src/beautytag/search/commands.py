@@ -26,7 +26,6 @@ from beautytag.search.index import EXACT_MAX, MANIFEST, Hit, Index
 from beautytag.search.shade import parse_shade
 
 CHUNK = 1000  # photos embedded and added between two saves
-RECALL_SAMPLE = 200  # queries for an approximate index's recall@10
 
 
 def stored_path(path: str | os.PathLike) -> str:
@@ -62,7 +61,7 @@ def index_photos(
 ) -> tuple[dict[str, Any], int]:
     """Build or update the index in `out`; returns the summary and how many photos failed.
     Progress and skipped photos go to `log` (standard error by default); a new index is
-    exact up to `exact_max` photos."""
+    exact up to `exact_max` photos, IVF above (its nprobe chosen again after adding)."""
     log = log or sys.stderr
     folder = Path(out)
     exists = (folder / MANIFEST).exists()
@@ -97,7 +96,7 @@ def index_photos(
         if summary["removed"] < len(files):
             print(f"{len(files) - summary['removed']} of --remove not in the index", file=log)
         index.save()
-    failed, sample = 0, np.zeros((0, index.dim), dtype=np.float32)
+    failed = 0
     if paths:
         assert engine is not None
         photos = [stored_path(p) for p in expand_paths(paths)]
@@ -117,7 +116,6 @@ def index_photos(
                 records.append(pred.to_dict()["attributes"])
             if files:
                 index.add(files, np.stack(vectors), records)
-                sample = np.concatenate([sample, np.stack(vectors)])[-RECALL_SAMPLE:]
             index.save()  # an interrupted run resumes after this chunk
             added += len(files)
             rate = (start + len(part)) / max(time.perf_counter() - t0, 1e-9)
@@ -129,19 +127,24 @@ def index_photos(
         summary["added"], summary["failed"] = added, failed
         if not photos:
             print(f"warning: no image files in {', '.join(map(str, paths))}", file=log)
+        if added and index.kind == "ivf":
+            index.tune()  # nprobe for what it holds now
+            index.save()
     summary |= index.describe()
-    if index.kind != "flat" and len(sample):
-        summary["recall_at_10"] = round(index.recall(sample, 10), 4)
-    print(describe_kind(summary), file=log)
+    print(describe_kind(index), file=log)
     return summary, failed
 
 
-def describe_kind(summary: dict[str, Any]) -> str:
-    if summary["kind"] == "flat":
-        return f"index: {summary['count']} photos, flat (exact search)"
-    recall = summary.get("recall_at_10")
-    measured = "" if recall is None else f", recall@10 {recall} against exact search"
-    return f"index: {summary['count']} photos, HNSW (approximate){measured}"
+def describe_kind(index: Index) -> str:
+    """The line that says what kind of index `index` is, and for IVF its measured recall."""
+    if index.kind == "flat":
+        return f"index: {len(index)} photos, flat (exact search)"
+    s = index.ivf_settings()
+    return (
+        f"index: {len(index)} photos, IVF (approximate: nlist {s['nlist']}, nprobe "
+        f"{s['nprobe']}), recall@10 {s.get('recall_at_10')} against exact search on "
+        f"{s.get('calibration_queries')} of its photos"
+    )
 
 
 def expand_removed(given: Sequence[str]) -> list[str]:

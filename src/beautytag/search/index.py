@@ -2,15 +2,19 @@
 photo's file, predicted attributes and shade, in a folder:
 
 * ``vectors.faiss``: an ``IndexIDMap2`` around an exact ``IndexFlatIP`` while the index holds
-  at most `exact_max` vectors, around an ``IndexHNSWFlat`` above (``kind``);
+  at most `exact_max` vectors, an ``IndexIVFFlat`` above (``kind`` ``ivf``, see
+  :mod:`beautytag.search.ivf`: lists trained on the vectors, nprobe chosen by measuring
+  recall@10 against exact search), its labels the index ids;
 * ``metadata.parquet``: the rows (see :mod:`beautytag.search.metadata`);
-* ``manifest.json``: the model that made the embeddings, their size and the settings.
+* ``manifest.json``: the model that made the embeddings, their size, the settings and, for
+  IVF, its lists, nprobe and measured recall.
 
-Ids only grow: a replaced photo gets a new id. HNSW cannot delete, so a removed photo's vector
-stays in it, never found (searches then select the live ids), until the orphans are a quarter
-of the vectors and the index is rebuilt. The files are saved vectors first, manifest last, and
-opening keeps the ids both files hold, so an index interrupted while saving opens as it was
-before or after that save.
+Ids only grow: a replaced photo gets a new id. An IVF index is rebuilt (its lists trained
+again) when its size leaves a factor `REBUILD_GROWTH` of the size its lists were trained at,
+and made flat again at `exact_max` / 2 photos. The files are saved vectors first, manifest
+last, and opening keeps the ids both files hold, so an index interrupted while saving opens as
+it was before or after that save. An index of an older version that used HNSW above
+`exact_max` is rebuilt as IVF when opened (and saved so by the next save).
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ from typing import Any
 import faiss
 import numpy as np
 
+import beautytag.search.ivf as ivf
 from beautytag.search.errors import SearchError
 from beautytag.search.filters import matching_rows
 from beautytag.search.metadata import Metadata
 from beautytag.search.shade import nearest_shades, parse_shade
 
-FORMAT = "beautytag-search/1"
+FORMAT = "beautytag-search/2"
+OLD_FORMATS = ("beautytag-search/1",)  # flat or HNSW: read, saved as FORMAT
 MANIFEST, VECTORS, METADATA = "manifest.json", "vectors.faiss", "metadata.parquet"
-EXACT_MAX = 100_000  # more vectors than this: HNSW
+EXACT_MAX = 100_000  # more vectors than this: IVF
 EXACT_SUBSET = 10_000  # filtered searches over at most this many vectors are exact
-HNSW = {"m": 32, "ef_construction": 40, "ef_search": 128}
+REBUILD_GROWTH = 4  # an IVF index 4 times larger or smaller than when trained is rebuilt
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,16 @@ class Index:
         self.model: str = manifest["model"]
         self.dim: int = manifest["dim"]
         self.exact_max: int = manifest["exact_max"]
-        self.hnsw: dict[str, int] = manifest["hnsw"]
         self.vocabulary: dict[str, list[str]] = manifest["vocabulary"]
         self._vectors = vectors
         self._meta = meta
-        self._id_map = faiss.vector_to_array(vectors.id_map)  # FAISS position -> id
-        self._live: np.ndarray | None = None  # FAISS position of each metadata row
+        # IVF: trained_count, tuned_count, recall_at_10, calibration_queries (nlist and nprobe
+        # are the FAISS index's own)
+        self._ivf: dict[str, Any] = dict(manifest.get("ivf") or {})
+        if self.kind == "ivf":
+            self._ivf.setdefault("trained_count", vectors.ntotal)
         # ids are never given again, not even those of photos removed before a save
-        used = max(self._id_map.max(initial=-1), meta.ids.max(initial=-1))
+        used = max(_stored_ids(vectors).max(initial=-1), meta.ids.max(initial=-1))
         self._next_id = max(int(used) + 1, manifest.get("next_id", 0))
 
     # -- making, opening, saving -----------------------------------------------------------
@@ -78,25 +86,23 @@ class Index:
         dim: int,
         *,
         exact_max: int = EXACT_MAX,
-        hnsw: Mapping[str, int] | None = None,
         vocabulary: Mapping[str, Sequence[str]] | None = None,
     ) -> Index:
         """A new empty index in `folder` (saved at once) for embeddings of `dim` values made
-        by `model` (e.g. ``default@1a2b3c4d``). `vocabulary`: the valid values of filter
-        attributes (the model's classes); without it, the values in the index are."""
+        by `model` (e.g. ``default@1a2b3c4d``), exact up to `exact_max` photos. `vocabulary`:
+        the valid values of filter attributes (the model's classes); without it, the values
+        in the index are."""
         folder = Path(folder)
         if (folder / MANIFEST).exists():
             raise SearchError(f"{folder} already holds an index; open it to add photos")
         manifest = {
-            "format": FORMAT,
             "model": model,
             "dim": int(dim),
             "exact_max": int(exact_max),
-            "hnsw": {**HNSW, **(hnsw or {})},
             "vocabulary": {k: list(v) for k, v in (vocabulary or {}).items()},
         }
         folder.mkdir(parents=True, exist_ok=True)
-        index = cls(folder, manifest, _new_vectors("flat", int(dim), manifest["hnsw"]), Metadata())
+        index = cls(folder, manifest, _new_flat(int(dim)), Metadata())
         index.save()
         return index
 
@@ -109,7 +115,7 @@ class Index:
             raise SearchError(f"no index at {folder}: no such folder")
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
-            if manifest.get("format") != FORMAT:
+            if manifest.get("format") not in (FORMAT, *OLD_FORMATS):
                 raise ValueError
         except (OSError, ValueError, AttributeError):
             raise SearchError(
@@ -126,12 +132,18 @@ class Index:
                 f"{folder} holds embeddings of {manifest['dim']} values, not {dim}: search it "
                 f"with model {manifest['model']}, or index the photos again"
             )
-        vectors = faiss.read_index(str(folder / VECTORS))
+        vectors = faiss.read_index(str(folder / VECTORS))  # of its own class
         meta = Metadata.load(folder / METADATA)
-        orphaned = ~np.isin(meta.ids, faiss.vector_to_array(vectors.id_map))
+        stored = _stored_ids(vectors)
+        orphaned = ~np.isin(meta.ids, stored)
         if orphaned.any():  # removed from the vectors by a save that did not finish
             meta.remove(meta.ids[orphaned])
-        return cls(folder, manifest, vectors, meta)
+        index = cls(folder, manifest, vectors, meta)
+        if _is_hnsw(vectors):  # an older version's; its removed photos' vectors are left out
+            index._rebuild()
+        elif len(meta) < len(stored):  # added to the vectors by a save that did not finish
+            vectors.remove_ids(stored[~np.isin(stored, meta.ids)])
+        return index
 
     def save(self) -> None:
         """Write the index to its folder (each file replaced whole)."""
@@ -140,11 +152,11 @@ class Index:
             "model": self.model,
             "dim": self.dim,
             "exact_max": self.exact_max,
-            "hnsw": self.hnsw,
             "vocabulary": self.vocabulary,
             "kind": self.kind,
             "count": len(self),
             "next_id": self._next_id,
+            **({"ivf": self.ivf_settings()} if self.kind == "ivf" else {}),
         }
         _replace(self.folder / VECTORS, lambda p: faiss.write_index(self._vectors, str(p)))
         _replace(self.folder / METADATA, self._meta.save)
@@ -154,8 +166,8 @@ class Index:
 
     @property
     def kind(self) -> str:
-        """``flat`` (exact search) or ``hnsw`` (approximate)."""
-        return "hnsw" if isinstance(self._ann, faiss.IndexHNSW) else "flat"
+        """``flat`` (exact search) or ``ivf`` (approximate)."""
+        return "ivf" if isinstance(self._vectors, faiss.IndexIVF) else "flat"
 
     def __len__(self) -> int:
         return len(self._meta)
@@ -170,15 +182,21 @@ class Index:
             raise SearchError(f"no photo with id {id} in the index")
         return self._hit(row, 0.0)
 
+    def ivf_settings(self) -> dict[str, Any]:
+        """An IVF index's lists (``nlist``), lists scanned per query (``nprobe``), the recall@10
+        measured when nprobe was chosen and on how many queries, and the sizes its lists were
+        trained and nprobe chosen at; {} for a flat index."""
+        if self.kind != "ivf":
+            return {}
+        return {"nlist": self._vectors.nlist, "nprobe": self._vectors.nprobe, **self._ivf}
+
     def describe(self) -> dict[str, Any]:
-        """What the index is: model, dim, kind, photos and orphaned vectors."""
-        return {
-            "model": self.model,
-            "dim": self.dim,
-            "kind": self.kind,
-            "count": len(self),
-            "orphans": self._vectors.ntotal - len(self),
-        }
+        """What the index is: model, dim, kind, photos and, for IVF, its settings."""
+        described = {"model": self.model, "dim": self.dim, "kind": self.kind, "count": len(self)}
+        if self.kind == "ivf":
+            settings = self.ivf_settings()
+            described |= {k: settings.get(k) for k in ("nlist", "nprobe", "recall_at_10")}
+        return described
 
     def count(self, where: Mapping[str, str] | None = None) -> int:
         """How many photos match `where` (all without it); SearchError for an unknown filter
@@ -195,7 +213,8 @@ class Index:
         attributes: Sequence[Mapping[str, Any]],
     ) -> np.ndarray:
         """Add photos (a file already in the index is replaced); returns their new ids.
-        Turns the index into HNSW once it holds more than `exact_max` photos."""
+        Turns the index into IVF once it holds more than `exact_max` photos, and rebuilds an
+        IVF index grown `REBUILD_GROWTH` times since its lists were trained."""
         files = [str(f) for f in files]
         vectors = self._normalised(embeddings)
         if not len(files) == len(vectors) == len(attributes):
@@ -208,13 +227,11 @@ class Index:
         self.remove(files)
         ids = np.arange(self._next_id, self._next_id + len(files), dtype=np.int64)
         self._next_id += len(files)
-        if self.kind == "flat" and len(self) + len(files) > self.exact_max:
+        if self._rebuild_at(len(self) + len(files)):
             self._rebuild(ids, vectors)
         else:
             self._vectors.add_with_ids(vectors, ids)
-            self._id_map = np.concatenate([self._id_map, ids])
         self._meta.append(ids, files, attributes)
-        self._live = None
         return ids
 
     def remove(self, files: Sequence[str]) -> int:
@@ -225,31 +242,71 @@ class Index:
         if not len(ids):
             return 0
         self._meta.remove(ids)
-        self._live = None
-        if self.kind == "flat":
-            self._vectors.remove_ids(ids)
-            self._id_map = faiss.vector_to_array(self._vectors.id_map)
-        elif self._vectors.ntotal - len(self) > self._vectors.ntotal // 4:
+        self._vectors.remove_ids(ids)
+        if self.kind == "ivf" and self._rebuild_at(len(self)):
             self._rebuild()
         return len(ids)
 
+    def tune(self) -> dict[str, Any]:
+        """Choose an IVF index's nprobe again on a sample of the vectors it holds now (done
+        when its lists are trained; worth doing after adding many); returns
+        :meth:`ivf_settings`. Nothing to do for a flat index, or an unchanged count."""
+        if self.kind == "ivf" and self._ivf.get("tuned_count") != self._vectors.ntotal:
+            nprobe, recall, queries = ivf.calibrate(self._vectors)
+            self._ivf |= {
+                "recall_at_10": round(recall, 4),
+                "calibration_queries": queries,
+                "target_recall": ivf.TARGET_RECALL,
+                "tuned_count": int(self._vectors.ntotal),
+            }
+        return self.ivf_settings()
+
+    def _rebuild_at(self, n: int) -> bool:
+        """Whether an index of `n` photos needs a new FAISS index (another kind or lists)."""
+        if self.kind == "flat":
+            return n > self.exact_max
+        trained = self._ivf["trained_count"]
+        grown = n > REBUILD_GROWTH * trained or REBUILD_GROWTH * n < trained
+        return grown or n <= self.exact_max // 2
+
     def _rebuild(self, ids: np.ndarray | None = None, vectors: np.ndarray | None = None) -> None:
-        """A new FAISS index of the live vectors (and `vectors` of new `ids`), of the kind
-        their number calls for."""
-        live = self._positions(None)
-        all_ids = self._id_map[live]
-        all_vectors = np.zeros((0, self.dim), dtype=np.float32)
-        if self._vectors.ntotal:
-            stored = faiss.rev_swig_ptr(self._flat.get_xb(), self._vectors.ntotal * self.dim)
-            all_vectors = stored.reshape(-1, self.dim)[live]  # a copy
-        if ids is not None:
-            all_ids = np.concatenate([all_ids, ids])
-            all_vectors = np.concatenate([all_vectors, vectors])
-        kind = "hnsw" if len(all_ids) > self.exact_max else "flat"
-        self._vectors = _new_vectors(kind, self.dim, self.hnsw)
-        self._vectors.add_with_ids(all_vectors, all_ids)
-        self._id_map = all_ids
-        self._live = None
+        """A new FAISS index of the stored vectors of live photos and `vectors` of new `ids`,
+        of the kind their number calls for (IVF: trained and tuned)."""
+        all_ids, all_vectors = self._gathered(ids, vectors)
+        self._vectors, self._ivf = _new_flat(self.dim), {}  # the old one's memory freed
+        if len(all_ids) <= self.exact_max:
+            self._vectors.add_with_ids(all_vectors, all_ids)
+            return
+        try:
+            self._vectors = ivf.build(all_vectors, all_ids)
+            self._ivf = {"trained_count": len(all_ids)}
+            self.tune()
+        except BaseException:  # interrupted (e.g. Ctrl-C in k-means): keep the photos' vectors
+            self._vectors, self._ivf = _new_flat(self.dim), {}
+            self._vectors.add_with_ids(all_vectors[: len(self)], all_ids[: len(self)])
+            raise
+
+    def _gathered(
+        self, ids: np.ndarray | None, vectors: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and vectors of the live photos (by the metadata), then `ids` and `vectors`,
+        each in one new array (the only copy made)."""
+        live = np.zeros(self._next_id, dtype=bool)
+        live[self._meta.ids] = True
+        parts = [(i, v, live[i]) for i, v in _stored(self._vectors)]
+        extra = 0 if ids is None else len(ids)
+        count = sum(int(keep.sum()) for _, _, keep in parts)
+        out_ids = np.empty(count + extra, dtype=np.int64)
+        out_vectors = np.empty((count + extra, self.dim), dtype=np.float32)
+        at = 0
+        for part_ids, part_vectors, keep in parts:
+            n = int(keep.sum())
+            out_ids[at : at + n] = part_ids[keep]
+            out_vectors[at : at + n] = part_vectors[keep]
+            at += n
+        if ids is not None and vectors is not None:
+            out_ids[at:], out_vectors[at:] = ids, vectors
+        return out_ids, out_vectors
 
     # -- searching -------------------------------------------------------------------------
 
@@ -264,11 +321,11 @@ class Index:
         whenever as many match."""
         queries = self._normalised(embeddings)
         rows = matching_rows(self._meta, where, self.vocabulary)
-        scores, positions = self._search(queries, top_k, rows)
+        scores, ids = self._search(queries, top_k, rows)
         hits = []
-        for row_scores, row_positions in zip(scores, positions, strict=True):
-            found = row_positions >= 0
-            rows_found = self._meta.rows(self._id_map[row_positions[found]])
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            found = row_ids >= 0
+            rows_found = self._meta.rows(row_ids[found])
             hits.append(
                 [self._hit(r, s) for r, s in zip(rows_found, row_scores[found], strict=True)]
             )
@@ -290,50 +347,48 @@ class Index:
 
     def recall(self, embeddings: np.ndarray, k: int = 10) -> float:
         """Recall@k of :meth:`search` against exact search for these queries: the mean share
-        of the exact top k that the search finds (1.0 for a flat index)."""
+        of the exact top k that the search finds (1.0 for a flat index, which is exact)."""
         queries = self._normalised(embeddings)
-        _, approximate = self._search(queries, k, None)
-        _, exact = self._search(queries, k, None, exact=True)
-        found = [
-            len(np.intersect1d(a[a >= 0], e[e >= 0]))
-            for a, e in zip(approximate, exact, strict=True)
-        ]
-        wanted = max(1, min(k, len(self)))
-        return float(np.mean(found) / wanted) if len(queries) else 1.0
+        if self.kind == "flat" or not len(queries):
+            return 1.0
+        _, found = self._search(queries, k, None)
+        _, exact = ivf.exact_top(self._vectors, queries, min(k, len(self)))
+        return ivf.recall(found, exact, k)
 
     def _search(
-        self, queries: np.ndarray, k: int, rows: np.ndarray | None, exact: bool = False
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and FAISS positions (-1: none) of the top `k` among the live photos of
-        `rows` (a boolean mask over the metadata rows; None: all)."""
-        if rows is None and len(self) == self._vectors.ntotal:
-            positions, selector = None, None  # every vector is live and wanted
-        else:
-            positions = self._positions(rows)
-            bitmap = np.zeros(self._vectors.ntotal, dtype=bool)
-            bitmap[positions] = True
-            bits = np.packbits(bitmap, bitorder="little")
+        """Scores and ids (-1: none) of the top `k` among the photos of `rows` (a boolean
+        mask over the metadata rows; None: all)."""
+        selector, selected, bits = None, len(self), None
+        if rows is not None:
+            bitmap = np.zeros(self._next_id, dtype=bool)
+            bitmap[self._meta.ids[rows]] = True
+            selected = int(rows.sum())
+            bits = np.packbits(bitmap, bitorder="little")  # kept alive while searching
             selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bits))
-        k = min(k, len(self) if positions is None else len(positions))
+        k = min(k, selected)
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), int)
-        flat_params = faiss.SearchParameters(sel=selector) if selector else None
-        if exact or self.kind == "flat" or (selector and len(positions) <= EXACT_SUBSET):
-            return self._flat.search(queries, k, params=flat_params)
-        params = faiss.SearchParametersHNSW(efSearch=max(self.hnsw["ef_search"], k))
-        if selector:
-            params.sel = selector
-        scores, found = self._ann.search(queries, k, params=params)
-        short = (found < 0).any(axis=1)  # HNSW with a selector may find fewer than k
-        if short.any():
-            scores[short], found[short] = self._flat.search(queries[short], k, params=flat_params)
+        if self.kind == "flat":
+            params = faiss.SearchParameters(sel=selector) if selector else None
+            return self._vectors.search(queries, k, params=params)
+        exact = selector is not None and selected <= EXACT_SUBSET
+        scores, found = self._vectors.search(queries, k, params=self._ivf_params(selector, exact))
+        short = (found < 0).any(axis=1)  # the lists scanned held fewer than k that match
+        if short.any() and not exact:
+            scores[short], found[short] = self._vectors.search(
+                queries[short], k, params=self._ivf_params(selector, exact=True)
+            )
         return scores, found
 
-    def _positions(self, rows: np.ndarray | None) -> np.ndarray:
-        """FAISS positions of the metadata rows selected by `rows` (None: all)."""
-        if self._live is None:
-            self._live = np.searchsorted(self._id_map, self._meta.ids)
-        return self._live if rows is None else self._live[rows]
+    def _ivf_params(self, selector: faiss.IDSelector | None, exact: bool):
+        """Search parameters of the IVF index: its nprobe, or every list (exact search)."""
+        nprobe = self._vectors.nlist if exact else self._vectors.nprobe
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if selector is not None:
+            params.sel = selector
+        return params
 
     def _hit(self, row: int, score: float) -> Hit:
         id, file, attributes = self._meta.record(int(row))
@@ -349,24 +404,31 @@ class Index:
         faiss.normalize_L2(vectors)
         return vectors
 
-    @property
-    def _ann(self) -> faiss.Index:
-        return faiss.downcast_index(self._vectors.index)
 
-    @property
-    def _flat(self) -> faiss.IndexFlat:
-        """The stored vectors as an exact index, by FAISS position."""
-        ann = self._ann
-        return faiss.downcast_index(ann.storage) if isinstance(ann, faiss.IndexHNSW) else ann
+def _new_flat(dim: int) -> faiss.IndexIDMap2:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _new_vectors(kind: str, dim: int, hnsw: Mapping[str, int]) -> faiss.IndexIDMap2:
-    if kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    ann = faiss.IndexHNSWFlat(dim, hnsw["m"], faiss.METRIC_INNER_PRODUCT)
-    ann.hnsw.efConstruction = hnsw["ef_construction"]
-    ann.hnsw.efSearch = hnsw["ef_search"]
-    return faiss.IndexIDMap2(ann)
+def _is_hnsw(vectors: faiss.Index) -> bool:
+    inner = getattr(vectors, "index", None)
+    return inner is not None and isinstance(faiss.downcast_index(inner), faiss.IndexHNSW)
+
+
+def _stored(vectors: faiss.Index) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) views of the stored vectors, in parts (IVF: by list)."""
+    if isinstance(vectors, faiss.IndexIVF):
+        return list(ivf.lists(vectors))
+    inner = faiss.downcast_index(vectors.index)
+    flat = faiss.downcast_index(inner.storage) if _is_hnsw(vectors) else inner
+    ids = faiss.vector_to_array(vectors.id_map)
+    if not len(ids):
+        return []
+    return [(ids, faiss.rev_swig_ptr(flat.get_xb(), len(ids) * flat.d).reshape(-1, flat.d))]
+
+
+def _stored_ids(vectors: faiss.Index) -> np.ndarray:
+    parts = [ids for ids, _ in _stored(vectors)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _replace(path: Path, write) -> None:

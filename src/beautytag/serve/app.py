@@ -14,7 +14,9 @@ Endpoints (all JSON unless said otherwise):
   shade head's colour-pooling weights for a shade. Headers ``X-Beautytag-Attribute`` and
   ``X-Beautytag-Label`` say what is shown. 501 when the engine has no torch model.
 * ``POST /v1/search``, ``GET /v1/search?shade=``, ``GET /v1/thumbnail/{id}`` - with
-  ``--index``: similar photos and shade matches (serve/search.py); 404 without an index.
+  ``--index``: similar photos and shade matches (serve/search.py); 404 without an index;
+  503 with ``Retry-After`` when ``queue_size`` searches are in flight or those ahead would take
+  more than half the timeout.
 * ``GET /healthz`` - ``{"status": "ok", ...}``; ``GET /metrics`` - Prometheus text;
   ``GET /openapi.json``; ``GET /`` - the web page (``web/index.html``).
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -165,8 +168,14 @@ def create_app(
     def busy(reason: str) -> HTTPException:
         return HTTPException(503, f"server busy: {reason}", headers={"Retry-After": "1"})
 
-    def timed_out() -> HTTPException:
-        return HTTPException(504, f"request took longer than {settings.timeout_s} s")
+    @asynccontextmanager
+    async def deadline() -> AsyncIterator[None]:
+        """The request's timeout: what runs inside is cut off after ``timeout_s`` (504)."""
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                yield
+        except TimeoutError:
+            raise HTTPException(504, f"request took longer than {settings.timeout_s} s") from None
 
     async def one_image(request: Request, filename: str | None, what: str) -> tuple[str, bytes]:
         """(name, bytes) of the request's one image; 400 for none or several."""
@@ -235,34 +244,31 @@ def create_app(
         """``{"results": [{"file", "attributes", "error"}, ...]}`` in request order; a bad file
         among good ones fills its ``error`` (status 200); all bad is a 4xx."""
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(settings.timeout_s):
-                files = await read_images(request, filename)
-                if not files:
-                    raise no_file()
-                if len(files) > settings.queue_size:  # could never be admitted: not a 503
-                    most = settings.queue_size
-                    raise HTTPException(
-                        400, f"too many images ({len(files)}): at most {most} per request"
-                    )
-                left_s = settings.timeout_s - (time.perf_counter() - started)
-                if refusal := admission.predict_refusal(len(files), left_s):
-                    raise busy(refusal)
-                with admission.predicting(len(files)):
-                    decoded = await decode_all(files)
-                    for d in decoded:
-                        if isinstance(d, BaseException) and not isinstance(d, ImageError):
-                            raise d
-                    errors = [d for d in decoded if isinstance(d, ImageError)]
-                    if len(errors) == len(decoded):
-                        raise all_bad(errors)
-                    good = [d for d in decoded if isinstance(d, torch.Tensor)]
-                    try:
-                        preds = iter(await batcher.predict(good))
-                    except QueueFull:
-                        raise busy("queue full") from None
-        except TimeoutError:
-            raise timed_out() from None
+        async with deadline():
+            files = await read_images(request, filename)
+            if not files:
+                raise no_file()
+            if len(files) > settings.queue_size:  # could never be admitted: not a 503
+                most = settings.queue_size
+                raise HTTPException(
+                    400, f"too many images ({len(files)}): at most {most} per request"
+                )
+            left_s = settings.timeout_s - (time.perf_counter() - started)
+            if refusal := admission.predict_refusal(len(files), left_s):
+                raise busy(refusal)
+            with admission.predicting(len(files)):
+                decoded = await decode_all(files)
+                for d in decoded:
+                    if isinstance(d, BaseException) and not isinstance(d, ImageError):
+                        raise d
+                errors = [d for d in decoded if isinstance(d, ImageError)]
+                if len(errors) == len(decoded):
+                    raise all_bad(errors)
+                good = [d for d in decoded if isinstance(d, torch.Tensor)]
+                try:
+                    preds = iter(await batcher.predict(good))
+                except QueueFull:
+                    raise busy("queue full") from None
         metrics.images.labels("ok").inc(len(good))
         metrics.images.labels("error").inc(len(errors))
         answers = [
@@ -309,11 +315,8 @@ def create_app(
         if refusal := admission.explain_refusal():
             raise busy(refusal)
         with admission.explaining_one():
-            try:
-                async with asyncio.timeout(settings.timeout_s):
-                    png, label = await explain_one(request, filename, model, name, size)
-            except TimeoutError:
-                raise timed_out() from None
+            async with deadline():
+                png, label = await explain_one(request, filename, model, name, size)
         return Response(
             png,
             media_type="image/png",
@@ -328,7 +331,9 @@ def create_app(
         except ImageError as e:
             raise all_bad([e]) from None
 
-    add_search_routes(app, engine, search_index, batcher, read_photo, in_thread, settings.timeout_s)
+    add_search_routes(
+        app, engine, search_index, batcher, read_photo, in_thread, deadline, busy, settings
+    )
 
     endpoints = {getattr(r, "path", "") for r in app.routes} - {""}
     app.add_middleware(Guard, settings=settings, metrics=metrics, endpoints=endpoints)

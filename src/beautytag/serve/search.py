@@ -11,13 +11,19 @@ result is fetched by its ``id``, the only way a request reaches a stored photo: 
 looked up in the index, never a path read from the request. Without an index each answers
 404 (the search is not there). The model runs on the batcher's model thread (one model call
 at a time), and so does the index search (the index is not shared between threads).
+
+Admission (:class:`SearchAdmission`): at most ``queue_size`` searches are in flight; a search
+is answered 503 with ``Retry-After`` at once when that many are, or when those ahead of it
+would take more than half the timeout at the recent time per search (model thread); an idle
+server always admits. A search longer than the timeout is 504.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ from beautytag.runtime.engine import Engine
 from beautytag.search import Hit, Index, SearchError, parse_shade, parse_where
 from beautytag.serve.batcher import MicroBatcher
 from beautytag.serve.contract import body_doc, error_doc
+from beautytag.serve.settings import ServeSettings
 
 THUMBNAIL_PX = 160
 
@@ -58,6 +65,51 @@ DOCS = {
     },
     422: {"description": "an unknown filter attribute or value, a bad shade or id, or an image"},
 }
+BUSY = {
+    503: {
+        "description": "server busy (see Retry-After): `queue_size` searches in flight, or "
+        "those ahead would take more than half the timeout"
+    }
+}
+
+
+class SearchAdmission:
+    """The searches admitted and not yet answered, and the model thread's time per search
+    (a moving average of recent ones)."""
+
+    def __init__(self, limit: int, timeout_s: float) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self.running = 0
+        self.seconds = 0.0  # model-thread time per search; 0 until one has run
+
+    def refusal(self) -> str | None:
+        """Why one more search cannot be admitted now (None: admit)."""
+        if self.running >= self.limit:
+            return "queue full"
+        ahead = self.running * self.seconds
+        if self.running and ahead + self.seconds > self.timeout_s / 2:
+            return f"about {ahead:.1f} s of searches ahead"
+        return None
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count one search as in flight while the block runs."""
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+
+    def clocked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, its time added to the average (in the thread that runs it, so that a
+        search cut off by its request's timeout still counts when it ends)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            took = time.perf_counter() - t0
+            self.seconds = 0.8 * self.seconds + 0.2 * took if self.seconds else took
 
 
 def hit(h: Hit) -> SearchHit:
@@ -73,11 +125,14 @@ def add_search_routes(
     batcher: MicroBatcher,
     read_photo: Callable[[Request], Awaitable[tuple[str, torch.Tensor]]],
     in_thread: Callable[..., Awaitable[Any]],
-    timeout_s: float,
+    deadline: Callable[[], AbstractAsyncContextManager[None]],
+    busy: Callable[[str], HTTPException],
+    settings: ServeSettings,
 ) -> None:
     """Add the routes. `read_photo`: the request's one photo, decoded -> (name, model input),
     raising HTTPException for a bad request; `in_thread`: runs a function in a worker
-    thread."""
+    thread; `deadline`: the request's timeout (504); `busy`: the 503 answer for a reason."""
+    admission = SearchAdmission(settings.queue_size, settings.timeout_s)
 
     def usable(where: list[str]) -> tuple[Index, dict[str, str]]:
         if index is None:
@@ -89,12 +144,13 @@ def add_search_routes(
             raise HTTPException(422, str(e)) from None
         return index, parsed
 
-    async def timed(coro: Awaitable[Any]) -> Any:
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await coro
-        except TimeoutError:
-            raise HTTPException(504, f"request took longer than {timeout_s} s") from None
+    async def admitted(work: Callable[[], Awaitable[Any]]) -> Any:
+        """`work()` within the timeout, if admitted (else 503)."""
+        if refusal := admission.refusal():
+            raise busy(refusal)
+        with admission.admitted():
+            async with deadline():
+                return await work()
 
     top = Query(10, ge=1, le=100, description="how many results")
     filters = Query(
@@ -106,7 +162,7 @@ def add_search_routes(
         "/v1/search",
         summary="Indexed photos like a photo",
         openapi_extra=body_doc(1),
-        responses=error_doc(400, 401, 413, 415, 504) | DOCS,
+        responses=error_doc(400, 401, 413, 415, 504) | DOCS | BUSY,
     )
     async def search_photo(
         request: Request, top_k: int = top, where: list[str] = filters
@@ -123,17 +179,17 @@ def add_search_routes(
 
         async def work() -> SearchResults:
             name, x = await read_photo(request)
-            attributes, hits = await batcher.run_model(run, x[None])
+            attributes, hits = await batcher.run_model(admission.clocked, run, x[None])
             return SearchResults(
                 query={"file": name, "attributes": attributes}, results=[hit(h) for h in hits]
             )
 
-        return await timed(work())
+        return await admitted(work)
 
     @app.get(
         "/v1/search",
         summary="Indexed photos nearest a shade (ΔE2000)",
-        responses=error_doc(401, 504) | DOCS,
+        responses=error_doc(401, 504) | DOCS | BUSY,
     )
     async def search_shade(
         shade: str = Query(..., description="#rrggbb, or L,a,b (CIELAB)", examples=["#b03a48"]),
@@ -147,7 +203,9 @@ def add_search_routes(
             lab = parse_shade(shade)
         except SearchError as e:
             raise HTTPException(422, str(e)) from None
-        hits = await timed(batcher.run_model(idx.search_shade, lab, top_k, parsed))
+        hits = await admitted(
+            lambda: batcher.run_model(admission.clocked, idx.search_shade, lab, top_k, parsed)
+        )
         query = {"shade": shade, "lab": [float(v) for v in lab]}
         return SearchResults(query=query, results=[hit(h) for h in hits])
 
@@ -181,7 +239,8 @@ def add_search_routes(
         except SearchError as e:
             raise HTTPException(404, str(e)) from None
         try:
-            data = await timed(in_thread(thumbnail_jpeg, file))
+            async with deadline():
+                data = await in_thread(thumbnail_jpeg, file)
         except (ImageError, OSError):
             raise HTTPException(404, f"the photo of id {id} can no longer be read") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
