@@ -211,6 +211,9 @@ def test_train_learns_from_a_teacher(raw_config, datasets, tmp_path, capsys):
     assert taught < untaught, (taught, untaught)
 
     make_tiny_model(tmp_path / "other.pt", model={"mean": [0.4, 0.4, 0.4]})
+    raw = raw_config  # the tiny teacher's attributes: the whole default config's
+    raw["data"]["limit"] = 64
+    raw["train"] |= {"epochs": 1, "out_dir": str(tmp_path / "refused")}
     raw["train"]["distill_from"] = str(tmp_path / "other.pt")
     (tmp_path / "kd.yaml").write_text(json.dumps(raw))
     capsys.readouterr()
