@@ -116,7 +116,7 @@ def report(store: dict, rows: dict) -> list[str]:
         "Personal Care (clothes, shoes, accessories and a few free items and sporting goods) "
         "and among the wild-dev test photos (all cosmetics: false rejections); n/a: the "
         "model has no cosmetic head. CPU img/s: PyTorch eager, batches of 32, median, on 2 CPU "
-        "cores shared with other jobs (a rough figure).",
+        "cores shared with other jobs (a rough figure; the load average then is in `wild.json`).",
         "",
         "## Test (report only)",
         "",
