@@ -20,7 +20,8 @@ def attr(**kw):
 
 def test_default_config_is_valid():
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    assert cfg.schema.names == ["category", "color", "shade", "finish", "function"]
+    assert cfg.schema.names == ["category", "cosmetic", "color", "shade", "finish", "function"]
+    assert cfg.model.gate["attribute"] == "cosmetic"  # "no" answers are rejected photos
     assert cfg.schema["shade"].num_outputs == 3
     assert cfg.schema["function"].kind == "multi"
     assert cfg.data_root.name == "datasets"
