@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -202,6 +203,34 @@ def index_mb(index: Index) -> float:
     return (n * d * 4 + n * 8 + centroids) / 2**20
 
 
+OPENED = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from beautytag.search import Index
+
+def rss():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+before, t0 = rss(), time.perf_counter()
+index = Index.open(sys.argv[1])
+seconds = time.perf_counter() - t0
+index.search(np.ones(index.dim, dtype=np.float32), 10)
+print(json.dumps({"open_s": round(seconds, 1), "opened_rss_mb": round(rss() - before)}))
+"""
+
+
+def opened(folder: Path) -> dict:
+    """Time and RSS growth of opening the saved index in a new process (what ``beautytag
+    search`` or ``serve`` hold: FAISS reads each list at its size)."""
+    done = subprocess.run(
+        [sys.executable, "-c", OPENED, str(folder)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def measure(
     data: Data, size: int, n_queries: int, threads: int, folder: Path, exact_max: int = EXACT_MAX
 ) -> dict:
@@ -244,10 +273,15 @@ def measure(
     shade, _ = latency(lambda q: index.search_shade("#b03a48", 10), queries[:20])
     faiss.omp_set_num_threads(build_threads)
     found_ids = np.array([[h.id for h in r[0]] for r in found])
+    kind, held_mb = index.kind, index_mb(index)
+    fewest = min(len(h[0]) for h in hits)
+    index = found = hits = None  # freed before the saved index is opened
+    gc.collect()
+    loaded = opened(folder)
     result = {
         "data": data.kind,
         "size": size,
-        "kind": index.kind,
+        "kind": kind,
         "nlist": settings.get("nlist"),
         "nprobe": settings.get("nprobe"),
         "calibration_recall_at_10": settings.get("recall_at_10"),
@@ -256,13 +290,14 @@ def measure(
         "build_cpu_s": round(build_cpu, 1),
         "vectors_per_s": round(size / (build + tune_s)),
         "save_s": round(save_s, 1),
-        "index_mb": round(index_mb(index)),
+        **loaded,
+        "index_mb": round(held_mb),
         "rss_growth_mb": round(grown),
         "rss_peak_growth_mb": round(peak),
         "disk_mb": round(sum(p.stat().st_size for p in folder.iterdir()) / 2**20),
         "query_ms": plain,
         "filtered_query_ms": filtered,
-        "filtered_min_results": min(len(h[0]) for h in hits),
+        "filtered_min_results": fewest,
         "shade_query_ms": shade,
         "recall_at_10": round(ivf_module.recall(found_ids, exact_i), 4),
         "queries": n_queries,
@@ -294,7 +329,9 @@ def markdown(payload: dict) -> list[str]:
         "not drawing the vectors: wall-clock seconds, and the CPU seconds of the process (all "
         "its threads). *index MB*: the vectors, ids and centroids FAISS holds; "
         "*RSS* growth of the process after the build, and its peak during it (a rebuild holds "
-        f"two copies). Latency: {payload['queries']} queries one at a time on "
+        "two copies; lists grown by adds leave freed memory in the heap); *opened*: RSS growth "
+        "of a new process opening the saved index, what `beautytag search` and `serve` hold. "
+        f"Latency: {payload['queries']} queries one at a time on "
         f"{payload['query_threads']} FAISS thread, top 10; *recall@10*: of those queries "
         "against exact top 10 computed apart from the index; *CPU*: the query thread's CPU time, "
         "without the waits for a core that the load adds. *filtered*: `where={category: "
@@ -304,11 +341,11 @@ def markdown(payload: dict) -> list[str]:
         "are under load and noisy.",
         "",
         "| data | vectors | kind | nlist | nprobe | build s | build CPU s | index MB | RSS MB "
-        "| RSS peak MB "
+        "| RSS peak MB | opened RSS MB "
         "| query p50 ms | query p99 ms | CPU p50 ms | CPU p99 ms | recall@10 | calib. "
         "| filtered p50 ms | filtered p99 ms | min k | shade p50 ms | load |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(payload["runs"], key=lambda r: (r["data"], r["size"], r["lists_per_sqrt"])):
         lists = "" if r["lists_per_sqrt"] == DEFAULT_LISTS else f" ({r['lists_per_sqrt']:g} sqrt N)"
@@ -316,7 +353,8 @@ def markdown(payload: dict) -> list[str]:
         lines.append(
             f"| {r['data']} | {r['size']:,} | {r['kind']}{lists} | {r['nlist'] or '-'} | "
             f"{r['nprobe'] or '-'} | {r['build_s']} | {r['build_cpu_s']} | {r['index_mb']:,} | "
-            f"{r['rss_growth_mb']:,} | {r['rss_peak_growth_mb']:,} | {q['p50']} | {q['p99']} | "
+            f"{r['rss_growth_mb']:,} | {r['rss_peak_growth_mb']:,} | {r['opened_rss_mb']:,} | "
+            f"{q['p50']} | {q['p99']} | "
             f"{q['cpu_p50']} | {q['cpu_p99']} | {r['recall_at_10']} | "
             f"{r['calibration_recall_at_10'] or '-'} | {r['filtered_query_ms']['p50']} | "
             f"{r['filtered_query_ms']['p99']} | {r['filtered_min_results']} | "

@@ -264,3 +264,24 @@ def test_bad_input_gets_one_line_saying_what_is_valid(tmp_path):
     other.add(["a.jpg"], vectors[0], [record()])
     assert other.search(vectors[0], where={"category": "mascara"}) == [[]]  # valid, none
     assert "valid: Lipstick, Mascara" in error(other.search, vectors[0], where={"category": "x"})
+
+
+def test_filters_see_every_change(tmp_path):
+    """Filter masks are kept between searches: each add and remove must be seen."""
+    index, vectors = filled(tmp_path / "idx", n=10)
+    mascara = record("Mascara", tags=("long_lasting",))
+    index.add(["m1.jpg"], vectors[0], [mascara])
+    where = [{"category": "mascara"}, {"function": "long_lasting"}]
+    assert [index.count(w) for w in where] == [1, 1]
+    index.add(["m2.jpg"], vectors[1], [mascara])
+    assert [index.count(w) for w in where] == [2, 2]
+    assert {h.file for h in index.search(vectors[0], top_k=5, where=where[1])[0]} == {
+        "m1.jpg",
+        "m2.jpg",
+    }
+    index.remove(["m1.jpg"])
+    assert [index.count(w) for w in where] == [1, 1]
+    index.add(["m2.jpg"], vectors[1], [record()])  # replaced by a lipstick
+    assert index.count({"category": "lipstick"}) == 11
+    with pytest.raises(SearchError, match="unknown category 'mascara'"):
+        index.count(where[0])  # none left, and no vocabulary: not a value of this index

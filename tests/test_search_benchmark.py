@@ -22,7 +22,10 @@ def test_the_benchmark_measures_each_size_once(tmp_path, capsys):
     assert 0 < ivf["recall_at_10"] <= 1 and ivf["filtered_min_results"] == 10
     assert ivf["index_mb"] > 400 * 1280 * 4 / 2**20 and ivf["query_ms"]["p99"] > 0
     assert ivf["command"].startswith("python benchmarks/search.py --sizes 60 400")
+    assert ivf["opened_rss_mb"] >= 0 and ivf["build_cpu_s"] > 0
     table = out.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in rows}) == 1 and len(rows) == 4
     assert "| random | 400 | ivf | 10 |" in table and "| random | 60 | flat | - |" in table
     capsys.readouterr()
     bench.main([*args, "--out", str(out)])  # both stored: nothing measured again

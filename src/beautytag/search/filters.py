@@ -51,9 +51,12 @@ def _matches(
 ) -> np.ndarray:
     folded = value.strip().casefold()
     if attr in meta.labels:
-        hit = meta.labels[attr] == folded
+        hit = meta.memo(("label", attr, folded), lambda: meta.labels[attr] == folded)
     elif attr in meta.tags:
-        hit = np.fromiter((folded in tags for tags in meta.tags[attr]), bool, len(meta))
+        hit = meta.memo(
+            ("tags", attr, folded),
+            lambda: np.fromiter((folded in tags for tags in meta.tags[attr]), bool, len(meta)),
+        )
     elif attr in vocabulary:
         hit = np.zeros(len(meta), dtype=bool)
     else:

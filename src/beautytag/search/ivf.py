@@ -47,7 +47,18 @@ def build(vectors: np.ndarray, ids: np.ndarray, seed: int = 0) -> faiss.IndexIVF
     rng = np.random.default_rng(seed)
     train = min(n, nlist * TRAIN_PER_LIST)
     ivf.train(vectors[np.sort(rng.choice(n, train, replace=False))] if train < n else vectors)
-    ivf.add_with_ids(vectors, ids)
+    # each list filled at once (FAISS's add grows them a vector at a time: slack memory)
+    assigned = ivf.quantizer.search(vectors, 1)[1][:, 0]
+    order = np.argsort(assigned, kind="stable")
+    bounds = np.searchsorted(assigned[order], np.arange(nlist + 1))
+    for list_no in range(nlist):
+        at = order[bounds[list_no] : bounds[list_no + 1]]
+        if len(at):
+            list_ids, codes = np.ascontiguousarray(ids[at], np.int64), vectors[at].view(np.uint8)
+            ivf.invlists.add_entries(
+                list_no, len(at), faiss.swig_ptr(list_ids), faiss.swig_ptr(codes)
+            )
+    ivf.ntotal = n
     return ivf
 
 

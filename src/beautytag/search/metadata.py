@@ -9,7 +9,7 @@ kept), and the shade when it has ``lab``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 _LABEL = "label:"  # Parquet column prefix of a single-label attribute
 _TAGS = "tags:"  # ... of a multi-label attribute
+MEMO = 64  # filter masks kept until the table changes
 
 
 def record_shade(attributes: Mapping[str, Any]) -> list[float]:
@@ -58,6 +59,16 @@ class Metadata:
         self.labels: dict[str, np.ndarray] = {}  # attribute -> lowercased label per row
         self.tags: dict[str, np.ndarray] = {}  # attribute -> tuple of lowercased tags per row
         self._id_of_file: dict[str, int] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
+
+    def memo(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()``, kept under `key` until the table changes (the `MEMO` latest): a
+        filter's mask over a million rows takes tens of milliseconds. Not to be changed."""
+        if key not in self._memo:
+            if len(self._memo) >= MEMO:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -98,6 +109,7 @@ class Metadata:
         )
 
     def _extend(self, ids, files, attributes, lab, labels, tags) -> None:
+        self._memo.clear()
         old, n = len(self), len(ids)
         self.ids = np.concatenate([self.ids, ids])
         self.files = np.concatenate([self.files, files])
@@ -118,6 +130,7 @@ class Metadata:
 
     def remove(self, ids: np.ndarray) -> None:
         """Drop the rows of `ids` (each must be in the table)."""
+        self._memo.clear()
         keep = np.ones(len(self), dtype=bool)
         keep[self.rows(ids)] = False
         for file in self.files[~keep]:
