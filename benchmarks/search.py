@@ -385,13 +385,15 @@ def main(argv: list[str] | None = None) -> None:
         help="IVF lists per sqrt(N) (default: the index's); runs with another are extra rows",
     )
     parser.add_argument("--exact-max", type=int, default=EXACT_MAX, help="flat up to this size")
-    parser.add_argument("--again", action="store_true", help="measure stored sizes again")
+    parser.add_argument(
+        "--again", action="store_true", help="measure the sizes given again (others are kept)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "search_synthetic")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     out_json = args.out.with_suffix(".json")
     stored = json.loads(out_json.read_text()) if out_json.exists() else {}
-    runs = {r["key"]: r for r in stored.get("runs", []) if "key" in r and not args.again}
+    runs = {r["key"]: r for r in stored.get("runs", []) if "key" in r}
     ivf_module.LISTS_PER_SQRT = args.lists_per_sqrt
     variant = "" if args.lists_per_sqrt == DEFAULT_LISTS else f"|lists={args.lists_per_sqrt:g}"
     variant += "" if args.exact_max == EXACT_MAX else f"|exact_max={args.exact_max}"
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         data = Data(kind, real)
         for size in args.sizes:
             key = f"{kind}|{size}{variant}"
-            if key in runs:
+            if key in runs and not args.again:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp) / "i"

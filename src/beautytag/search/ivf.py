@@ -3,9 +3,10 @@ and its ``nprobe`` (how many lists a query scans) chosen by measuring.
 
 * ``nlist``: about sqrt(N) lists for N vectors, at most N / 39 (FAISS's fewest training
   vectors per list), k-means on a sample of `TRAIN_PER_LIST` vectors per list. Fewer lists
-  than the usual 4 * sqrt(N): training and adding cost in proportion to nlist, and on the
-  2-core machine the benchmark runs on (benchmarks/search.py), 2 * sqrt(N) took twice as long
-  to build 200,000 vectors as sqrt(N), for the same query time (fewer, longer lists scanned);
+  than the usual 4 * sqrt(N): training and adding cost in proportion to nlist, and in
+  benchmarks/search.py (200,000 vectors like real embeddings, 2 cores) 2 and 4 * sqrt(N) took
+  1.5 and 3.1 times the CPU time to build for queries only 12 and 15 % faster (0.54 and
+  0.52 ms against 0.61 ms: fewer, longer lists scanned);
 * ``nprobe``: the smallest that reaches recall@10 of `TARGET_RECALL` against exact search on a
   held-out sample: `CALIBRATION_QUERIES` indexed vectors drawn at random, each searched for its
   10 nearest *other* vectors (itself left out of both answers);
