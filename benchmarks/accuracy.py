@@ -61,7 +61,7 @@ from benchlib import datasets_dir, git_file, git_revision, no_datasets, throughp
 
 from beautytag.checkpoint import average_checkpoints
 from beautytag.color import srgb_to_lab
-from beautytag.config import Config, config_from_dict
+from beautytag.config import Config, catalogue_only, config_from_dict
 from beautytag.data import BeautyDataset, load_letterboxed, read_samples
 from beautytag.images import normalize
 from beautytag.nn.net import BeautyTagNet
@@ -74,27 +74,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 
 
-# what configs/default.yaml gained for real photos (issue #35) after Tables A-C ran
-REAL_PHOTO_SOURCES = ("wild", "others")
-REAL_PHOTO_CLASSES = ("Eyebrow Pencil", "Makeup Brushes")
-
-
 def default_raw() -> dict[str, Any]:
     """configs/default.yaml as Tables A-C ran it: the catalogue and beauty-shades only, no
     `cosmetic` attribute or gate, the 20 catalogue categories and plain linear heads (rows
     add the pixel colour head as a change). Real-photo rows are benchmarks/wild.py's."""
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    raw["data"]["sources"] = [
-        s for s in raw["data"]["sources"] if s["name"] not in REAL_PHOTO_SOURCES
-    ]
-    raw["attributes"] = [a for a in raw["attributes"] if a["name"] != "cosmetic"]
-    for a in raw["attributes"]:
-        a["sources"] = {k: v for k, v in a["sources"].items() if k not in REAL_PHOTO_SOURCES}
-        if "classes" in a:
-            a["classes"] = [c for c in a["classes"] if c not in REAL_PHOTO_CLASSES]
-    for key in ("gate", "pixel_colour", "pixel_colour_pool"):
-        raw["model"].pop(key, None)
-    return raw
+    return catalogue_only(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))
 
 
 # ---------------------------------------------------------------- configurations

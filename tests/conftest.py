@@ -18,30 +18,6 @@ def default_raw() -> dict:
     return yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
 
 
-REAL_PHOTO_SOURCES = ("wild", "others")
-REAL_PHOTO_CLASSES = ("Eyebrow Pencil", "Makeup Brushes")
-
-
-def catalogue_only(raw: dict) -> dict:
-    """A default config mapping without what it gained for real photos (the wild-dev and
-    negative sources, the cosmetic attribute and gate, the two classes the catalogue lacks,
-    the pixel colour head):
-    the attributes and classes of models trained before them, such as the shipped ones."""
-    raw = copy.deepcopy(raw)
-    raw["data"]["sources"] = [
-        s for s in raw["data"]["sources"] if s["name"] not in REAL_PHOTO_SOURCES
-    ]
-    raw["attributes"] = [a for a in raw["attributes"] if a["name"] != "cosmetic"]
-    for a in raw["attributes"]:
-        a["sources"] = {k: v for k, v in a["sources"].items() if k not in REAL_PHOTO_SOURCES}
-        if "classes" in a:
-            a["classes"] = [c for c in a["classes"] if c not in REAL_PHOTO_CLASSES]
-    raw["model"]["gate"] = {}
-    for key in ("pixel_colour", "pixel_colour_pool"):  # linear heads, as that config had
-        raw["model"].pop(key, None)
-    return raw
-
-
 @pytest.fixture
 def raw_config() -> dict:
     """The default config as a mapping, pointing at ../shared/datasets."""

@@ -12,11 +12,11 @@ import yaml
 
 from beautytag.checkpoint import save_checkpoint
 from beautytag.cli import main
-from beautytag.config import config_from_dict, load_config
+from beautytag.config import catalogue_only, config_from_dict, load_config
 from beautytag.data import read_samples
 from beautytag.nn.net import BeautyTagNet
 
-from .conftest import ROOT, catalogue_only, make_tiny_model
+from .conftest import ROOT, make_tiny_model
 
 
 @pytest.mark.slow

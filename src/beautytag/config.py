@@ -6,6 +6,7 @@ A YAML file has four sections - ``model``, ``attributes`` (the schema), ``data``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
@@ -402,3 +403,27 @@ def use_found_datasets(cfg: Config) -> None:
     ../shared/datasets): point it at :func:`find_datasets`' folder when it is not there."""
     if not cfg.data_root.is_dir() and (found := find_datasets()) is not None:
         cfg.data.root = str(found)
+
+
+# what configs/default.yaml gained for real photos (issue #35): models trained before it
+# (the shipped ones, the accuracy benchmark's Tables A-C) know none of these
+REAL_PHOTO_SOURCES = ("wild", "others")
+REAL_PHOTO_CLASSES = ("Eyebrow Pencil", "Makeup Brushes")
+
+
+def catalogue_only(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of configs/default.yaml's mapping without its real-photo additions: the
+    wild-dev and negative sources, the `cosmetic` attribute and gate, the two classes the
+    catalogue lacks and the pixel colour head (plain linear heads, as that config had)."""
+    raw = copy.deepcopy(raw)
+    raw["data"]["sources"] = [
+        s for s in raw["data"]["sources"] if s["name"] not in REAL_PHOTO_SOURCES
+    ]
+    raw["attributes"] = [a for a in raw["attributes"] if a["name"] != "cosmetic"]
+    for a in raw["attributes"]:
+        a["sources"] = {k: v for k, v in a["sources"].items() if k not in REAL_PHOTO_SOURCES}
+        if "classes" in a:
+            a["classes"] = [c for c in a["classes"] if c not in REAL_PHOTO_CLASSES]
+    for key in ("gate", "pixel_colour", "pixel_colour_pool"):
+        raw["model"].pop(key, None)
+    return raw
