@@ -381,7 +381,33 @@ def test_search_is_503_when_the_searches_ahead_would_outlast_the_timeout(built, 
     learnt, second, third, fourth = asyncio.run(scenario())
     assert [r.status_code for r in (learnt, second, third, fourth)] == [200, 200, 503, 200]
     assert third.headers["retry-after"] == "1"
-    assert "s of searches ahead" in third.json()["detail"]
+    assert "s of searches and images ahead" in third.json()["detail"]
+
+
+def test_predictions_wait_for_the_searches_ahead_of_them(built, tiny_model):
+    """Searches and predictions share the model thread: with a 0.9 s search running, one
+    image would wait past half of a 1.6 s timeout, so /v1/predict answers 503 at once."""
+    app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=1.6), delay=0.9)
+    gate.set()
+    shade = {"params": {"shade": "#c81e3c"}}
+    photo = {"files": {"file": ("a.jpg", jpeg(built[2][0]), "image/jpeg")}}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            learnt = await c.get("/v1/search", **shade)  # the time per search is learnt here
+            started.clear()
+            search = asyncio.create_task(c.get("/v1/search", **shade))
+            await wait_for(started.is_set)
+            waiting = await c.post("/v1/predict", **photo)
+            search = await search
+            alone = await c.post("/v1/predict", **photo)  # nothing ahead: admitted
+            await app.state.batcher.stop()
+            return learnt, search, waiting, alone
+
+    learnt, search, waiting, alone = asyncio.run(scenario())
+    assert [r.status_code for r in (learnt, search, waiting, alone)] == [200, 200, 503, 200]
+    assert waiting.headers["retry-after"] == "1" and "ahead" in waiting.json()["detail"]
 
 
 def test_a_search_longer_than_the_timeout_is_504(built, tiny_model):

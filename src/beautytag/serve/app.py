@@ -15,8 +15,8 @@ Endpoints (all JSON unless said otherwise):
   ``X-Beautytag-Label`` say what is shown. 501 when the engine has no torch model.
 * ``POST /v1/search``, ``GET /v1/search?shade=``, ``GET /v1/thumbnail/{id}`` - with
   ``--index``: similar photos and shade matches (serve/search.py); 404 without an index;
-  503 with ``Retry-After`` when ``queue_size`` searches are in flight or those ahead would take
-  more than half the timeout.
+  503 with ``Retry-After`` when ``queue_size`` searches are in flight or the work ahead on the
+  model thread (searches and images) would take more than half the timeout.
 * ``GET /healthz`` - ``{"status": "ok", ...}``; ``GET /metrics`` - Prometheus text;
   ``GET /openapi.json``; ``GET /`` - the web page (``web/index.html``).
 
@@ -332,7 +332,7 @@ def create_app(
             raise all_bad([e]) from None
 
     add_search_routes(
-        app, engine, search_index, batcher, read_photo, in_thread, deadline, busy, settings
+        app, engine, search_index, batcher, read_photo, in_thread, deadline, busy, admission
     )
 
     endpoints = {getattr(r, "path", "") for r in app.routes} - {""}

@@ -182,15 +182,17 @@ class MicroBatcher:
 
 class Admission:
     """What the service has taken on and whether it can take more: the /v1/predict images in
-    flight (decoding, queued or in the model), the explanations running, and each step's time
-    per image (moving averages, see :meth:`clocked`). Overload is answered with 503 at once
-    rather than piling up decode work and memory, or answering 504 later."""
+    flight (decoding, queued or in the model), the explanations and searches running, and each
+    step's time per image or search (moving averages, see :meth:`clocked`). They share one
+    model thread, so each kind's admission counts the others' work ahead too. Overload is
+    answered with 503 at once rather than piling up decode work and memory, or 504 later."""
 
     def __init__(self, settings: ServeSettings, batcher: MicroBatcher):
         self.settings = settings
         self.batcher = batcher
         self.inflight = 0  # /v1/predict images admitted and not yet answered
         self.explaining = 0
+        self.searching = 0  # /v1/search requests admitted and not yet answered
         self.took: dict[str, float] = {}  # seconds per image of each step, moving averages
 
     def clocked(self, step: str, fn: Any, *args: Any) -> Any:
@@ -218,12 +220,35 @@ class Admission:
         s = self.settings
         decoding = self.took.get("decode", 0.0) / s.workers
         per_image = self.batcher.seconds_per_image_now() + decoding
-        explanations = self.explaining * self.took.get("explain model", 0.0)  # the same model
-        ahead_s = (self.inflight + images) * per_image + explanations
+        ahead_s = (self.inflight + images) * per_image + self.others_s("predict")
         if self.inflight + images > s.queue_size + s.max_batch or self.batcher.room() < images:
             return "queue full"
-        if (self.inflight > 0 or self.explaining > 0) and ahead_s > left_s / 2:
+        if self.busy() and ahead_s > left_s / 2:
             return f"about {ahead_s:.1f} s of images ahead of this request"
+        return None
+
+    def busy(self) -> bool:
+        """Whether anything is in flight (an idle server always admits)."""
+        return self.inflight > 0 or self.explaining > 0 or self.searching > 0
+
+    def others_s(self, kind: str) -> float:
+        """Model-thread seconds of the explanations and searches in flight, and of the
+        predictions unless `kind` is "predict" (which counts its own with their decoding)."""
+        ahead = self.explaining * self.took.get("explain model", 0.0)
+        ahead += self.searching * self.took.get("search", 0.0)
+        if kind != "predict":
+            ahead += self.inflight * self.batcher.seconds_per_image_now()
+        return ahead
+
+    def search_refusal(self) -> str | None:
+        """Why one more search cannot be admitted now (None: admit): ``queue_size`` searches
+        in flight, or the work ahead on the model thread (searches, images, explanations) and
+        this search taking more than half the timeout."""
+        if self.searching >= self.settings.queue_size:
+            return "queue full"
+        ahead = self.others_s("search")
+        if self.busy() and ahead + self.took.get("search", 0.0) > self.settings.timeout_s / 2:
+            return f"about {ahead:.1f} s of searches and images ahead"
         return None
 
     def explain_refusal(self) -> str | None:
@@ -246,6 +271,15 @@ class Admission:
             yield
         finally:
             self.inflight -= images
+
+    @contextmanager
+    def searching_one(self) -> Iterator[None]:
+        """Count one search as in flight while the block runs."""
+        self.searching += 1
+        try:
+            yield
+        finally:
+            self.searching -= 1
 
     @contextmanager
     def explaining_one(self) -> Iterator[None]:

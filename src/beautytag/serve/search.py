@@ -12,18 +12,18 @@ looked up in the index, never a path read from the request. Without an index eac
 404 (the search is not there). The model runs on the batcher's model thread (one model call
 at a time), and so does the index search (the index is not shared between threads).
 
-Admission (:class:`SearchAdmission`): at most ``queue_size`` searches are in flight; a search
-is answered 503 with ``Retry-After`` at once when that many are, or when those ahead of it
-would take more than half the timeout at the recent time per search (model thread); an idle
-server always admits. A search longer than the timeout is 504.
+Admission (the service's one :class:`~beautytag.serve.batcher.Admission`): at most
+``queue_size`` searches are in flight; a search is answered 503 with ``Retry-After`` at once
+when that many are, or when the work ahead of it on the model thread (searches, /v1/predict
+images, explanations) and the search itself would take more than half the timeout at their
+recent times; an idle server always admits. A search longer than the timeout is 504.
 """
 
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,8 @@ from pydantic import BaseModel, Field
 from beautytag.images import ImageError, load_image
 from beautytag.runtime.engine import Engine
 from beautytag.search import Hit, Index, SearchError, parse_shade, parse_where
-from beautytag.serve.batcher import MicroBatcher
+from beautytag.serve.batcher import Admission, MicroBatcher
 from beautytag.serve.contract import body_doc, error_doc
-from beautytag.serve.settings import ServeSettings
 
 THUMBNAIL_PX = 160
 
@@ -68,48 +67,9 @@ DOCS = {
 BUSY = {
     503: {
         "description": "server busy (see Retry-After): `queue_size` searches in flight, or "
-        "those ahead would take more than half the timeout"
+        "the work ahead (searches, images) would take more than half the timeout"
     }
 }
-
-
-class SearchAdmission:
-    """The searches admitted and not yet answered, and the model thread's time per search
-    (a moving average of recent ones)."""
-
-    def __init__(self, limit: int, timeout_s: float) -> None:
-        self.limit = limit
-        self.timeout_s = timeout_s
-        self.running = 0
-        self.seconds = 0.0  # model-thread time per search; 0 until one has run
-
-    def refusal(self) -> str | None:
-        """Why one more search cannot be admitted now (None: admit)."""
-        if self.running >= self.limit:
-            return "queue full"
-        ahead = self.running * self.seconds
-        if self.running and ahead + self.seconds > self.timeout_s / 2:
-            return f"about {ahead:.1f} s of searches ahead"
-        return None
-
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count one search as in flight while the block runs."""
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-
-    def clocked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``, its time added to the average (in the thread that runs it, so that a
-        search cut off by its request's timeout still counts when it ends)."""
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            took = time.perf_counter() - t0
-            self.seconds = 0.8 * self.seconds + 0.2 * took if self.seconds else took
 
 
 def hit(h: Hit) -> SearchHit:
@@ -127,12 +87,12 @@ def add_search_routes(
     in_thread: Callable[..., Awaitable[Any]],
     deadline: Callable[[], AbstractAsyncContextManager[None]],
     busy: Callable[[str], HTTPException],
-    settings: ServeSettings,
+    admission: Admission,
 ) -> None:
     """Add the routes. `read_photo`: the request's one photo, decoded -> (name, model input),
     raising HTTPException for a bad request; `in_thread`: runs a function in a worker
-    thread; `deadline`: the request's timeout (504); `busy`: the 503 answer for a reason."""
-    admission = SearchAdmission(settings.queue_size, settings.timeout_s)
+    thread; `deadline`: the request's timeout (504); `busy`: the 503 answer for a reason;
+    `admission`: the service's, which /v1/predict and /v1/explain share."""
 
     def usable(where: list[str]) -> tuple[Index, dict[str, str]]:
         if index is None:
@@ -146,9 +106,9 @@ def add_search_routes(
 
     async def admitted(work: Callable[[], Awaitable[Any]]) -> Any:
         """`work()` within the timeout, if admitted (else 503)."""
-        if refusal := admission.refusal():
+        if refusal := admission.search_refusal():
             raise busy(refusal)
-        with admission.admitted():
+        with admission.searching_one():
             async with deadline():
                 return await work()
 
@@ -179,7 +139,7 @@ def add_search_routes(
 
         async def work() -> SearchResults:
             name, x = await read_photo(request)
-            attributes, hits = await batcher.run_model(admission.clocked, run, x[None])
+            attributes, hits = await batcher.run_model(admission.clocked, "search", run, x[None])
             return SearchResults(
                 query={"file": name, "attributes": attributes}, results=[hit(h) for h in hits]
             )
@@ -204,7 +164,9 @@ def add_search_routes(
         except SearchError as e:
             raise HTTPException(422, str(e)) from None
         hits = await admitted(
-            lambda: batcher.run_model(admission.clocked, idx.search_shade, lab, top_k, parsed)
+            lambda: batcher.run_model(
+                admission.clocked, "search", idx.search_shade, lab, top_k, parsed
+            )
         )
         query = {"shade": shade, "lab": [float(v) for v in lab]}
         return SearchResults(query=query, results=[hit(h) for h in hits])
