@@ -41,10 +41,38 @@ SPLITS = ("val", "test")
 TARGETS = {"category": 0.90, "color": 0.55}
 
 
-def probabilities(name: str) -> dict[str, dict[str, np.ndarray]]:
-    """A model's category and colour probabilities and labels per split (Personal Care)."""
+def probabilities(name: str) -> dict[str, Any]:
+    """A model's category and colour probabilities and labels per split (Personal Care), and
+    its classes per attribute (``classes``)."""
     model, cfg = load_model(name)
-    return {split: outputs(model, cfg, split, ["fashion"], ATTRIBUTES) for split in SPLITS}
+    result: dict[str, Any] = {
+        split: outputs(model, cfg, split, ["fashion"], ATTRIBUTES) for split in SPLITS
+    }
+    return result | {"classes": {a: list(cfg.schema[a].classes) for a in ATTRIBUTES}}
+
+
+def aligned(models: dict[str, dict]) -> dict[str, dict]:
+    """The models' probabilities and labels over one class list per attribute (the classes
+    of them all, in the order first met; a class that a model lacks has probability 0 in
+    it), so that models with other vocabularies can be averaged."""
+    union = {a: [] for a in ATTRIBUTES}
+    for m in models.values():
+        for a in ATTRIBUTES:
+            union[a] += [c for c in m["classes"][a] if c not in union[a]]
+    out = {}
+    for name, m in models.items():
+        out[name] = {}
+        for split in SPLITS:
+            d = dict(m[split])
+            for a in ATTRIBUTES:
+                cols = [union[a].index(c) for c in m["classes"][a]]
+                p = np.zeros((len(d[f"p_{a}"]), len(union[a])), dtype=d[f"p_{a}"].dtype)
+                p[:, cols] = d[f"p_{a}"]
+                y = d[f"y_{a}"]
+                d[f"p_{a}"] = p
+                d[f"y_{a}"] = np.where(y >= 0, np.array(cols + [-1])[y], -1)
+            out[name][split] = d
+    return out
 
 
 def correct(members: list[dict], split: str, attribute: str) -> tuple[int, int]:
@@ -133,7 +161,7 @@ def main() -> int:
         return 0
     torch.set_num_threads(2)
     try:
-        models = {name: probabilities(name) for name in args.models}
+        models = aligned({name: probabilities(name) for name in args.models})
     except (FileNotFoundError, ValueError) as e:  # a model that is not there or not ours
         print(f"error: {e}", file=sys.stderr)
         return 2
