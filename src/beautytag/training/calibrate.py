@@ -25,7 +25,12 @@ import torch
 
 from beautytag.checkpoint import load_checkpoint, save_checkpoint
 from beautytag.config import Config
-from beautytag.runtime.gate import choose_threshold, labelled_rows, rejection_rates
+from beautytag.runtime.gate import (
+    accept_index,
+    choose_threshold,
+    labelled_rows,
+    rejection_rates,
+)
 from beautytag.schema import Schema
 from beautytag.training import metrics
 from beautytag.training.evaluate import split_outputs
@@ -129,14 +134,28 @@ def calibrate_gate(
     """The gate's threshold by the rule (:func:`choose_threshold`) on the photos labelled
     for its attribute, and at that threshold each cosmetics source's share of rejected
     photos and the negatives' (runtime/gate.py); ``previous`` is the threshold before.
-    Without a photo of the accepted class the threshold stays, with a warning."""
+    Where no photo is labelled for it at all (a gate kept from the starting model, as when
+    fine-tuning on your own photos), every photo counts as of the accepted class: the
+    products the model is tuned to tag must pass. Without a photo of the accepted class the
+    threshold stays, with a warning."""
     name, before = gate["attribute"], gate["threshold"]
-    p, accepted, src = labelled_rows(
-        gate, schema, outputs[name], targets[name], masks[name], sources
-    )
+    mask = np.asarray(masks[name]).astype(bool)
+    unlabelled = not mask.any()
+    if unlabelled:  # every photo, as of the accepted class
+        accept = np.full(len(mask), accept_index(gate, schema))
+        p, accepted, src = labelled_rows(
+            gate, schema, outputs[name], accept, np.ones_like(mask), sources
+        )
+    else:
+        p, accepted, src = labelled_rows(gate, schema, outputs[name], targets[name], mask, sources)
     t = choose_threshold(p, accepted, src) if accepted.any() else before
     report = {"attribute": name, "accept": gate["accept"], "previous": before}
     report |= rejection_rates(p, accepted, src, t)
+    if unlabelled and accepted.any():
+        report["note"] = (
+            f"gate: no photo labelled {name} on this split; its {len(p)} photos were taken "
+            f"as {name} = {gate['accept']}"
+        )
     if not accepted.any():
         report["warning"] = (
             f"gate: no photo labelled {name} = {gate['accept']} on this split; "

@@ -67,6 +67,8 @@ def calibrate_best(best: Path, cfg: Config) -> dict[str, float]:
                 temperatures[name] = r["temperature"]
             if "warning" in r:
                 print(f"warning: calibration: {r['warning']}")
+            if "note" in r:
+                print(f"note: calibration: {r['note']}")
     shown = ", ".join(f"{k} {v:.3g}" for k, v in temperatures.items()) or "no class attribute"
     print(f"calibrated {best} on the validation split: temperatures {shown}")
     if "gate" in report:
