@@ -20,6 +20,7 @@ from beautytag.runtime.gate import GRID, choose_threshold, rejection_rates
 from beautytag.schema import SchemaError
 from beautytag.serve.app import create_app
 from beautytag.serve.settings import ServeSettings
+from beautytag.training.calibrate import calibrate_gate
 
 from .conftest import default_raw, make_tiny_model
 
@@ -119,6 +120,25 @@ def test_the_rule_falls_back_to_005_when_no_threshold_qualifies():
     )
     assert choose_threshold(p, accepted, sources) == 0.05
     assert rejection_rates(p, accepted, sources, 0.05)["sources"]["wild"]["rejected"] == 0.1
+
+
+def test_a_gate_without_labels_is_calibrated_on_every_photo_as_a_cosmetic():
+    """Fine-tuning on your own photos keeps the default's gate, which they do not label: the
+    threshold is chosen with every validation photo taken as of the accepted class."""
+    schema = config_from_dict(default_raw()).schema
+    yes = schema["cosmetic"].classes.index("yes")
+    p_yes = np.array([0.9] * 95 + [0.42] * 5)  # 5 % of the photos between 0.4 and 0.45
+    probs = np.zeros((100, 2))
+    probs[:, yes], probs[:, 1 - yes] = p_yes, 1 - p_yes
+    outputs, targets = {"cosmetic": probs}, {"cosmetic": np.zeros(100)}
+    masks = {"cosmetic": np.zeros(100)}  # nobody labels it
+    report = calibrate_gate(GATE, schema, outputs, targets, masks, ["mine"] * 100)
+    assert report["threshold"] == 0.4 and report["sources"]["mine"] == {"n": 100, "rejected": 0}
+    assert "taken as cosmetic = yes" in report["note"]
+    masks = {"cosmetic": np.ones(100)}  # labelled, all "no": nothing to calibrate on
+    targets = {"cosmetic": np.full(100, 1 - yes)}
+    report = calibrate_gate(GATE, schema, outputs, targets, masks, ["mine"] * 100)
+    assert report["threshold"] == 0.5 and "threshold left at 0.5" in report["warning"]
 
 
 # --- answering ------------------------------------------------------------------------------
