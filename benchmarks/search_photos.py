@@ -122,7 +122,9 @@ def products(engine: Engine, cfg, tmp: Path) -> dict:
     x_train, attrs_train, s_train = embed(engine, train)
     x_test, attrs_test, s_test = embed(engine, test)
     t0 = time.perf_counter()
-    index = Index.create(tmp / "products", engine.model_id, engine.embedding_dim)
+    index = Index.create(
+        tmp / "products", engine.model_id, engine.embedding_dim, vocabulary=engine.vocabulary()
+    )
     index.add([str(s.path) for s in train], x_train, attrs_train)
     build_s = time.perf_counter() - t0
     row_of = {str(s.path): i for i, s in enumerate(train)}
@@ -174,7 +176,9 @@ def shades(engine: Engine, cfg, tmp: Path) -> dict:
     rest = [s for s in samples if s.split != "test"]
     x_rest, attrs_rest, _ = embed(engine, rest)
     _, attrs_query, _ = embed(engine, queries)
-    index = Index.create(tmp / "shades", engine.model_id, engine.embedding_dim)
+    index = Index.create(
+        tmp / "shades", engine.model_id, engine.embedding_dim, vocabulary=engine.vocabulary()
+    )
     index.add([str(s.path) for s in rest], x_rest, attrs_rest)
     true_rest = np.array([s.labels["shade"] for s in rest], dtype=np.float64)
     row_of = {str(s.path): i for i, s in enumerate(rest)}
