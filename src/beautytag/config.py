@@ -42,6 +42,9 @@ class ModelConfig:
     # "not a cosmetic": {attribute, accept, threshold}: a photo whose P(accept) of that
     # single-label attribute is below threshold gets null answers (runtime/gate.py); {}: none
     gate: dict[str, Any] = field(default_factory=dict)
+    # > 0: search embeddings are the pooled feature mapped to this many values by a linear
+    # projection trained for search (scripts/add_search_projection.py); 0: the pooled feature
+    search_projection: int = 0
 
 
 @dataclass
@@ -295,6 +298,7 @@ def check_ranges(model: ModelConfig, data: DataConfig, train: TrainConfig, where
         ("model.image_size", model.image_size >= 32, "32 or more (pixels)"),
         ("model.dropout", 0 <= model.dropout < 1, "in [0, 1)"),
         ("model.pixel_colour_pool", model.pixel_colour_pool >= 1, "1 or more"),
+        ("model.search_projection", model.search_projection >= 0, "0 (none) or more"),
         ("data.limit", data.limit >= 0, "0 (no limit) or more"),
         ("data.train_fraction", 0 < data.train_fraction <= 1, "in (0, 1]"),
         ("data.composite", 0 <= data.composite <= 1, "in [0, 1] (a probability)"),

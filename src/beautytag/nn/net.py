@@ -171,6 +171,8 @@ class BeautyTagNet(nn.Module):
             else:
                 head = nn.Linear(channels, a.num_outputs)
             self.heads[a.name] = head
+        n = cfg.model.search_projection
+        self.search_projection = nn.Linear(channels, n) if n else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The attended feature map (B, C, h, w)."""
@@ -224,3 +226,18 @@ class BeautyTagNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled embedding (B, C)."""
         return self.pool(self.features(x)).flatten(1)
+
+    def search_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """What a search index stores for a pooled embedding: the embedding L2-normalised,
+        then, if the model has one (``model.search_projection``), projected and normalised
+        again."""
+        v = nn.functional.normalize(pooled.float(), dim=1)
+        if self.search_projection is not None:
+            v = nn.functional.normalize(self.search_projection(v), dim=1)
+        return v
+
+    @property
+    def search_dim(self) -> int:
+        """The size of :meth:`search_embedding`'s vectors."""
+        proj = self.search_projection
+        return int(proj.out_features if proj is not None else self.backbone.num_features)

@@ -161,20 +161,22 @@ class Engine:
 
     def embed_tensors(self, x: torch.Tensor) -> tuple[np.ndarray, list[dict[str, Answer]]]:
         """A batch of preprocessed images -> their embeddings (the pooled backbone features,
-        L2-normalised, float32 (B, C)) and answers: one model pass for both with a PyTorch
+        or their projection for search where the model has one, L2-normalised, float32) and
+        answers: one model pass for both with a PyTorch
         checkpoint; with ONNX Runtime the answers come from ONNX and the embeddings from the
         PyTorch model kept beside it. ValueError where there is no PyTorch model (an
         exported file) to embed with."""
         with_embedding = getattr(self.backend, "with_embedding", None)
+        model = self._embedding_model()
         if with_embedding is not None and not self.tta_flip:
             probs, emb = with_embedding(x)
             answers = [self.describe({k: v[i] for k, v in probs.items()}) for i in range(len(x))]
         else:
-            model = self._embedding_model()
             answers = self.predict_tensors(x)
             with torch.inference_mode():
-                emb = model.embed(x.to(self.device)).float().cpu()
-        return torch.nn.functional.normalize(emb, dim=1).numpy(), answers
+                emb = model.embed(x.to(self.device))
+        with torch.inference_mode():
+            return model.search_embedding(emb).cpu().numpy(), answers
 
     def _embedding_model(self) -> torch.nn.Module:
         if not isinstance(self.model, torch.nn.Module):
@@ -188,7 +190,7 @@ class Engine:
     def embedding_dim(self) -> int:
         """The size of :meth:`embed_tensors`'s embeddings (ValueError without a PyTorch
         model)."""
-        return int(self._embedding_model().backbone.num_features)
+        return self._embedding_model().search_dim
 
     @functools.cached_property
     def model_id(self) -> str:
