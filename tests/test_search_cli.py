@@ -200,7 +200,7 @@ def test_shade_search_ranks_by_delta_e(built, capsys):
 def test_search_uses_the_index_s_shipped_model(tmp_path, built, capsys):
     _, _, files = built
     made_by = model_id(default_model_path())  # e.g. default@cbe12438
-    Index.create(tmp_path / "d", made_by, 1280)
+    Index.create(tmp_path / "d", made_by, Engine("default").embedding_dim)  # 128: projected
     for extra in ([], ["--model", made_by]):  # the index's model, or its id as --model
         code, out, err = run(capsys, "search", tmp_path / "d", files[0], *extra)
         assert (code, lines(out)[0]["results"]) == (0, []), err
