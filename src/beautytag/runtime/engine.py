@@ -162,10 +162,9 @@ class Engine:
     def embed_tensors(self, x: torch.Tensor) -> tuple[np.ndarray, list[dict[str, Answer]]]:
         """A batch of preprocessed images -> their embeddings (the pooled backbone features,
         or their projection for search where the model has one, L2-normalised, float32) and
-        answers: one model pass for both with a PyTorch
-        checkpoint; with ONNX Runtime the answers come from ONNX and the embeddings from the
-        PyTorch model kept beside it. ValueError where there is no PyTorch model (an
-        exported file) to embed with."""
+        answers: one model pass for both with a PyTorch checkpoint; with ONNX Runtime the
+        answers come from ONNX and the embeddings from the PyTorch model kept beside it.
+        ValueError where there is no PyTorch model (an exported file) to embed with."""
         with_embedding = getattr(self.backend, "with_embedding", None)
         model = self._embedding_model()
         if with_embedding is not None and not self.tta_flip:
