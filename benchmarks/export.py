@@ -62,7 +62,8 @@ def write_markdown(
         "",
         f"Command: `{command}` at {revision}, which runs `beautytag export MODEL --format onnx "
         "--quantize dynamic|static` for each model. Accuracy on the test split of the model's "
-        "data (Personal Care + beauty-shades test brands); parity on 32 beauty-shades photos "
+        "data (Personal Care + beauty-shades test brands; the default's also wild-dev's real "
+        "photos and, for its gate only, clothes and shoes); parity on 32 beauty-shades photos "
         "(max abs difference over all outputs: probabilities, and the shade in Lab units).",
         "",
         "| model | MB | parity max abs diff | label agreement | category acc | color acc "
