@@ -359,29 +359,37 @@ def test_search_is_503_with_retry_after_when_the_queue_is_full(built, tiny_model
     assert all("503" in spec[method]["responses"] for method in ("get", "post"))
 
 
-def test_search_is_503_when_the_searches_ahead_would_outlast_the_timeout(built, tiny_model):
-    """0.5 s a search: one ahead and this one (1 s) do not fit in half of a 1.6 s timeout."""
-    app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=1.6), delay=0.5)
-    gate.set()
-    shade = {"params": {"shade": "#c81e3c"}}
+SHADE = {"params": {"shade": "#c81e3c"}}
+
+
+def behind_a_search(app, started, send) -> list[httpx.Response]:
+    """A search whose time is learnt first, another while `send(client)` is sent behind it,
+    and `send(client)` again once nothing is ahead: the four answers in that order."""
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            learnt = await c.get("/v1/search", **shade)  # the time per search is learnt here
+            learnt = await c.get("/v1/search", **SHADE)  # the time per search is learnt here
             started.clear()
-            second = asyncio.create_task(c.get("/v1/search", **shade))
+            running = asyncio.create_task(c.get("/v1/search", **SHADE))
             await wait_for(started.is_set)
-            third = await c.get("/v1/search", **shade)
-            second = await second
-            fourth = await c.get("/v1/search", **shade)  # nothing ahead: admitted
+            behind = await send(c)
+            running = await running
+            alone = await send(c)  # nothing ahead: admitted
             await app.state.batcher.stop()
-            return learnt, second, third, fourth
+            return [learnt, running, behind, alone]
 
-    learnt, second, third, fourth = asyncio.run(scenario())
-    assert [r.status_code for r in (learnt, second, third, fourth)] == [200, 200, 503, 200]
-    assert third.headers["retry-after"] == "1"
-    assert "s of searches and images ahead" in third.json()["detail"]
+    return asyncio.run(scenario())
+
+
+def test_search_is_503_when_the_searches_ahead_would_outlast_the_timeout(built, tiny_model):
+    """0.5 s a search: one ahead and this one (1 s) do not fit in half of a 1.6 s timeout."""
+    app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=1.6), delay=0.5)
+    gate.set()
+    answers = behind_a_search(app, started, lambda c: c.get("/v1/search", **SHADE))
+    assert [r.status_code for r in answers] == [200, 200, 503, 200]
+    assert answers[2].headers["retry-after"] == "1"
+    assert "s of searches and images ahead" in answers[2].json()["detail"]
 
 
 def test_predictions_wait_for_the_searches_ahead_of_them(built, tiny_model):
@@ -389,25 +397,10 @@ def test_predictions_wait_for_the_searches_ahead_of_them(built, tiny_model):
     image would wait past half of a 1.6 s timeout, so /v1/predict answers 503 at once."""
     app, gate, started = held_app(built, tiny_model, ServeSettings(timeout_s=1.6), delay=0.9)
     gate.set()
-    shade = {"params": {"shade": "#c81e3c"}}
     photo = {"files": {"file": ("a.jpg", jpeg(built[2][0]), "image/jpeg")}}
-
-    async def scenario():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            learnt = await c.get("/v1/search", **shade)  # the time per search is learnt here
-            started.clear()
-            search = asyncio.create_task(c.get("/v1/search", **shade))
-            await wait_for(started.is_set)
-            waiting = await c.post("/v1/predict", **photo)
-            search = await search
-            alone = await c.post("/v1/predict", **photo)  # nothing ahead: admitted
-            await app.state.batcher.stop()
-            return learnt, search, waiting, alone
-
-    learnt, search, waiting, alone = asyncio.run(scenario())
-    assert [r.status_code for r in (learnt, search, waiting, alone)] == [200, 200, 503, 200]
-    assert waiting.headers["retry-after"] == "1" and "ahead" in waiting.json()["detail"]
+    answers = behind_a_search(app, started, lambda c: c.post("/v1/predict", **photo))
+    assert [r.status_code for r in answers] == [200, 200, 503, 200]
+    assert answers[2].headers["retry-after"] == "1" and "ahead" in answers[2].json()["detail"]
 
 
 def test_a_search_longer_than_the_timeout_is_504(built, tiny_model):
