@@ -40,10 +40,10 @@ from benchlib import git_revision, write_results
 
 from beautytag.color import delta_e2000
 from beautytag.config import use_found_datasets
-from beautytag.data import read_samples
+from beautytag.data import read_samples, unique_photos
 from beautytag.runtime.engine import Engine
 from beautytag.search import Index
-from beautytag.training.projection import fit_projection
+from beautytag.training.projection import fit_on_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,12 +76,6 @@ def pooled(engine: Engine, samples: list, shipped: np.ndarray) -> np.ndarray:
         engine.model.search_projection = projection
 
 
-def unique(samples: list) -> list:
-    """`samples` without repeats of a file (labels.csv may list a photo twice): the first."""
-    seen: set = set()
-    return [s for s in samples if not (s.path in seen or seen.add(s.path))]
-
-
 def precision(found: np.ndarray, queries: list, index: list) -> dict:
     """precision@k per attribute: `found` (queries, >= max k) holds positions in `index`
     (-1: no result)."""
@@ -97,22 +91,13 @@ def precision(found: np.ndarray, queries: list, index: list) -> dict:
     return out
 
 
-def train_projection(x: np.ndarray, samples: list, classes: dict) -> torch.nn.Linear:
-    """The projection for search (training/projection.py) of frozen embeddings `x`."""
-    targets = {
-        a: np.array([classes[a].index(v) if (v := s.labels.get(a)) else -1 for s in samples])
-        for a in ATTRIBUTES
-    }
-    return fit_projection(x, targets, {a: len(classes[a]) for a in ATTRIBUTES})
-
-
 def exact_top(queries: np.ndarray, base: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]
 
 
 def products(engine: Engine, cfg, tmp: Path) -> dict:
-    train = unique(read_samples(cfg, splits=("train",), sources=["fashion"]))
-    test = unique(read_samples(cfg, splits=("test",), sources=["fashion"]))
+    train = unique_photos(read_samples(cfg, splits=("train",), sources=["fashion"]))
+    test = unique_photos(read_samples(cfg, splits=("test",), sources=["fashion"]))
     x_train, attrs_train, s_train = embed(engine, train)
     x_test, attrs_test, s_test = embed(engine, test)
     t0 = time.perf_counter()
@@ -139,9 +124,8 @@ def products(engine: Engine, cfg, tmp: Path) -> dict:
     assert (exact_top(x_test, x_train, 1)[:, 0] == found[:, 0]).mean() > 0.99
     r_train, r_test = pooled(engine, train, x_train), pooled(engine, test, x_test)
     raw = precision(exact_top(r_test, r_train, max(KS)), test, train)
-    classes = {a.name: a.classes for a in engine.schema.attributes}
     t0 = time.perf_counter()
-    proj = train_projection(r_train, train, classes)
+    proj = fit_on_samples(r_train, train, engine.schema)
     proj_s = time.perf_counter() - t0
     with torch.no_grad():
         p_train = torch.nn.functional.normalize(proj(torch.from_numpy(r_train)), dim=1).numpy()
@@ -170,7 +154,9 @@ def products(engine: Engine, cfg, tmp: Path) -> dict:
 
 
 def shades(engine: Engine, cfg, tmp: Path) -> dict:
-    samples = unique([s for s in read_samples(cfg, sources=["shades"]) if s.labels.get("shade")])
+    samples = unique_photos(
+        [s for s in read_samples(cfg, sources=["shades"]) if s.labels.get("shade")]
+    )
     queries = [s for s in samples if s.split == "test"]
     rest = [s for s in samples if s.split != "test"]
     x_rest, attrs_rest, _ = embed(engine, rest)

@@ -20,11 +20,9 @@ import numpy as np
 
 from beautytag.checkpoint import load_checkpoint, read_checkpoint, resolve_model, save_checkpoint
 from beautytag.config import use_found_datasets
-from beautytag.data import read_samples
+from beautytag.data import read_samples, unique_photos
 from beautytag.runtime.engine import Engine
-from beautytag.training.projection import fit_projection
-
-ATTRIBUTES = ("category", "color")
+from beautytag.training.projection import fit_on_samples
 
 
 def main() -> int:
@@ -44,12 +42,7 @@ def main() -> int:
         print(f"error: {path} already has a projection for search", file=sys.stderr)
         return 2
     use_found_datasets(cfg)
-    seen: set = set()
-    samples = [
-        s
-        for s in read_samples(cfg, splits=("train",), sources=[args.source])
-        if not (s.path in seen or seen.add(s.path))  # labels.csv may list a photo twice
-    ]
+    samples = unique_photos(read_samples(cfg, splits=("train",), sources=[args.source]))
     engine = Engine(path)
     pairs = list(engine.embed_items([(str(s.path), s.path) for s in samples]))
     bad = [pred.file for pred, emb in pairs if emb is None]
@@ -57,14 +50,7 @@ def main() -> int:
         print(f"error: {len(bad)} photos could not be read, e.g. {bad[0]}", file=sys.stderr)
         return 2
     x = np.stack([emb for _, emb in pairs])
-    classes = {a: cfg.schema[a].classes for a in ATTRIBUTES}
-    targets = {
-        a: np.array([classes[a].index(v) if (v := s.labels.get(a)) else -1 for s in samples])
-        for a in ATTRIBUTES
-    }
-    model.search_projection = fit_projection(
-        x, targets, {a: len(c) for a, c in classes.items()}, dim=args.dim
-    )
+    model.search_projection = fit_on_samples(x, samples, cfg.schema, dim=args.dim)
     cfg.model = dataclasses.replace(cfg.model, search_projection=args.dim)
     ckpt = read_checkpoint(path)
     half = any(v.dtype.is_floating_point and v.itemsize == 2 for v in ckpt["model"].values())

@@ -276,6 +276,12 @@ def read_samples(
     return out
 
 
+def unique_photos(samples: Sequence[Sample]) -> list[Sample]:
+    """`samples` without repeats of a photo (a labels.csv may list one twice): the first."""
+    seen: set[Path] = set()
+    return [s for s in samples if not (s.path in seen or seen.add(s.path))]
+
+
 def spread(samples: list[Sample], n: int) -> list[Sample]:
     """`n` of `samples`, evenly spaced, so that the class mix is kept (and the same `n` are
     chosen every time)."""

@@ -6,13 +6,30 @@ embedding; scripts/add_search_projection.py puts it into a model file."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from beautytag.data import Sample
+from beautytag.schema import Schema
+
 TEMPERATURE = 0.1  # the cosine logits are divided by it
+ATTRIBUTES = ("category", "color")  # the labels it learns from
+
+
+def fit_on_samples(
+    x: np.ndarray, samples: Sequence[Sample], schema: Schema, dim: int = 128
+) -> nn.Linear:
+    """:func:`fit_projection` of the embeddings `x` of `samples` (a row each) on their
+    category and colour labels, as `schema` classes them."""
+    classes = {a: schema[a].classes for a in ATTRIBUTES}
+    targets = {
+        a: np.array([classes[a].index(v) if (v := s.labels.get(a)) else -1 for s in samples])
+        for a in ATTRIBUTES
+    }
+    return fit_projection(x, targets, {a: len(c) for a, c in classes.items()}, dim=dim)
 
 
 def fit_projection(
