@@ -24,6 +24,7 @@ from scipy import ndimage
 from beautytag.config import Config
 from beautytag.images import ImageError, load_image, preprocess
 from beautytag.nn.net import BeautyTagNet
+from beautytag.runtime.explain import activation_map
 from beautytag.runtime.results import Answer, Prediction
 from beautytag.schema import Schema
 
@@ -76,8 +77,7 @@ def activation_pass(
             (grad,) = torch.autograd.grad(y[attribute].gather(1, top).sum(), fmap)
         y, fmap = {k: v.detach() for k, v in y.items()}, fmap.detach()
         weights = grad.mean((2, 3), keepdim=True)
-    cam = torch.relu((weights * fmap).sum(1, keepdim=True).float())
-    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear")
+    cam = activation_map(weights, fmap, x.shape[-2:])
     return {k: v.cpu() for k, v in model.activated(y).items()}, cam[:, 0].cpu()
 
 

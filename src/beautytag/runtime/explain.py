@@ -14,6 +14,15 @@ from beautytag.images import letterbox
 from beautytag.nn.net import BeautyTagNet
 
 
+def activation_map(
+    weights: torch.Tensor, fmap: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """The class-activation map (B, 1, *size*): ReLU of the feature map (B, C, h, w) summed
+    with per-channel `weights` (B, C, 1, 1), resized bilinearly to the input's `size`."""
+    cam = torch.relu((weights * fmap).sum(1, keepdim=True).float())
+    return torch.nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+
+
 def gradcam(model: BeautyTagNet, x: torch.Tensor, attribute: str) -> tuple[np.ndarray, str]:
     """A (H, W) map in 0..1 at the input's size for one image ``x`` (1, 3, H, W), and the label
     it explains: Grad-CAM on ``model.features(x)`` for the top class of a class attribute,
@@ -34,10 +43,7 @@ def gradcam(model: BeautyTagNet, x: torch.Tensor, attribute: str) -> tuple[np.nd
             idx = int(logits.argmax())
             (grad,) = torch.autograd.grad(logits[idx], fmap)
             weights = grad.mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((weights * fmap).sum(1, keepdim=True)).detach()
-            cam = torch.nn.functional.interpolate(
-                cam, size=x.shape[-2:], mode="bilinear", align_corners=False
-            )
+            cam = activation_map(weights, fmap.detach(), x.shape[-2:])
             label = a.classes[idx]
     cam = cam[0, 0].float().cpu()
     cam = cam - cam.min()
